@@ -1,0 +1,249 @@
+"""Layers with hand-written primal, reverse-mode (VJP) and forward-mode (JVP) passes.
+
+No ``torch.autograd`` anywhere: parameters are ``nn.Parameter(requires_grad=False)`` so that Lightning's summary,
+checkpoints, device moves and torch optimizers see them, and every derivative is written out below.
+
+Shapes: a primal ``x`` is ``(B, ...)``; a tangent ``dx`` is ``(K, B, ...)`` with a leading direction axis K;
+a parameter tangent is ``(K, *param.shape)`` (or an :class:`~fg_lightning.engine.tangents.OuterTangent` for a
+fully connected weight).
+
+Ownership, for memory: ``vjp`` consumes ``dy`` and ``jvp`` consumes ``dx`` (both may be overwritten in place; the
+network never reuses them). The network passes ``x`` and ``dx`` to ``jvp`` without keeping references of its own,
+so a layer that drops them (``del``) as soon as it is done releases their memory inside the layer, before it
+allocates its outputs. That keeps the forward-mode pass at one layer's primal and tangent, plus its outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fg_lightning.engine.tangents import OuterTangent, Tangent
+
+Grads = dict[str, Tensor]
+Tangents = Mapping[str, Tangent]
+
+
+def _frozen(tensor: Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class Layer(nn.Module):
+    """One differentiable tensor function with its three passes."""
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - every layer overrides it
+        raise NotImplementedError
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        """``y = layer(x)`` and what :meth:`vjp` needs saved."""
+        raise NotImplementedError
+
+    def vjp(self, saved: Any, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        """Reverse mode: ``(dy · ∂y/∂x, {param: dy · ∂y/∂param})``. ``dx`` is ``None`` when not needed."""
+        raise NotImplementedError
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        """Forward mode: ``(y, dy)`` with ``dy[k] = ∂y/∂x · dx[k] + Σ_p ∂y/∂p · tangents[p][k]``.
+
+        ``dx=None`` means the input carries no tangent; a parameter missing from ``tangents`` has a zero tangent.
+        ``dy`` is ``None`` only when nothing carries a tangent.
+        """
+        raise NotImplementedError
+
+
+class Linear(Layer):
+    """``y = x Wᵀ + b`` with ``W: (out, in)``; initialised as ``torch.nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear needs positive sizes, got in_features={in_features}, out_features={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _frozen(torch.empty(out_features, in_features))
+        self.bias = _frozen(torch.empty(out_features)) if bias else None
+        # Same draws, in the same order, as torch.nn.Linear.reset_parameters.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        x = saved  # (B, in); dy: (B, out)
+        grads = {"weight": dy.t() @ x}  # Σ_b dy_b x_bᵀ: (out, in)
+        if self.bias is not None:
+            grads["bias"] = dy.sum(0)
+        return (dy @ self.weight if need_input_grad else None), grads
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        d_weight, d_bias = tangents.get("weight"), tangents.get("bias")
+        dy = None
+        if dx is not None:  # ∂y/∂x · dx = dx Wᵀ, one (K·B, in) @ (in, out) matmul
+            num_dirs = dx.shape[0]
+            dy = (dx.reshape(-1, self.in_features) @ self.weight.t()).view(num_dirs, -1, self.out_features)
+            del dx
+        if isinstance(d_weight, OuterTangent):
+            # x (a_k b_kᵀ)ᵀ = (x b_k) a_kᵀ: a (B, K) matvec and a rank-one update per direction.
+            scores = (x @ d_weight.in_factor.t()).t().unsqueeze(2)  # (K, B, 1)
+            out_factor = d_weight.out_factor.unsqueeze(1)  # (K, 1, out)
+            dy = scores * out_factor if dy is None else dy.baddbmm_(scores, out_factor)
+        elif d_weight is not None:  # x dW_kᵀ for every k: a batched (B, in) @ (in, out)
+            x_k = x.expand(d_weight.shape[0], *x.shape)
+            dy = torch.bmm(x_k, d_weight.transpose(1, 2)) if dy is None else dy.baddbmm_(x_k, d_weight.transpose(1, 2))
+        if d_bias is not None:
+            d_bias = d_bias.unsqueeze(1)  # (K, 1, out)
+            dy = d_bias.expand(-1, x.shape[0], -1).clone() if dy is None else dy.add_(d_bias)
+        return self.forward(x), dy
+
+
+class Conv2d(Layer):
+    """2-D convolution (square kernel, stride, zero padding); initialised as ``torch.nn.Conv2d``."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, bias: bool = True
+    ) -> None:
+        super().__init__()
+        for arg, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if value < low:
+                raise ValueError(f"Conv2d needs {arg} >= {low}, got {arg}={value}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.weight = _frozen(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = _frozen(torch.empty(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as torch.nn.Conv2d.reset_parameters
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.weight, self.bias)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        x = saved
+        has_bias = self.bias is not None
+        dx, d_weight, d_bias = torch.ops.aten.convolution_backward(
+            dy, x, self.weight, [self.out_channels] if has_bias else None,
+            [self.stride] * 2, [self.padding] * 2, [1, 1], False, [0, 0], 1, [need_input_grad, True, has_bias],
+        )
+        grads = {"weight": d_weight}
+        if has_bias:
+            grads["bias"] = d_bias
+        return dx, grads
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        d_weight, d_bias = tangents.get("weight"), tangents.get("bias")
+        batch = x.shape[0]
+        dy = None
+        if dx is not None:  # conv(dx_k, W) for all k as one convolution over a (K·B) batch
+            num_dirs = dx.shape[0]
+            dy = self._conv(dx.reshape(num_dirs * batch, *dx.shape[2:]), self.weight)
+            dy = dy.view(num_dirs, batch, *dy.shape[1:])
+            del dx
+        if d_weight is not None:  # conv(x, dW_k) for all k as one convolution with K·out output channels
+            num_dirs = d_weight.shape[0]
+            by_kernel = self._conv(x, d_weight.reshape(-1, *d_weight.shape[2:]))  # (B, K·out, H', W')
+            by_kernel = by_kernel.view(batch, num_dirs, self.out_channels, *by_kernel.shape[2:]).transpose(0, 1)
+            dy = by_kernel.contiguous() if dy is None else dy.add_(by_kernel)
+            del by_kernel
+        if d_bias is not None:
+            d_bias = d_bias.view(d_bias.shape[0], 1, self.out_channels, 1, 1)
+            if dy is None:
+                out_hw = self.forward(x[:1]).shape[2:]
+                dy = d_bias.expand(-1, batch, -1, *out_hw).clone()
+            else:
+                dy.add_(d_bias)
+        return self.forward(x), dy
+
+
+class ReLU(Layer):
+    """``y = max(x, 0)``. With ``inplace=True`` it overwrites its input, as ``torch.nn.ReLU(inplace=True)``.
+
+    The factories use ``inplace=True``: every ReLU there follows a layer whose output nobody else holds.
+    """
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.relu_() if self.inplace else x.relu()
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        y = self.forward(x)
+        return y, y  # y > 0 exactly where x > 0; y is saved anyway as the next layer's input
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        return (dy.masked_fill_(saved <= 0, 0) if need_input_grad else None), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        if dx is not None:
+            dx.masked_fill_(x <= 0, 0)  # (B, ...) mask broadcast over the K directions
+        return self.forward(x), dx
+
+
+class MaxPool2d(Layer):
+    """Max pooling over ``kernel_size × kernel_size`` windows (stride = kernel_size by default, floor mode)."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
+        super().__init__()
+        if kernel_size < 1 or (stride is not None and stride < 1):
+            raise ValueError(f"MaxPool2d needs kernel_size >= 1 and stride >= 1, got {kernel_size}, {stride}")
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def _pool_with_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return F.max_pool2d(x, self.kernel_size, self.stride, return_indices=True)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        y, indices = self._pool_with_indices(x)
+        return y, (x, indices)
+
+    def vjp(self, saved: Any, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        if not need_input_grad:
+            return None, {}
+        x, indices = saved
+        size, stride = [self.kernel_size] * 2, [self.stride] * 2
+        return torch.ops.aten.max_pool2d_with_indices_backward(dy, x, size, stride, [0, 0], [1, 1], False, indices), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        y, indices = self._pool_with_indices(x)  # indices: (B, C, H', W') into each flattened H·W plane
+        if dx is None:
+            return y, None
+        flat_indices = indices.flatten(2).expand(dx.shape[0], -1, -1, -1)  # (K, B, C, H'·W')
+        dy = dx.flatten(3).gather(3, flat_indices).view(dx.shape[0], *y.shape)
+        return y, dy
+
+
+class Flatten(Layer):
+    """``(B, ...) -> (B, features)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x.shape
+
+    def vjp(self, saved: torch.Size, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        return (dy.reshape(saved) if need_input_grad else None), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        return self.forward(x), (None if dx is None else dx.flatten(2))

@@ -1,0 +1,45 @@
+"""The stock ``torch.nn`` twin of a :class:`Network`: same layers, same weights, trainable by torch.autograd.
+
+Used as the oracle in tests and as the stock-PyTorch baseline in benchmarks; the engine itself never calls it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fg_lightning.engine.layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.network import Network
+
+
+def _stock_layer(layer: Layer) -> nn.Module:
+    if isinstance(layer, Linear):
+        stock = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    elif isinstance(layer, Conv2d):
+        stock = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          bias=layer.bias is not None)
+    elif isinstance(layer, ReLU):
+        return nn.ReLU(inplace=layer.inplace)
+    elif isinstance(layer, MaxPool2d):
+        return nn.MaxPool2d(layer.kernel_size, layer.stride)
+    elif isinstance(layer, Flatten):
+        return nn.Flatten()
+    else:
+        raise TypeError(f"no stock torch.nn equivalent for {type(layer).__name__}")
+    for name, param in layer.named_parameters():
+        getattr(stock, name).data.copy_(param.detach())
+    return stock
+
+
+def to_torch(network: Network) -> nn.Sequential:
+    """An ``nn.Sequential`` with the same layer names, parameter names and weights, on the same device and dtype.
+
+    Its parameters require grad; ``nn.functional.cross_entropy`` on its output is the network's loss.
+    """
+    stock = nn.Sequential()
+    for name, layer in network.named_layers():
+        stock.add_module(name, _stock_layer(layer))
+    param = next(network.parameters(), None)
+    if param is not None:
+        stock.to(device=param.device, dtype=param.dtype)
+    return stock
+
