@@ -1,0 +1,119 @@
+"""The estimator contract: one strategy object per gradient estimator.
+
+An estimator turns one batch into an update direction. It only calls the engine (``network.jvp`` or
+``network.loss_and_grad``), never ``torch.autograd``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import Tensor
+
+from fg_lightning.engine import JvpResult, Network, weighted_sum
+
+
+@dataclass
+class Estimate:
+    """What an estimator returns for one step.
+
+    ``grads`` maps every parameter name of the network to a tensor of that parameter's shape.
+    ``checkpoint`` is True when the step ran an exact backprop pass (the momentum estimator's checkpoints,
+    Algorithm 1), so that time per step can be reported with and without them (Table I).
+    """
+
+    loss: Tensor
+    logits: Tensor
+    grads: dict[str, Tensor]
+    checkpoint: bool = False
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+    return value
+
+
+class GradientEstimator:
+    """Base class. Subclasses set ``unbiased`` and implement :meth:`estimate`.
+
+    Randomness comes from the estimator's own ``torch.Generator`` (seeded with ``seed``, on the parameters'
+    device), never from the global RNG, so the same seed gives the same directions whatever else draws numbers.
+    ``state_dict()`` holds everything needed to continue bit-for-bit after a resume.
+    """
+
+    unbiased: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got seed={seed!r}")
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- the strategy ------------------------------------------------------------------------------------------
+    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+        """The update direction for this batch at optimizer step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def validate(self, network: Network) -> None:
+        """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts)."""
+
+    # -- randomness ----------------------------------------------------------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if self._generator is None or self._generator.device.type != device.type:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            if self._pending_state is not None:
+                saved_on = self._pending_state["device"]
+                if saved_on != device.type:
+                    raise ValueError(
+                        f"{type(self).__name__} state was saved with a {saved_on} generator and cannot continue "
+                        f"bit-for-bit on {device.type}; resume on {saved_on}"
+                    )
+                generator.set_state(self._pending_state["generator"])
+                self._pending_state = None
+            self._generator = generator
+        return self._generator
+
+    def randn(self, *shape: int, like: Tensor) -> Tensor:
+        """Standard normal draws of ``shape`` on ``like``'s device and dtype, from this estimator's generator."""
+        return torch.randn(shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
+
+    # -- resume --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._generator is not None:
+            rng = {"device": self._generator.device.type, "generator": self._generator.get_state()}
+        else:
+            rng = self._pending_state
+        return {"seed": self.seed, "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self._generator = None
+        self._pending_state = state["rng"]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def parameter_layout(network: Network) -> Iterator[tuple[str, torch.Size, int]]:
+    """``(name, shape, offset)`` of every parameter in the flattened parameter vector, in ``named_parameters`` order."""
+    offset = 0
+    for name, param in network.named_parameters():
+        yield name, param.shape, offset
+        offset += param.numel()
+
+
+def num_parameters(network: Network) -> int:
+    return sum(p.numel() for p in network.parameters())
+
+
+def forward_gradient(result: JvpResult, dir_weights: Tensor | None = None) -> dict[str, Tensor]:
+    """``ĝ = Σ_k w_k (∇f·v_k) v_k`` per parameter (Eq. 2; with ``w_k = 1/K``, the mean of Eq. 7)."""
+    weights = result.dir_derivs if dir_weights is None else result.dir_derivs * dir_weights
+    return {name: weighted_sum(weights, tangent) for name, tangent in result.tangents.items()}

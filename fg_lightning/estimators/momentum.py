@@ -1,0 +1,118 @@
+"""The momentum forward-mode method (Section III-E, Algorithm 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fg_lightning.engine import Network
+from fg_lightning.estimators.base import Estimate, GradientEstimator, check_positive_int, parameter_layout
+
+
+class MomentumForwardGradient(GradientEstimator):
+    r"""Directions ranked like the gradient of the last backprop checkpoint, blended with fresh noise (Algorithm 1).
+
+    At optimizer step ``t``:
+
+    1. if ``t mod fix_gap = 0``: run backprop and store the parameter indices sorted by gradient value (a
+       *checkpoint*; ``Estimate.checkpoint`` is True);
+    2. the decay rate is squared every ``decrease_gap`` steps (not at step 0):
+       :math:`d_t = d_0^{\,2^{\lfloor t / \text{decrease\_gap} \rfloor}}` — derived from ``t``, so nothing drifts;
+    3. :math:`v_1 \sim \mathcal N(0, I)`; shuffle the stored index list within consecutive segments whose length is
+       ``shuffle_ratio`` × its length; give the ``j``-th smallest value of :math:`v_1` to the parameter at position
+       ``j`` of the shuffled list (so :math:`v_1` is ranked like the gradient, up to the shuffle);
+    4. :math:`v_2 \sim \mathcal N(0, I)`; :math:`\gamma = d_t^{\,t \bmod \text{fix\_gap}}`;
+       :math:`\hat v = \gamma v_1 + (1-\gamma) v_2`;
+    5. :math:`\hat g = (\nabla f\cdot\hat v)\,\hat v`. At a checkpoint the exact gradient is at hand, so
+       :math:`\nabla f\cdot\hat v` is a dot product and no forward-mode pass runs.
+
+    ``ranking="global"`` ranks all parameters of the model together, as the paper does; ``"per_tensor"`` ranks
+    within each parameter tensor. Not unbiased. With ``decay_rate=1, shuffle_ratio=0`` the direction is the
+    gradient's ranking exactly (the paper's Fig. 11 and 12, middle).
+    """
+
+    unbiased = False
+
+    def __init__(
+        self,
+        fix_gap: int = 10,
+        decrease_gap: int = 10,
+        decay_rate: float = 0.9,
+        shuffle_ratio: float = 0.5,
+        ranking: str = "global",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed)
+        self.fix_gap = check_positive_int("fix_gap", fix_gap)
+        self.decrease_gap = check_positive_int("decrease_gap", decrease_gap)
+        if not 0.0 < decay_rate <= 1.0:
+            raise ValueError(f"decay_rate must lie in (0, 1], got decay_rate={decay_rate!r}")
+        if not 0.0 <= shuffle_ratio <= 1.0:
+            raise ValueError(f"shuffle_ratio must lie in [0, 1], got shuffle_ratio={shuffle_ratio!r}")
+        if ranking not in ("global", "per_tensor"):
+            raise ValueError(f"ranking must be 'global' or 'per_tensor', got ranking={ranking!r}")
+        self.decay_rate, self.shuffle_ratio, self.ranking = float(decay_rate), float(shuffle_ratio), ranking
+        self._sorted_index: Tensor | None = None  # (n,) flat parameter indices in gradient order, per group
+
+    def decay_at(self, step: int) -> float:
+        """The decay rate in force at ``step``: ``decay_rate`` squared once per ``decrease_gap`` steps."""
+        squarings = min(step // self.decrease_gap, 1023)  # d^(2^1023) underflows to 0 for any d < 1
+        return self.decay_rate ** (2.0**squarings)
+
+    def _groups(self, network: Network) -> list[tuple[int, int]]:
+        """``(offset, size)`` of each ranking group in the flattened parameter vector."""
+        layout = [(offset, shape.numel()) for _, shape, offset in parameter_layout(network)]
+        if self.ranking == "global":
+            return [(0, sum(size for _, size in layout))]
+        return layout
+
+    def _rank(self, flat_grad: Tensor, groups: list[tuple[int, int]]) -> Tensor:
+        return torch.cat([flat_grad[o : o + s].argsort() + o for o, s in groups])
+
+    def _ranked_noise(self, like: Tensor, groups: list[tuple[int, int]]) -> Tensor:
+        """:math:`v_1` placed in the (segment-shuffled) order of the stored ranking."""
+        assert self._sorted_index is not None
+        n = len(self._sorted_index)
+        values = self.randn(n, like=like)
+        placed = torch.empty_like(values)
+        for offset, size in groups:
+            order = self._sorted_index[offset : offset + size]
+            segment = max(1, round(self.shuffle_ratio * size))
+            if segment > 1:  # a random permutation within each consecutive segment, for all segments in one sort
+                keys = (torch.arange(size, device=like.device) // segment).to(like.dtype)
+                keys += torch.rand(size, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
+                order = order[keys.argsort()]
+            placed[order] = values[offset : offset + size].sort().values
+        return placed
+
+    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+        layout = list(parameter_layout(network))
+        groups = self._groups(network)
+        first = next(network.parameters())
+        checkpoint = step % self.fix_gap == 0 or self._sorted_index is None
+        if checkpoint:
+            loss, logits, grads = network.loss_and_grad(x, labels)
+            exact = torch.cat([grads[name].flatten() for name, _, _ in layout])
+            self._sorted_index = self._rank(exact, groups)
+        gamma = self.decay_at(step) ** (step % self.fix_gap)
+        direction = gamma * self._ranked_noise(first, groups) + (1.0 - gamma) * self.randn(len(self._sorted_index), like=first)
+        if checkpoint:
+            dir_deriv = exact @ direction
+        else:
+            views = {name: direction[offset : offset + shape.numel()].view(1, *shape) for name, shape, offset in layout}
+            result = network.jvp(
+                x, labels, lambda name, layer, _: {p: views[f"{name}.{p}"] for p, _ in layer.named_parameters()}
+            )
+            loss, logits, dir_deriv = result.loss, result.logits, result.dir_derivs[0]
+        flat = direction * dir_deriv
+        grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, shape, offset in layout}
+        return Estimate(loss, logits, grads, checkpoint=checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "sorted_index": self._sorted_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._sorted_index = state["sorted_index"]

@@ -1,0 +1,302 @@
+"""MNISTDataModule on small IDX files written here (offline), plus the real Fashion-MNIST where Debian installed it."""
+
+from __future__ import annotations
+
+import os
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.mnist as tv_mnist
+from idx_files import IDX_STEMS, write_idx, write_idx_file
+from lightning.pytorch import LightningModule, Trainer
+
+import fg_lightning.data as data_module
+from fg_lightning.data import DatasetNotFoundError, MNISTDataModule, read_idx
+
+N_TRAIN, N_TEST, VAL_SIZE = 64, 32, 16
+MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+RAW_FOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def fake_arrays(first_id: int = 0):
+    """Random uint8 images whose pixel [0, 0] is a unique id (train: first_id + i, test: 100 + i); labels i % 10."""
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 256, size=(N_TRAIN, 28, 28), dtype=np.uint8)
+    test_images = rng.integers(0, 256, size=(N_TEST, 28, 28), dtype=np.uint8)
+    train_images[:, 0, 0] = first_id + np.arange(N_TRAIN)
+    test_images[:, 0, 0] = 100 + np.arange(N_TEST)
+    return train_images, np.arange(N_TRAIN) % 10, test_images, np.arange(N_TEST) % 10
+
+
+def expected_images(images_uint8, dataset="mnist"):
+    mean, std = MEAN_STD[dataset]
+    return (torch.tensor(images_uint8, dtype=torch.float32) / 255 - mean) / std
+
+
+def ids_of(images, dataset="mnist"):
+    """Recover the pixel-[0, 0] ids from normalised images (N, 1, 28, 28) or (N, 784)."""
+    mean, std = MEAN_STD[dataset]
+    first_pixel = images.reshape(len(images), -1)[:, 0]
+    return torch.round((first_pixel * std + mean) * 255).to(torch.int64)
+
+
+@pytest.fixture
+def idx_root(tmp_path):
+    """A root folder holding the four fake .gz files directly."""
+    write_idx(tmp_path, *fake_arrays())
+    return tmp_path
+
+
+def loaded(root, **kwargs):
+    kwargs.setdefault("val_size", VAL_SIZE)
+    kwargs.setdefault("batch_size", 8)
+    kwargs.setdefault("download", False)
+    dm = MNISTDataModule(root=str(root), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+
+def test_loads_four_gz_files_from_root_with_exact_normalised_values(idx_root):
+    train_images, train_labels, test_images, test_labels = fake_arrays()
+    dm = loaded(idx_root)
+
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (N_TRAIN - VAL_SIZE, VAL_SIZE, N_TEST)
+    test_x, test_y = dm.test_set.tensors
+    assert test_x.shape == (N_TEST, 1, 28, 28) and test_x.dtype == torch.float32
+    assert test_y.dtype == torch.int64
+    # The test set is not split or shuffled: it is the t10k file, in order, normalised with MNIST's mean/std.
+    torch.testing.assert_close(test_x[:, 0], expected_images(test_images), rtol=0, atol=1e-6)
+    assert torch.equal(test_y, torch.tensor(test_labels, dtype=torch.int64))
+
+    # Train + val are a disjoint cover of the training file; every image and label matches its source.
+    for subset in (dm.train_set, dm.val_set):
+        x, y = subset.tensors
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        ids = ids_of(x)
+        torch.testing.assert_close(x[:, 0], expected_images(train_images[ids.numpy()]), rtol=0, atol=1e-6)
+        assert torch.equal(y, torch.tensor(train_labels[ids.numpy()], dtype=torch.int64))
+    all_ids = torch.cat([ids_of(dm.train_set.tensors[0]), ids_of(dm.val_set.tensors[0])])
+    assert sorted(all_ids.tolist()) == list(range(N_TRAIN))
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_loads_uncompressed_files_from_torchvision_layout(tmp_path, dataset):
+    train_images, _, test_images, _ = fake_arrays()
+    write_idx(tmp_path / RAW_FOLDER[dataset] / "raw", *fake_arrays(), gz=False)
+    dm = loaded(tmp_path, dataset=dataset)
+    assert dm.find_files()[("train", "images")] == str(tmp_path / RAW_FOLDER[dataset] / "raw" / IDX_STEMS["train_images"])
+    # Normalised with this dataset's own mean/std.
+    torch.testing.assert_close(dm.test_set.tensors[0][:, 0], expected_images(test_images, dataset), rtol=0, atol=1e-6)
+    assert len(dm.train_set) + len(dm.val_set) == N_TRAIN
+
+
+def test_torchvision_layout_is_searched_before_root(tmp_path):
+    write_idx(tmp_path, *fake_arrays(first_id=0))
+    write_idx(tmp_path / "MNIST" / "raw", *fake_arrays(first_id=50))
+    dm = loaded(tmp_path)
+    ids = torch.cat([ids_of(dm.train_set.tensors[0]), ids_of(dm.val_set.tensors[0])])
+    assert ids.min().item() == 50
+
+
+def test_flatten_gives_784_vectors(idx_root):
+    dm = loaded(idx_root, flatten=True)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 784) and y.shape == (8,) and y.dtype == torch.int64
+    assert dm.test_set.tensors[0].shape == (N_TEST, 784)
+    assert MNISTDataModule.input_shape == (1, 28, 28) and MNISTDataModule.num_classes == 10
+
+
+# --- split and shuffle -------------------------------------------------------------------------------------------
+
+
+def split_ids(dm):
+    return ids_of(dm.train_set.tensors[0]).tolist(), ids_of(dm.val_set.tensors[0]).tolist()
+
+
+def test_same_seed_same_split_and_first_batch(idx_root):
+    a, b = loaded(idx_root, seed=3), loaded(idx_root, seed=3)
+    assert split_ids(a) == split_ids(b)
+    batch_a, batch_b = next(iter(a.train_dataloader())), next(iter(b.train_dataloader()))
+    assert torch.equal(batch_a[0], batch_b[0]) and torch.equal(batch_a[1], batch_b[1])
+
+
+def test_different_seed_different_split(idx_root):
+    a, b = loaded(idx_root, seed=0), loaded(idx_root, seed=1)
+    assert sorted(split_ids(a)[1]) != sorted(split_ids(b)[1])
+
+
+def test_loaders_cover_each_set_once_train_shuffled_eval_in_order(idx_root):
+    dm = loaded(idx_root, batch_size=5)  # 48 training images: the last batch (3) is kept, not dropped
+    train_batches = list(dm.train_dataloader())
+    assert [len(y) for _, y in train_batches] == [5] * 9 + [3]
+    train_ids = torch.cat([ids_of(x) for x, _ in train_batches])
+    assert sorted(train_ids.tolist()) == sorted(split_ids(dm)[0])
+    assert train_ids.tolist() != split_ids(dm)[0]  # shuffled
+    val_ids = torch.cat([ids_of(x) for x, _ in dm.val_dataloader()])
+    assert val_ids.tolist() == split_ids(dm)[1]
+    test_ids = torch.cat([ids_of(x) for x, _ in dm.test_dataloader()])
+    assert test_ids.tolist() == list(range(100, 100 + N_TEST))
+
+
+def test_loader_options_pass_through(idx_root):
+    dm = loaded(idx_root, num_workers=2, pin_memory=False)
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2 and loader.persistent_workers and not loader.pin_memory
+    assert not loaded(idx_root).train_dataloader().persistent_workers
+    assert MNISTDataModule().pin_memory == torch.cuda.is_available()
+    assert MNISTDataModule(pin_memory=True).pin_memory
+
+
+def test_val_size_zero_and_too_large(idx_root):
+    dm = loaded(idx_root, val_size=0)
+    assert (len(dm.train_set), len(dm.val_set)) == (N_TRAIN, 0)
+    with pytest.raises(ValueError, match=f"val_size: {N_TRAIN}"):
+        loaded(idx_root, val_size=N_TRAIN)
+
+
+def test_hyperparameters_saved():
+    dm = MNISTDataModule("fashion_mnist", batch_size=32, seed=7)
+    assert dm.hparams["dataset"] == "fashion_mnist"
+    assert dm.hparams["batch_size"] == 32 and dm.hparams["seed"] == 7
+
+
+class _TinyClassifier(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(784, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.linear(x.flatten(1)), y)
+
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_runs_under_trainer(idx_root, tmp_path):
+    dm = MNISTDataModule(root=str(idx_root), val_size=VAL_SIZE, batch_size=8, download=False)
+    trainer = Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(_TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 2
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_names_it_and_the_allowed_ones():
+    with pytest.raises(ValueError, match="'cifar10'") as info:
+        MNISTDataModule("cifar10")
+    assert "mnist" in str(info.value) and "fashion_mnist" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": -1}, "batch_size: -1"),
+    ({"batch_size": 0}, "batch_size: 0"),
+    ({"val_size": -5}, "val_size: -5"),
+    ({"num_workers": -2}, "num_workers: -2"),
+])
+def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MNISTDataModule(**kwargs)
+
+
+def test_missing_files_without_download(tmp_path):
+    dm = MNISTDataModule(root=str(tmp_path), download=False)  # __init__ does not touch the disk
+    for check in (dm.check_files, dm.prepare_data, dm.setup):
+        with pytest.raises(DatasetNotFoundError) as info:
+            check()
+        message = str(info.value)
+        assert str(tmp_path) in message and str(tmp_path / "MNIST" / "raw") in message
+        assert "download" in message
+        assert all(stem in message for stem in IDX_STEMS.values())
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_missing_fashion_mnist_lists_debian_folder_and_package(tmp_path, monkeypatch):
+    missing = tmp_path / "no-debian-here"
+    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", str(missing))
+    with pytest.raises(DatasetNotFoundError) as info:
+        MNISTDataModule("fashion_mnist", root=str(tmp_path / "data"), download=False).check_files()
+    message = str(info.value)
+    assert str(missing) in message and str(tmp_path / "data" / "FashionMNIST" / "raw") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_incomplete_folder_is_not_used(tmp_path):
+    paths = write_idx(tmp_path, *fake_arrays())
+    os.remove(paths["test_labels"])
+    with pytest.raises(DatasetNotFoundError):
+        MNISTDataModule(root=str(tmp_path), download=False).check_files()
+
+
+def test_download_without_network_gives_the_same_clear_error(tmp_path, monkeypatch):
+    calls = []
+
+    def no_network(url, *args, **kwargs):
+        calls.append(url)
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
+    with pytest.raises(DatasetNotFoundError) as info:
+        MNISTDataModule(root=str(tmp_path), download=True).prepare_data()
+    assert calls, "torchvision's download was never attempted"
+    message = str(info.value)
+    assert "download failed" in message and "name resolution" in message
+    assert str(tmp_path / "MNIST" / "raw") in message and "download=True" in message
+    # Raised after the failure was handled: no chained urllib/torchvision traceback reaches the user.
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+def test_download_fills_torchvision_raw_folder_then_loads(tmp_path, monkeypatch):
+    train_images, train_labels, test_images, test_labels = fake_arrays()
+    arrays = {IDX_STEMS["train_images"]: train_images, IDX_STEMS["train_labels"]: train_labels,
+              IDX_STEMS["test_images"]: test_images, IDX_STEMS["test_labels"]: test_labels}
+
+    def fake_download(url, download_root, filename=None, md5=None, **kwargs):
+        stem = os.path.basename(filename or url).removesuffix(".gz")
+        write_idx_file(os.path.join(download_root, stem), arrays[stem])  # as torchvision leaves it: extracted
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", fake_download)
+    dm = MNISTDataModule(root=str(tmp_path), download=True, val_size=VAL_SIZE)
+    dm.prepare_data()
+    assert sorted(os.listdir(tmp_path / "MNIST" / "raw")) == sorted(arrays)
+    dm.setup()
+    torch.testing.assert_close(dm.test_set.tensors[0][:, 0], expected_images(test_images), rtol=0, atol=1e-6)
+
+
+def test_corrupt_idx_file_names_the_file(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)  # dtype 0x0D (float), not unsigned byte
+    with pytest.raises(ValueError, match="bad"):
+        read_idx(str(path))
+    truncated = write_idx_file(tmp_path / "short", np.zeros((3, 28, 28), np.uint8))
+    with open(truncated, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="short"):
+        read_idx(truncated)
+
+
+# --- the real Fashion-MNIST ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.isdir(data_module.DEBIAN_FASHION_MNIST),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_debian(tmp_path):
+    dm = MNISTDataModule("fashion_mnist", root=str(tmp_path), download=False)  # empty root: falls back to Debian
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55000, 5000, 10000)
+    x, y = dm.train_set.tensors
+    assert x.shape == (55000, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.unique().tolist()) == set(range(10))
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+    batch_x, batch_y = next(iter(dm.train_dataloader()))
+    assert batch_x.shape == (256, 1, 28, 28) and batch_y.shape == (256,)
