@@ -11,12 +11,13 @@ import gzip
 import math
 import os
 import struct
+from typing import Any, Iterator
 
 import torch
 import torchvision
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from typing_extensions import override
 
 # Where Debian's `dataset-fashion-mnist` package puts the four .gz files (searched last, Fashion-MNIST only).
@@ -60,6 +61,54 @@ def read_idx(path: str) -> Tensor:
     if len(data) - header != math.prod(dims):
         raise ValueError(f"{path!r}: header says dims {dims} but holds {len(data) - header} bytes of data")
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
+
+
+class EpochPermutation(Sampler[int]):
+    """A shuffle that depends only on ``(seed, epoch)``: Lightning calls :meth:`set_epoch` before each epoch, so a
+    run resumed at epoch ``e`` sees the same order as the run that never stopped. ``start`` skips the first
+    indices of the next iteration (a resumed, half-finished epoch)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        start, self.start = self.start, 0
+        return iter(torch.randperm(self.size, generator=generator)[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader: shuffled by :class:`EpochPermutation`, and resumable mid-epoch through Lightning's
+    ``state_dict`` / ``load_state_dict`` protocol (the checkpoint records the epoch and the batches consumed)."""
+
+    def __init__(self, dataset: TensorDataset, seed: int, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=EpochPermutation(len(dataset), seed), **kwargs)
+        self._consumed = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler: EpochPermutation = self.sampler  # type: ignore[assignment]
+        self._consumed = 0
+        if self._resume is not None:
+            epoch, consumed = self._resume
+            self._resume = None
+            if epoch == sampler.epoch and consumed * self.batch_size < len(sampler):
+                sampler.start, self._consumed = consumed * self.batch_size, consumed
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "consumed": self._consumed}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (state["epoch"], state["consumed"])
 
 
 class MNISTDataModule(LightningDataModule):
@@ -226,16 +275,16 @@ class MNISTDataModule(LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
-        return DataLoader(
+        loader = ResumableDataLoader if shuffle else DataLoader
+        extra = {"seed": self.seed} if shuffle else {}
+        return loader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            # A fresh generator per call: the same seed gives the same sequence of epochs' shuffles.
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            **extra,
         )
 
     @override

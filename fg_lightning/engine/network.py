@@ -50,6 +50,12 @@ class Network(nn.Module):
     def named_layers(self) -> Iterator[tuple[str, Layer]]:
         return self.named_children()  # type: ignore[return-value]
 
+    @property
+    def num_classes(self) -> int:
+        """Width of the logits: the output size of the last layer with parameters."""
+        last = [layer for layer in self.children() if isinstance(layer, (Linear, Conv2d))][-1]
+        return last.out_features if isinstance(last, Linear) else last.out_channels
+
     def _check_input(self, x: Tensor, labels: Tensor | None = None) -> None:
         sample_shape = tuple(x.shape[1:])
         flat_ok = isinstance(next(iter(self.children())), Flatten) and math.prod(sample_shape) == math.prod(
@@ -139,36 +145,31 @@ def _seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def mlp(
-    in_features: int = 784, hidden: Sequence[int] = (1024, 1024), num_classes: int = 10, seed: int | None = None
-) -> Network:
+class MLP(Network):
     """The paper's MLP (Section IV): 784-1024-1024-10 with ReLU after each hidden layer.
 
     Layers ``flatten, fc1, relu1, fc2, relu2, …, fc{n}``; PyTorch's default initialisation, drawn from the global
-    RNG or, with ``seed``, from a private one.
+    RNG or, with ``seed``, from a private one (the global RNG is left untouched).
     """
-    sizes = [in_features, *hidden, num_classes]
-    if any(size < 1 for size in sizes):
-        raise ValueError(f"mlp needs positive sizes, got in_features={in_features}, hidden={tuple(hidden)}, num_classes={num_classes}")
-    layers: list[tuple[str, Layer]] = [("flatten", Flatten())]
-    with _seeded(seed):
-        for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-            layers.append((f"fc{index}", Linear(fan_in, fan_out)))
-            if index < len(sizes) - 1:
-                layers.append((f"relu{index}", ReLU(inplace=True)))
-    return Network(layers, input_shape=(in_features,))
+
+    def __init__(
+        self, in_features: int = 784, hidden: Sequence[int] = (1024, 1024), num_classes: int = 10, seed: int | None = None
+    ) -> None:
+        sizes = [in_features, *hidden, num_classes]
+        if any(size < 1 for size in sizes):
+            raise ValueError(
+                f"MLP needs positive sizes, got in_features={in_features}, hidden={tuple(hidden)}, num_classes={num_classes}"
+            )
+        layers: list[tuple[str, Layer]] = [("flatten", Flatten())]
+        with _seeded(seed):
+            for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+                layers.append((f"fc{index}", Linear(fan_in, fan_out)))
+                if index < len(sizes) - 1:
+                    layers.append((f"relu{index}", ReLU(inplace=True)))
+        super().__init__(layers, input_shape=(in_features,))
 
 
-def cnn(
-    in_channels: int = 1,
-    image_size: int = 28,
-    channels: Sequence[int] = (32, 64, 64),
-    kernel_size: int = 3,
-    padding: int = 1,
-    hidden: int = 128,
-    num_classes: int = 10,
-    seed: int | None = None,
-) -> Network:
+class CNN(Network):
     """The paper's CNN (Section IV): three ``kernel_size``×``kernel_size`` convolutions, each followed by ReLU and
     2×2 max-pooling, then two fully connected layers (``hidden`` units with ReLU, then ``num_classes``).
 
@@ -176,28 +177,47 @@ def cnn(
     128 hidden units) are this project's choice. On 28×28 inputs the feature maps are 28→14→7→3.
     Layers ``conv1, relu1, pool1, …, conv3, relu3, pool3, flatten, fc1, relu4, fc2``.
     """
-    if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
-        raise ValueError(f"cnn needs positive sizes, got channels={tuple(channels)}, hidden={hidden}, num_classes={num_classes}")
-    size = image_size
-    for _ in channels:
-        size = (size + 2 * padding - kernel_size + 1) // 2
-        if size < 1:
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        channels: Sequence[int] = (32, 64, 64),
+        kernel_size: int = 3,
+        padding: int = 1,
+        hidden: int = 128,
+        num_classes: int = 10,
+        seed: int | None = None,
+    ) -> None:
+        if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
             raise ValueError(
-                f"image_size={image_size} is too small for {len(channels)} conv+pool stages "
-                f"with kernel_size={kernel_size}, padding={padding}"
+                f"CNN needs positive sizes, got channels={tuple(channels)}, hidden={hidden}, num_classes={num_classes}"
             )
-    layers: list[tuple[str, Layer]] = []
-    with _seeded(seed):
-        for index, (c_in, c_out) in enumerate(zip([in_channels, *channels[:-1]], channels), start=1):
+        size = image_size
+        for _ in channels:
+            size = (size + 2 * padding - kernel_size + 1) // 2
+            if size < 1:
+                raise ValueError(
+                    f"image_size={image_size} is too small for {len(channels)} conv+pool stages "
+                    f"with kernel_size={kernel_size}, padding={padding}"
+                )
+        layers: list[tuple[str, Layer]] = []
+        with _seeded(seed):
+            for index, (c_in, c_out) in enumerate(zip([in_channels, *channels[:-1]], channels), start=1):
+                layers += [
+                    (f"conv{index}", Conv2d(c_in, c_out, kernel_size, padding=padding)),
+                    (f"relu{index}", ReLU(inplace=True)),
+                    (f"pool{index}", MaxPool2d(2)),
+                ]
             layers += [
-                (f"conv{index}", Conv2d(c_in, c_out, kernel_size, padding=padding)),
-                (f"relu{index}", ReLU(inplace=True)),
-                (f"pool{index}", MaxPool2d(2)),
+                ("flatten", Flatten()),
+                ("fc1", Linear(channels[-1] * size * size, hidden)),
+                (f"relu{len(channels) + 1}", ReLU(inplace=True)),
+                ("fc2", Linear(hidden, num_classes)),
             ]
-        layers += [
-            ("flatten", Flatten()),
-            ("fc1", Linear(channels[-1] * size * size, hidden)),
-            (f"relu{len(channels) + 1}", ReLU(inplace=True)),
-            ("fc2", Linear(hidden, num_classes)),
-        ]
-    return Network(layers, input_shape=(in_channels, image_size, image_size))
+        super().__init__(layers, input_shape=(in_channels, image_size, image_size))
+
+
+# The factories of the design: the classes themselves, so that a config can name them as a class_path too.
+mlp = MLP
+cnn = CNN

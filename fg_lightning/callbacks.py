@@ -1,0 +1,170 @@
+"""Callbacks that measure the update a :class:`~fg_lightning.module.ForwardGradientModule` makes each step.
+
+They hook into the module's update, not only into Lightning's batch hooks, so that what they time is the estimator
+and the optimizer update alone. The module calls, in this order, for every callback that has them:
+
+1. ``on_before_update(trainer, module, batch)`` — untimed; the parameters are those the estimate is taken at;
+2. ``on_update_start(trainer, module)`` — then the estimator runs and the optimizer steps;
+3. ``on_update_end(trainer, module, estimate)``;
+4. ``on_after_update(trainer, module, estimate)`` — untimed diagnostics.
+
+So a diagnostic's own work (the cosine callback's backprop) is never counted in step time or peak memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from fg_lightning.estimators import Estimate
+
+
+class UpdateCallback(Callback):
+    """A callback that sees each update of a ForwardGradientModule (see the module docstring for the order)."""
+
+    def on_before_update(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None: ...
+
+    def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
+
+    def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None: ...
+
+    def on_after_update(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None: ...
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer(UpdateCallback):
+    """Wall-clock time of each update: the estimator plus the optimizer step, synchronised on CUDA.
+
+    Logs:
+        ``perf/step_ms``: every step.
+        ``perf/step_ms_median``, ``perf/step_ms_median_checkpoint``, ``perf/step_ms_median_forward``: at the end of
+        each training epoch, the median over the epoch's steps — all of them, those that ran a backprop checkpoint
+        (the momentum estimator's, Table I) and those that did not. The warm-up steps (``warmup``, default 3) of
+        each epoch are left out of the medians.
+
+    Example::
+
+        Trainer(callbacks=[StepTimer(), PeakMemory(), GradientCosine(every_n_steps=50)])
+    """
+
+    def __init__(self, warmup: int = 3) -> None:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got warmup={warmup!r}")
+        self.warmup = warmup
+        self._start = 0.0
+        self._times: list[tuple[float, bool]] = []
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._times = []
+
+    @override
+    def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _sync(pl_module.device)
+        self._start = time.perf_counter()
+
+    @override
+    def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
+        _sync(pl_module.device)
+        ms = (time.perf_counter() - self._start) * 1e3
+        self._times.append((ms, estimate.checkpoint))
+        pl_module.log("perf/step_ms", ms, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        timed = self._times[self.warmup :]
+        for tag, times in (
+            ("perf/step_ms_median", [ms for ms, _ in timed]),
+            ("perf/step_ms_median_checkpoint", [ms for ms, checkpoint in timed if checkpoint]),
+            ("perf/step_ms_median_forward", [ms for ms, checkpoint in timed if not checkpoint]),
+        ):
+            if times:
+                pl_module.log(tag, statistics.median(times))
+
+
+class PeakMemory(UpdateCallback):
+    """Peak CUDA memory of each update: ``torch.cuda.max_memory_allocated`` after a reset at the update's start.
+
+    Logs ``perf/peak_mem_mb`` (MiB, all tensors on the device, weights included) every step on CUDA; nothing on
+    other devices. Use ``fg-bench memory`` for measurements above the resting state and for the CPU.
+
+    Example::
+
+        Trainer(accelerator="gpu", callbacks=[PeakMemory()])
+    """
+
+    @override
+    def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    @override
+    def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            pl_module.log("perf/peak_mem_mb", peak, on_step=True, on_epoch=False)
+
+
+class GradientCosine(UpdateCallback):
+    """Cosine between the estimate and the exact gradient at the same parameters, every ``every_n_steps`` steps.
+
+    The exact gradient comes from the engine's backprop on the same batch, before the optimizer step, outside the
+    timed update.
+
+    Logs:
+        ``grad/cosine``: over all parameters; ``grad/cosine/<param name>``: per parameter tensor.
+        With ``histograms=True`` and a TensorBoard logger, ``grad/error/<param name>``: a histogram of
+        ``estimate − exact`` per parameter tensor (the paper's Fig. 7).
+
+    Example::
+
+        Trainer(callbacks=[GradientCosine(every_n_steps=10)], logger=TensorBoardLogger("tb_logs"))
+    """
+
+    def __init__(self, every_n_steps: int = 10, histograms: bool = True) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an integer >= 1, got every_n_steps={every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.histograms = histograms
+        self._exact: dict[str, torch.Tensor] | None = None
+        self._step = 0
+
+    @override
+    def on_before_update(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        self._exact = None
+        self._step = trainer.global_step
+        if self._step % self.every_n_steps == 0:
+            x, labels = batch
+            self._exact = pl_module.network.loss_and_grad(x, labels)[2]
+
+    @override
+    def on_after_update(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
+        if self._exact is None:
+            return
+        exact, self._exact = self._exact, None
+        dot = sum((estimate.grads[name] * grad).sum() for name, grad in exact.items())
+        norms = (
+            sum(estimate.grads[name].square().sum() for name in exact).sqrt()
+            * sum(grad.square().sum() for grad in exact.values()).sqrt()
+        )
+        metrics = {"grad/cosine": float(dot / norms)}
+        for name, grad in exact.items():
+            cos = torch.nn.functional.cosine_similarity(estimate.grads[name].flatten(), grad.flatten(), dim=0)
+            metrics[f"grad/cosine/{name}"] = float(cos)
+        # Straight to the loggers: Lightning's log_every_n_steps would drop most steps of a sparse diagnostic.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._step)
+            experiment = getattr(logger, "experiment", None)
+            if self.histograms and hasattr(experiment, "add_histogram"):
+                for name, grad in exact.items():
+                    error = (estimate.grads[name] - grad).flatten().float().cpu()
+                    experiment.add_histogram(f"grad/error/{name}", error, self._step)

@@ -1,0 +1,244 @@
+"""The Lightning layer: ForwardGradientModule, callbacks, checkpoint resume, divergence and fg-cli with every config."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from idx_files import write_idx
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fg_lightning.callbacks import GradientCosine, PeakMemory, StepTimer
+from fg_lightning.cli import main as fg_cli
+from fg_lightning.data import MNISTDataModule
+from fg_lightning.engine import MLP
+from fg_lightning.estimators import Backprop, MomentumForwardGradient, NaiveForwardGradient
+from fg_lightning.module import DivergenceError, ForwardGradientModule
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+@pytest.fixture(scope="module")
+def idx_root(tmp_path_factory):
+    """Small learnable MNIST-style IDX files: the label says which of 10 pixel blocks is bright."""
+    root = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+
+    def images(labels):
+        x = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, label in enumerate(labels):
+            x[i, 2 * label : 2 * label + 6, 4:24] = 250
+        return x.astype(np.uint8)
+
+    train_labels, test_labels = rng.integers(0, 10, 96), rng.integers(0, 10, 32)
+    write_idx(root, images(train_labels), train_labels.astype(np.uint8), images(test_labels), test_labels.astype(np.uint8))
+    return str(root)
+
+
+def scalars(log_dir):
+    files = glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True)
+    assert files, f"no event file under {log_dir}"
+    values = {}
+    for path in files:
+        events = EventAccumulator(path)
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            values.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
+    return values
+
+
+def cli_args(config, idx_root, tmp_path, *extra):
+    return ["fit", "--config", config, "--data.root", idx_root, "--data.download", "false", "--data.batch_size", "8",
+            "--data.val_size", "16", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "3",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "tb_logs"), *extra]
+
+
+def test_there_is_a_config_per_network_and_estimator():
+    names = {os.path.basename(c)[:-5] for c in CONFIGS}
+    estimators = ["backprop", "naive", "multi_direction", "partition", "input_qr", "input_approx", "momentum"]
+    assert names == {f"{net}_{est}" for net in ("mlp", "cnn") for est in estimators}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])
+def test_every_config_runs_through_fg_cli(config, idx_root, tmp_path):
+    fg_cli(cli_args(config, idx_root, tmp_path))
+    name = os.path.basename(config)[:-5]
+    run_dir = tmp_path / "tb_logs" / name / "version_0"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
+    values = scalars(str(run_dir))
+    for tag in ("train/loss", "perf/step_ms", "grad/cosine", "val/acc"):
+        assert values.get(tag), f"{name}: no {tag} in {sorted(values)}"
+    assert all(np.isfinite(values["train/loss"]))
+    assert -1 <= values["grad/cosine"][0] <= 1
+
+
+def test_cli_override_and_print_config(idx_root, tmp_path, capsys):
+    config = [c for c in CONFIGS if c.endswith("mlp_multi_direction.yaml")][0]
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(cli_args(config, idx_root, tmp_path, "--model.estimator.init_args.k", "7", "--print_config"))
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "fg_lightning.estimators.MultiDirection" in printed and "k: 7" in printed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.estimator.init_args.k", "-2"], "k=-2"),
+    (["--data.dataset", "cifar10"], "'cifar10'"),
+], ids=["negative-k", "unknown-dataset"])
+def test_bad_config_fails_before_training_with_a_clear_error(extra, message, idx_root, tmp_path, capsys):
+    config = [c for c in CONFIGS if c.endswith("mlp_multi_direction.yaml")][0]
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(cli_args(config, idx_root, tmp_path, *extra))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "tb_logs").exists() or not glob.glob(str(tmp_path / "tb_logs" / "**" / "*.ckpt"), recursive=True)
+
+
+def test_missing_data_files_give_one_clear_error(tmp_path, capsys):
+    config = [c for c in CONFIGS if c.endswith("mlp_backprop.yaml")][0]
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(cli_args(config, str(tmp_path / "empty"), tmp_path))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "DatasetNotFoundError" in err and str(tmp_path / "empty") in err and "download" in err
+    assert "Traceback" not in err
+
+
+def make_module(estimator, lr):
+    return ForwardGradientModule(MLP(hidden=(32,), seed=0), estimator, lambda p: torch.optim.SGD(p, lr=lr))
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))  # manual optimization wraps the step output in a dict
+
+
+def trainer(tmp_path, max_steps, callbacks=(), **kwargs):
+    return pl.Trainer(max_steps=max_steps, callbacks=list(callbacks), logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      default_root_dir=str(tmp_path), **kwargs)
+
+
+def data(idx_root):
+    return MNISTDataModule(root=idx_root, download=False, batch_size=8, val_size=16, seed=3)
+
+
+def test_global_step_counts_optimizer_steps_and_max_steps_stops(idx_root, tmp_path):
+    module = make_module(Backprop(), 0.05)
+    before = [p.clone() for p in module.network.parameters()]
+    run = trainer(tmp_path, 7, enable_checkpointing=False)
+    run.fit(module, datamodule=data(idx_root))
+    assert run.global_step == 7
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.network.parameters()))
+
+
+class Crash(pl.Callback):
+    """Kills a run as it is about to take step ``at`` (a crash or a pre-empted job)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("make_estimator", [
+    lambda: MomentumForwardGradient(fix_gap=4, decrease_gap=4, seed=5),
+    lambda: NaiveForwardGradient(seed=5),
+], ids=["momentum", "naive"])
+@pytest.mark.parametrize("crash_at", [6, 10], ids=["mid-epoch", "epoch-end"])  # 80 training images / 8 = 10 per epoch
+def test_resuming_from_a_checkpoint_gives_the_same_losses(make_estimator, crash_at, idx_root, tmp_path):
+    total = 17
+    straight = LossRecorder()
+    trainer(tmp_path / "a", total, [straight], enable_checkpointing=False).fit(
+        make_module(make_estimator(), 1e-3), datamodule=data(idx_root))
+
+    first = LossRecorder()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(tmp_path / "b", total, [first, checkpoint, Crash(crash_at)]).fit(
+            make_module(make_estimator(), 1e-3), datamodule=data(idx_root))
+    second = LossRecorder()
+    trainer(tmp_path / "c", total, [second], enable_checkpointing=False).fit(
+        make_module(make_estimator(), 1e-3), datamodule=data(idx_root), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert len(straight.losses) == total and len(first.losses) == crash_at
+    assert first.losses + second.losses == straight.losses
+
+
+def test_divergence_stops_with_a_clear_message(idx_root, tmp_path):
+    module = make_module(NaiveForwardGradient(), 1e4)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
+    recorder = LossRecorder()
+    with pytest.raises(DivergenceError, match=r"diverged at step \d+.*NaiveForwardGradient.*learning rate 10000"):
+        trainer(tmp_path, 50, [recorder, checkpoint]).fit(module, datamodule=data(idx_root))
+    assert recorder.losses and all(np.isfinite(recorder.losses)), "steps before the divergence trained normally"
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == len(recorder.losses)
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+def test_divergence_through_fg_cli_keeps_the_logs(idx_root, tmp_path, capsys):
+    config = [c for c in CONFIGS if c.endswith("mlp_naive.yaml")][0]
+    args = cli_args(config, idx_root, tmp_path, "--model.optimizer.init_args.lr", "1e4")
+    args[args.index("--trainer.max_steps") + 1] = "50"
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "DivergenceError: training diverged at step" in err and "learning rate 10000" in err
+    assert scalars(str(tmp_path / "tb_logs" / "mlp_naive")).get("train/loss")
+
+
+def test_step_timer_reports_checkpoint_steps_apart(idx_root, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module = make_module(MomentumForwardGradient(fix_gap=3, decrease_gap=3), 1e-4)
+    run = pl.Trainer(max_epochs=1, callbacks=[StepTimer(warmup=1), PeakMemory(), GradientCosine(every_n_steps=4)],
+                     logger=TensorBoardLogger(str(tmp_path), name="run"), enable_progress_bar=False,
+                     num_sanity_val_steps=0, log_every_n_steps=1, enable_checkpointing=False)
+    run.fit(module, datamodule=data(idx_root))
+    values = scalars(str(tmp_path / "run"))
+    assert len(values["perf/step_ms"]) == 10 and all(ms > 0 for ms in values["perf/step_ms"])
+    for tag in ("perf/step_ms_median", "perf/step_ms_median_checkpoint", "perf/step_ms_median_forward"):
+        assert len(values[tag]) == 1
+    assert len(values["grad/cosine"]) == 3  # steps 0, 4, 8
+    assert "perf/peak_mem_mb" not in values  # CPU: no CUDA peak to report
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        GradientCosine(every_n_steps=0)
+
+
+def test_gradient_cosine_of_backprop_is_one(idx_root, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    run = pl.Trainer(max_steps=3, callbacks=[GradientCosine(every_n_steps=1)], logger=CSVLogger(str(tmp_path)),
+                     enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False)
+    run.fit(make_module(Backprop(), 0.01), datamodule=data(idx_root))
+    import csv
+
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "**" / "metrics.csv"), recursive=True)[0])))
+    cosines = [float(r["grad/cosine"]) for r in rows if r.get("grad/cosine")]
+    assert len(cosines) == 3 and all(abs(c - 1) < 1e-5 for c in cosines)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+@pytest.mark.parametrize("config, min_acc", [("mlp_backprop", 0.6), ("mlp_input_approx", 0.2)])
+def test_one_epoch_on_real_fashion_mnist_beats_chance(config, min_acc, tmp_path):
+    path = [c for c in CONFIGS if c.endswith(f"{config}.yaml")][0]
+    fg_cli(["fit", "--config", path, "--data.dataset", "fashion_mnist", "--data.root", str(tmp_path / "none"),
+            "--data.download", "false", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "tb_logs")])
+    values = scalars(str(tmp_path / "tb_logs" / config))
+    print(f"{config}: val/acc after one epoch = {values['val/acc'][-1]:.4f}")
+    assert values["val/acc"][-1] > min_acc  # chance is 0.1
