@@ -1,5 +1,7 @@
 """fg_lightning: training neural networks with forward gradients, as a PyTorch Lightning suite."""
 
+__version__ = "0.1.0"
+
 from fg_lightning.callbacks import GradientCosine, PeakMemory, StepTimer, UpdateCallback
 from fg_lightning.data import MNISTDataModule
 from fg_lightning.engine import CNN, MLP, JvpResult, Network, OuterTangent, cnn, mlp, to_torch

@@ -363,3 +363,20 @@ def test_invalid_sizes_raise():
         cnn(image_size=4)
     with pytest.raises(ValueError, match="hidden"):
         mlp(hidden=(0,))
+
+
+@pytest.mark.parametrize("make_layer, x_shape", [
+    (lambda: ReLU(), (5, 3, 4)), (lambda: MaxPool2d(2), (5, 2, 7, 6)), (lambda: MaxPool2d(3, stride=2), (5, 2, 9, 8)),
+], ids=["relu", "maxpool", "maxpool-overlap"])
+def test_batch_chunked_jvp_matches_torch_func(make_layer, x_shape, monkeypatch):
+    """Large activations go through ReLU and max-pool a batch slice at a time; force that path on small ones."""
+    import fg_lightning.engine.layers as layers
+
+    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 30)  # slices of one or two samples
+    layer = make_layer().double()
+    assert len(layers._batch_chunks(torch.zeros(x_shape))) > 2
+    x, dx = torch.randn(x_shape), torch.randn(3, *x_shape)
+    y, dy = layer.jvp(x.clone(), dx.clone(), {})
+    y_ref, dy_ref = reference_jvp(stock_of(layer), x, dx, {})
+    close(y, y_ref)
+    close(dy, dy_ref)

@@ -32,6 +32,17 @@ def _frozen(tensor: Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
+CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32: above this, per-sample temporaries are made a batch slice at a time
+
+
+def _batch_chunks(x: Tensor) -> list[slice]:
+    """Batch slices such that a temporary of one slice of ``x`` stays near ``CHUNK_ELEMENTS`` elements: the bool
+    mask of a ReLU and the int64 indices of a max-pool would otherwise add a quarter to a half of the activation."""
+    per_sample = max(1, x[0].numel())
+    step = max(1, CHUNK_ELEMENTS // per_sample)
+    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+
+
 class Layer(nn.Module):
     """One differentiable tensor function with its three passes."""
 
@@ -193,7 +204,8 @@ class ReLU(Layer):
 
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         if dx is not None:
-            dx.masked_fill_(x <= 0, 0)  # (B, ...) mask broadcast over the K directions
+            for rows in _batch_chunks(x):  # (b, ...) mask broadcast over the K directions
+                dx[:, rows].masked_fill_(x[rows] <= 0, 0)
         return self.forward(x), dx
 
 
@@ -225,11 +237,17 @@ class MaxPool2d(Layer):
         return torch.ops.aten.max_pool2d_with_indices_backward(dy, x, size, stride, [0, 0], [1, 1], False, indices), {}
 
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
-        y, indices = self._pool_with_indices(x)  # indices: (B, C, H', W') into each flattened H·W plane
         if dx is None:
-            return y, None
-        flat_indices = indices.flatten(2).expand(dx.shape[0], -1, -1, -1)  # (K, B, C, H'·W')
-        dy = dx.flatten(3).gather(3, flat_indices).view(dx.shape[0], *y.shape)
+            return self.forward(x), None
+        y = dy = None
+        for rows in _batch_chunks(x):
+            y_rows, indices = self._pool_with_indices(x[rows])  # indices: (b, C, H', W') into each H·W plane
+            if y is None:
+                y = x.new_empty(x.shape[0], *y_rows.shape[1:])
+                dy = dx.new_empty(dx.shape[0], *y.shape)
+            y[rows] = y_rows
+            flat_indices = indices.flatten(2).expand(dx.shape[0], -1, -1, -1)  # (K, b, C, H'·W')
+            torch.gather(dx[:, rows].flatten(3), 3, flat_indices, out=dy[:, rows].flatten(3))
         return y, dy
 
 

@@ -71,20 +71,36 @@ class MomentumForwardGradient(GradientEstimator):
     def _rank(self, flat_grad: Tensor, groups: list[tuple[int, int]]) -> Tensor:
         return torch.cat([flat_grad[o : o + s].argsort() + o for o, s in groups])
 
+    def _sorted_normals(self, size: int, like: Tensor) -> Tensor:
+        """``size`` standard normal draws in ascending order, without a sort: the order statistics of ``size``
+        uniforms are the normalised partial sums of ``size + 1`` exponentials (Rényi), mapped through the normal
+        quantile function. (A sort of 1.9M values costs ~190 ms on two CPU cores; this ~50 ms.)"""
+        generator = self.generator(like.device)
+        spacings = torch.empty(size + 1, device=like.device, dtype=torch.float64).exponential_(generator=generator)
+        sums = spacings.cumsum_(0)
+        return torch.special.ndtri(sums[:-1] / sums[-1]).to(like.dtype)
+
+    def _segment_permutation(self, size: int, segment: int, device: torch.device) -> Tensor:
+        """A permutation of ``range(size)`` that shuffles within consecutive segments of length ``segment`` only."""
+        generator = self.generator(device)
+        starts = range(0, size, segment)
+        if len(starts) <= 64:  # few segments: one O(L) randperm each
+            return torch.cat([torch.randperm(min(segment, size - s), generator=generator, device=device) + s
+                              for s in starts])
+        keys = (torch.arange(size, device=device) // segment).to(torch.float64)  # many short segments: one sort
+        keys += torch.rand(size, generator=generator, device=device, dtype=torch.float64)
+        return keys.argsort()
+
     def _ranked_noise(self, like: Tensor, groups: list[tuple[int, int]]) -> Tensor:
-        """:math:`v_1` placed in the (segment-shuffled) order of the stored ranking."""
+        """:math:`v_1`: sorted normal draws placed in the (segment-shuffled) order of the stored ranking."""
         assert self._sorted_index is not None
-        n = len(self._sorted_index)
-        values = self.randn(n, like=like)
-        placed = torch.empty_like(values)
+        placed = torch.empty(len(self._sorted_index), device=like.device, dtype=like.dtype)
         for offset, size in groups:
             order = self._sorted_index[offset : offset + size]
             segment = max(1, round(self.shuffle_ratio * size))
-            if segment > 1:  # a random permutation within each consecutive segment, for all segments in one sort
-                keys = (torch.arange(size, device=like.device) // segment).to(like.dtype)
-                keys += torch.rand(size, generator=self.generator(like.device), device=like.device, dtype=like.dtype)
-                order = order[keys.argsort()]
-            placed[order] = values[offset : offset + size].sort().values
+            if segment > 1:
+                order = order[self._segment_permutation(size, segment, like.device)]
+            placed[order] = self._sorted_normals(size, like)
         return placed
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:

@@ -1,0 +1,77 @@
+"""``fg-bench``: time, memory and gradient-quality benchmarks against stock PyTorch, and the paper's experiments.
+
+    fg-bench speed --device cuda --batch-sizes 4096 16384
+    fg-bench memory --device cpu --batch-sizes 256 1024
+    fg-bench quality --dataset fashion_mnist
+    fg-bench stability --lrs 1e-4 1e-3 1e-2
+    fg-bench momentum
+
+Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+
+from fg_lightning.bench.common import ESTIMATORS, MODELS
+
+
+def _device(value: str) -> str:
+    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda, got {value!r}")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {value}: CUDA is not available on this machine")
+    return value
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="fg-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str, batch_sizes: list[int], estimators: list[str]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
+        sub.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
+        sub.add_argument("--batch-sizes", nargs="+", type=_positive, default=batch_sizes)
+        sub.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=estimators)
+        return sub
+
+    all_estimators = list(ESTIMATORS)
+    speed = add("speed", "median ms per training step (Table I, Fig. 13)", [256, 4096, 16384], all_estimators)
+    speed.add_argument("--directions", nargs="+", type=_positive, default=[1, 2, 4, 8, 16],
+                       help="k for multi_direction and partition")
+    speed.add_argument("--warmup", type=_positive, default=5)
+    speed.add_argument("--repeats", type=_positive, default=30)
+    speed.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
+    memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
+    memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.command == "speed":
+        from fg_lightning.bench import speed
+
+        speed.run(args)
+    elif args.command == "memory":
+        from fg_lightning.bench import memory
+
+        memory.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,205 @@
+"""What every fg-bench subcommand shares: the cases, the stock-PyTorch baselines, timing and the report files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import fg_lightning
+from fg_lightning.engine import CNN, MLP, Network, to_torch
+from fg_lightning.estimators import (
+    Backprop, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection, NaiveForwardGradient,
+    Partition,
+)
+
+MODELS: dict[str, Callable[[], Network]] = {"mlp": lambda: MLP(seed=0), "cnn": lambda: CNN(seed=0)}
+
+# name -> factory(k); k only matters for the estimators that take it
+ESTIMATORS: dict[str, Callable[[int], GradientEstimator]] = {
+    "backprop": lambda k: Backprop(),
+    "naive": lambda k: NaiveForwardGradient(seed=0),
+    "multi_direction": lambda k: MultiDirection(k=k, seed=0),
+    "partition": lambda k: Partition(k=k, seed=0),
+    "input_qr": lambda k: InputQR(seed=0),
+    "input_approx": lambda k: InputApprox(seed=0),
+    "momentum": lambda k: MomentumForwardGradient(seed=0),
+}
+TAKES_K = ("multi_direction", "partition")
+STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where a measurement came from."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": device.type, "device_name": name, "torch": torch.__version__, "fg_lightning": fg_lightning.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def make_batch(network: Network, batch_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, *network.input_shape, generator=gen)
+    labels = torch.randint(0, network.num_classes, (batch_size,), generator=gen)
+    return x.to(device), labels.to(device)
+
+
+def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Any]:
+    """One training step as ForwardGradientModule takes it: estimate, write ``p.grad``, SGD step."""
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr)
+
+    def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Any:
+        estimate = estimator.estimate(network, x, labels, index)
+        for name, param in network.named_parameters():
+            param.grad = estimate.grads[name]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return estimate
+
+    return step
+
+
+def stock_step(network: Network, kind: str, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Any]:
+    """The stock-PyTorch baselines on the ``torch.nn`` twin with the same weights (torch.autograd is allowed here):
+    ``stock_autograd`` (loss.backward()), ``stock_compiled`` (the same, torch.compile'd) and ``stock_func_jvp``
+    (the naive forward gradient through ``torch.func.jvp``)."""
+    model = to_torch(network)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    if kind in ("stock_autograd", "stock_compiled"):
+        forward = torch.compile(model) if kind == "stock_compiled" else model
+
+        def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Any:
+            loss = F.cross_entropy(forward(x), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+    if kind != "stock_func_jvp":
+        raise ValueError(f"unknown stock baseline {kind!r}; expected one of {STOCK}")
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    generator = torch.Generator(device=params[0].device).manual_seed(0)
+
+    def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Any:
+        def loss_of(*values: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, values)), (x,)), labels)
+
+        tangents = tuple(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params)
+        loss, dir_deriv = torch.func.jvp(loss_of, tuple(params), tangents)
+        for param, tangent in zip(model.parameters(), tangents):
+            param.grad = dir_deriv * tangent
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(
+    step: Callable[[torch.Tensor, torch.Tensor, int], Any], x: torch.Tensor, labels: torch.Tensor,
+    warmup: int, repeats: int, device: torch.device, first_index: int = 0,
+) -> list[tuple[float, Any]]:
+    """Milliseconds of each of ``repeats`` steps after ``warmup`` untimed ones, each synchronised, with its result."""
+    for index in range(warmup):
+        step(x, labels, first_index + index)
+    sync(device)
+    times = []
+    for index in range(warmup, warmup + repeats):
+        start = time.perf_counter()
+        result = step(x, labels, first_index + index)
+        sync(device)
+        times.append(((time.perf_counter() - start) * 1e3, result))
+    return times
+
+
+def summary(ms: Sequence[float]) -> dict[str, float]:
+    return {"ms_median": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms)}
+
+
+def markdown_table(records: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str, name: str, records: list[dict[str, Any]], columns: Sequence[str], meta: dict[str, Any],
+                 notes: str = "") -> str:
+    """``<out>/<name>.json`` (``{"meta": …, "records": […]}``) and ``<out>/<name>.md``; returns the table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    table = markdown_table(records, columns)
+    header = f"# fg-bench {name}\n\n{', '.join(f'{k}: {v}' for k, v in meta.items())}\n\n{notes}"
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(header + ("\n" if notes else "") + table)
+    return table
+
+
+def pyplot():
+    """matplotlib's pyplot (Agg), or None when the ``bench`` extra is not installed (the JSON and tables still come)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("fg-bench: matplotlib is not installed (pip install 'fg-lightning[bench]'): no plots")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def activation_sizes(network: Network, batch_size: int) -> list[tuple[str, int, int]]:
+    """``(layer name, input numel, output numel)`` for each layer at this batch size (shapes only, no compute)."""
+    sizes = []
+    x = torch.empty(batch_size, *network.input_shape, device="meta")
+    for name, layer in network.named_layers():
+        y = _meta_forward(layer, x)
+        sizes.append((name, x.numel(), y.numel()))
+        x = y
+    return sizes
+
+
+def _meta_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    import copy
+
+    return copy.deepcopy(layer).to("meta")(x)
+
+
+def tangent_flops(network: Network, batch_size: int) -> tuple[float, float]:
+    """``(primal, tangent per direction)`` multiply-add FLOPs of the linear and conv layers of one forward-mode pass.
+
+    The primal costs one product per layer; each direction costs the parameter-tangent product of every layer
+    plus the input-tangent product of every layer but the first (whose input carries no tangent).
+    """
+    from fg_lightning.engine import Conv2d, Linear
+
+    primal = tangent = 0.0
+    first = True
+    for (name, layer), (_, _, out_numel) in zip(network.named_layers(), activation_sizes(network, batch_size)):
+        if isinstance(layer, Linear):
+            cost = 2.0 * out_numel * layer.in_features
+        elif isinstance(layer, Conv2d):
+            cost = 2.0 * out_numel * layer.in_channels * layer.kernel_size**2
+        else:
+            continue
+        primal += cost
+        tangent += cost if first else 2 * cost
+        first = False
+    return primal, tangent

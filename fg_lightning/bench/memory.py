@@ -1,0 +1,155 @@
+"""``fg-bench memory``: peak memory of one training step above the resting state (Fig. 14).
+
+CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what is allocated at rest (weights, batch).
+CPU (Linux): each case runs in a fresh subprocess: the peak RSS of the one measured step (``VmHWM``, reset through
+``/proc/self/clear_refs`` just before it) minus the RSS at rest, with glibc's mmap threshold pinned at 64 KiB so
+that freed tensors leave the RSS. On the CPU, oneDNN's convolution needs a workspace the size of its output. Before it, one step at batch 2 loads the kernels and libraries (and gives the momentum estimator its
+ranking, so the measured step is a forward-mode one, not a checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from fg_lightning.bench.common import (
+    ESTIMATORS, MODELS, STOCK, TAKES_K, activation_sizes, engine_step, environment, make_batch, pyplot, stock_step,
+    sync, write_report,
+)
+
+COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
+           "method"]
+MIB = 2**20
+
+
+def _step_for(network: torch.nn.Module, name: str, k: int | None):
+    return stock_step(network, name) if name in STOCK else engine_step(network, ESTIMATORS[name](k or 1))
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kib / 1024
+
+
+def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None) -> dict[str, float]:
+    """Runs in a fresh process (see the module docstring)."""
+    network = MODELS[model]()
+    step = _step_for(network, name, k)
+    step(*make_batch(network, 2, torch.device("cpu")), 0)
+    x, labels = make_batch(network, batch_size, torch.device("cpu"))
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS: the warm-up's peak does not count
+    resting = _status_mb("VmRSS")
+    step(x, labels, 1)
+    return {"peak_mb": _status_mb("VmHWM") - resting, "resting_mb": resting}
+
+
+def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: int) -> dict[str, float]:
+    code = ("import json, sys, torch; from fg_lightning.bench.memory import measure_cpu_case; "
+            f"torch.set_num_threads({threads}); "
+            f"print(json.dumps(measure_cpu_case({model!r}, {batch_size}, {name!r}, {k!r})))")
+    # glibc: every block of 64 KiB or more gets its own mapping, returned to the OS on free, so RSS follows the live
+    # tensors (by default the threshold grows to 32 MiB and freed blocks linger in the heap).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cuda_case(base: torch.nn.Module, batch_size: int, name: str, k: int | None, device: torch.device) -> dict[str, float]:
+    network = copy.deepcopy(base)
+    step = _step_for(network, name, k)
+    step(*make_batch(network, 2, device), 0)
+    x, labels = make_batch(network, batch_size, device)
+    gc.collect()
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resting = torch.cuda.memory_allocated(device)
+    step(x, labels, 1)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - resting
+    del network, step, x, labels
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"peak_mb": peak / MIB, "resting_mb": resting / MIB}
+
+
+def forward_bound_mb(network: torch.nn.Module, batch_size: int, k: int) -> float:
+    """What any forward-mode pass must hold: one layer's primal and its k tangents at the widest layer, plus the k
+    parameter tangents and the estimate (float32)."""
+    widest = max(max(inp, out) for _, inp, out in activation_sizes(network, batch_size))
+    params = sum(p.numel() for p in network.parameters())
+    return 4 * ((1 + k) * widest + (k + 1) * params) / MIB
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    method = ("cuda: max_memory_allocated - memory_allocated at rest" if device.type == "cuda"
+              else "cpu: subprocess VmHWM - VmRSS at rest (mmap threshold 64 KiB)")
+    records: list[dict[str, Any]] = []
+    for model in args.models:
+        for batch_size in args.batch_sizes:
+            base = MODELS[model]().to(device)
+            stock = [s for s in STOCK if args.compile or s != "stock_compiled"]
+            cases = [(s, None) for s in stock] + [
+                (name, k) for name in args.estimators for k in (args.directions if name in TAKES_K else [None])]
+            rows = []
+            for name, k in cases:
+                try:
+                    if device.type == "cuda":
+                        measured = _cuda_case(base, batch_size, name, k, device)
+                    else:
+                        measured = _cpu_case(model, batch_size, name, k, torch.get_num_threads())
+                except Exception as err:
+                    print(f"fg-bench memory: {model} batch {batch_size} {name}: {type(err).__name__}: {err}")
+                    rows.append({"model": model, "batch_size": batch_size, "estimator": name, "k": k,
+                                 "error": f"{type(err).__name__}: {err}"})
+                    continue
+                row = {"model": model, "batch_size": batch_size, "estimator": name, "k": k, "method": method, **measured}
+                if name not in ("backprop", "stock_autograd", "stock_compiled"):
+                    row["fwd_bound_mb"] = forward_bound_mb(base, batch_size, k or 1)
+                    row["ratio_vs_bound"] = row["peak_mb"] / row["fwd_bound_mb"]
+                rows.append(row)
+            autograd = next((r["peak_mb"] for r in rows if r["estimator"] == "stock_autograd" and "peak_mb" in r), None)
+            for row in rows:
+                if "peak_mb" in row and autograd:
+                    row["ratio_vs_autograd"] = row["peak_mb"] / autograd
+            records += rows
+    meta = {**environment(device), "method": method}
+    print(write_report(args.out, "memory", records, COLUMNS, meta,
+                       "Peak memory of one training step above the resting state (weights and batch). "
+                       "`fwd_bound_mb`: one layer's primal and k tangents at the widest layer plus k parameter "
+                       "tangents and the estimate.\n"))
+    plot([r for r in records if "peak_mb" in r], args.out)
+    return records
+
+
+def plot(records: list[dict[str, Any]], out: str) -> None:
+    """Fig. 14: peak memory against batch size."""
+    plt = pyplot()
+    if plt is None:
+        return
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        names = sorted({(r["estimator"], r["k"]) for r in records if r["model"] == model}, key=str)
+        for name, k in names:
+            points = sorted((r["batch_size"], r["peak_mb"]) for r in records
+                            if r["model"] == model and r["estimator"] == name and r["k"] == k)
+            ax.plot(*zip(*points), marker="o", label=name if k is None else f"{name} k={k}",
+                    linestyle="--" if name.startswith("stock") else "-")
+        ax.set(title=model, xlabel="batch size", ylabel="peak MiB above rest", xscale="log", yscale="log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(f"{out}/memory.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,100 @@
+"""``fg-bench speed``: median milliseconds per training step, every estimator against stock PyTorch (Table I, Fig. 13)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from fg_lightning.bench.common import (
+    ESTIMATORS, MODELS, STOCK, TAKES_K, engine_step, environment, make_batch, pyplot, stock_step, summary,
+    tangent_flops, time_steps, write_report,
+)
+
+COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_max", "ratio_vs_autograd",
+           "ratio_vs_k1", "flop_bound_vs_k1"]
+
+
+def measure(args: Any) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    records = []
+    for model_name in args.models:
+        for batch_size in args.batch_sizes:
+            base = MODELS[model_name]().to(device)
+            x, labels = make_batch(base, batch_size, device)
+            primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
+            rows: list[dict[str, Any]] = []
+            stock = [s for s in STOCK if args.compile or s != "stock_compiled"]
+            cases = [(s, None) for s in stock] + [
+                (name, k) for name in args.estimators for k in (args.directions if name in TAKES_K else [None])
+            ]
+            for name, k in cases:
+                network = copy.deepcopy(base)
+                try:
+                    step = stock_step(network, name) if name in STOCK else engine_step(network, ESTIMATORS[name](k or 1))
+                    timed = time_steps(step, x, labels, args.warmup, args.repeats, device)
+                except Exception as err:  # one failing case (e.g. torch.compile without a compiler) is reported, not fatal
+                    print(f"fg-bench speed: {model_name} batch {batch_size} {name}: {type(err).__name__}: {err}")
+                    rows.append({"estimator": name, "k": k, "error": f"{type(err).__name__}: {err}"})
+                    continue
+                if name == "momentum":  # Table I reports the steps with and without a backprop checkpoint apart
+                    plain = [ms for ms, est in timed if not est.checkpoint]
+                    checkpoints = [ms for ms, est in timed if est.checkpoint]
+                    rows.append({"estimator": "momentum", "k": None, **summary(plain)})
+                    if checkpoints:
+                        rows.append({"estimator": "momentum_checkpoint", "k": None, **summary(checkpoints)})
+                    continue
+                row = {"estimator": name, "k": k, **summary([ms for ms, _ in timed])}
+                if name == "multi_direction":
+                    row["flop_bound_vs_k1"] = (primal_flops + k * tangent_flops_per_dir) / (primal_flops + tangent_flops_per_dir)
+                rows.append(row)
+                del network, step, timed
+            autograd = next((r["ms_median"] for r in rows if r["estimator"] == "stock_autograd" and "error" not in r), None)
+            k1 = {r["estimator"]: r["ms_median"] for r in rows if r.get("k") == 1 and "error" not in r}
+            for row in rows:
+                row.update(model=model_name, batch_size=batch_size)
+                if "error" in row:
+                    continue
+                row["ratio_vs_autograd"] = row["ms_median"] / autograd if autograd else None
+                if row["estimator"] in k1:
+                    row["ratio_vs_k1"] = row["ms_median"] / k1[row["estimator"]]
+                records.append(row)
+            records.extend(r for r in rows if "error" in r)
+    return records
+
+
+def plot(records: list[dict[str, Any]], out: str) -> None:
+    """Fig. 13: step time against the number of directions / partitions."""
+    plt = pyplot()
+    if plt is None:
+        return
+    groups = sorted({(r["model"], r["batch_size"]) for r in records})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
+    for ax, (model, batch) in zip(axes[0], groups):
+        for name in TAKES_K:
+            points = sorted((r["k"], r["ms_median"]) for r in records
+                            if r["model"] == model and r["batch_size"] == batch and r["estimator"] == name and "error" not in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        for name in ("stock_autograd", "backprop", "naive"):
+            ms = [r["ms_median"] for r in records if r["model"] == model and r["batch_size"] == batch
+                  and r["estimator"] == name and "error" not in r]
+            if ms:
+                ax.axhline(ms[0], linestyle="--", linewidth=1, label=name, color={"stock_autograd": "k"}.get(name))
+        ax.set(title=f"{model}, batch {batch}", xlabel="directions / partitions k", ylabel="ms per step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{out}/speed.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    records = measure(args)
+    meta = {**environment(torch.device(args.device)), "warmup": args.warmup, "repeats": args.repeats}
+    notes = ("Median of `repeats` synchronised training steps (estimate + SGD update) after `warmup` steps; "
+             "`ratio_vs_autograd` divides by stock autograd backprop measured in the same run. "
+             "`flop_bound_vs_k1` is (primal + k·tangent FLOPs) / (primal + tangent FLOPs).\n")
+    print(write_report(args.out, "speed", records, COLUMNS, meta, notes))
+    plot([r for r in records if "error" not in r], args.out)
+    return records
