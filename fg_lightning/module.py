@@ -28,6 +28,20 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or update; it stops instead of training through NaNs."""
 
 
+def check_finite(estimate: Estimate, step: int, estimator: GradientEstimator, lr: float) -> None:
+    """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync)."""
+    finite = torch.stack([estimate.loss.isfinite(), *(g.isfinite().all() for g in estimate.grads.values())])
+    if not bool(finite.all()):
+        what = "loss" if not bool(finite[0]) else "update"
+        bad = [name for name, ok in zip(estimate.grads, finite[1:].tolist()) if not ok]
+        raise DivergenceError(
+            f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
+            f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
+            f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator; "
+            "the logs and the last checkpoint before this step are kept."
+        )
+
+
 class ForwardGradientModule(LightningModule):
     """Trains ``network`` with the updates that ``estimator`` produces (``automatic_optimization = False``).
 
@@ -83,18 +97,6 @@ class ForwardGradientModule(LightningModule):
     def _update_callbacks(self) -> list[UpdateCallback]:
         return [cb for cb in self.trainer.callbacks if isinstance(cb, UpdateCallback)] if self._trainer else []
 
-    def _check_finite(self, estimate: Estimate, step: int, lr: float) -> None:
-        finite = torch.stack([estimate.loss.isfinite(), *(g.isfinite().all() for g in estimate.grads.values())])
-        if not bool(finite.all()):
-            what = "loss" if not bool(finite[0]) else "update"
-            bad = [name for name, ok in zip(estimate.grads, finite[1:].tolist()) if not ok]
-            raise DivergenceError(
-                f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
-                f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {self.estimator!r} "
-                f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator; "
-                "the logs and the last checkpoint before this step are kept."
-            )
-
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, labels = batch
@@ -106,7 +108,7 @@ class ForwardGradientModule(LightningModule):
         for callback in callbacks:
             callback.on_update_start(self.trainer, self)
         estimate = self.estimator.estimate(self.network, x, labels, step)
-        self._check_finite(estimate, step, optimizer.param_groups[0]["lr"])
+        check_finite(estimate, step, self.estimator, optimizer.param_groups[0]["lr"])
         for name, param in self.network.named_parameters():
             param.grad = estimate.grads[name]
         optimizer.step()

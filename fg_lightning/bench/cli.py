@@ -58,19 +58,45 @@ def parser() -> argparse.ArgumentParser:
     memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
     memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
     memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    for name, help, batch, estimators in (
+        ("quality", "cosine to the exact gradient and error per layer on real data (Fig. 7, 12)", [256], all_estimators),
+        ("stability", "short trainings across learning rates; largest stable rate (Fig. 5, 6, 8)", [256], all_estimators),
+        ("momentum", "training curves of the momentum estimator at lr 1e-6 (Fig. 9-12)", [256], ["momentum"]),
+    ):
+        sub = add(name, help, batch, estimators)
+        sub.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist")
+        sub.add_argument("--root", default="data", help="where MNISTDataModule looks for (and downloads) the IDX files")
+        sub.add_argument("--no-download", dest="download", action="store_false")
+        sub.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+        if name == "quality":
+            sub.add_argument("--directions", nargs="+", type=_positive, default=[3, 16])
+            sub.add_argument("--draws", type=_positive, default=20)
+            sub.add_argument("--pretrain-steps", type=int, default=0, help="backprop steps before measuring")
+            sub.add_argument("--pretrain-lr", type=float, default=1e-2)
+        if name == "stability":
+            sub.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 1e-4, 3e-4, 1e-3, 1e-2, 1e-1])
+            sub.add_argument("--k", type=_positive, default=10, help="k for multi_direction and partition")
+            sub.add_argument("--steps", type=_positive, default=300)
+        if name == "momentum":
+            sub.add_argument("--lr", type=float, default=1e-6)
+            sub.add_argument("--reference-lr", type=float, default=1e-2, help="backprop's large learning rate")
+            sub.add_argument("--fix-gap", type=_positive, default=10)
+            sub.add_argument("--decrease-gap", type=_positive, default=10)
+            sub.add_argument("--steps", type=_positive, default=1000)
+            sub.add_argument("--cosine-every", type=_positive, default=10)
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.command == "speed":
-        from fg_lightning.bench import speed
+    import importlib
 
-        speed.run(args)
-    elif args.command == "memory":
-        from fg_lightning.bench import memory
+    from fg_lightning.data import DatasetNotFoundError
 
-        memory.run(args)
+    try:
+        importlib.import_module(f"fg_lightning.bench.{args.command}").run(args)
+    except DatasetNotFoundError as err:
+        raise SystemExit(f"fg-bench {args.command}: {err}") from None
 
 
 if __name__ == "__main__":

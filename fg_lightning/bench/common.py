@@ -140,12 +140,13 @@ def markdown_table(records: list[dict[str, Any]], columns: Sequence[str]) -> str
 
 
 def write_report(out: str, name: str, records: list[dict[str, Any]], columns: Sequence[str], meta: dict[str, Any],
-                 notes: str = "") -> str:
-    """``<out>/<name>.json`` (``{"meta": …, "records": […]}``) and ``<out>/<name>.md``; returns the table."""
+                 notes: str = "", table_records: list[dict[str, Any]] | None = None) -> str:
+    """``<out>/<name>.json`` (``{"meta": …, "records": […]}``) and ``<out>/<name>.md`` (a table of ``table_records``,
+    all records by default); returns the table."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = markdown_table(records, columns)
+    table = markdown_table(records if table_records is None else table_records, columns)
     header = f"# fg-bench {name}\n\n{', '.join(f'{k}: {v}' for k, v in meta.items())}\n\n{notes}"
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(header + ("\n" if notes else "") + table)
@@ -203,3 +204,62 @@ def tangent_flops(network: Network, batch_size: int) -> tuple[float, float]:
         tangent += cost if first else 2 * cost
         first = False
     return primal, tangent
+
+
+def real_batches(args: Any, batch_size: int):
+    """``(train loader, validation set)`` of real MNIST / Fashion-MNIST through :class:`MNISTDataModule`."""
+    from fg_lightning.data import MNISTDataModule
+
+    data = MNISTDataModule(dataset=args.dataset, root=args.root, batch_size=batch_size, download=args.download,
+                           val_size=args.val_size, pin_memory=False)
+    data.setup("fit")
+    return data.train_dataloader(), data.val_set
+
+
+def cosine(estimate: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    dot = sum(float((estimate[n] * g).sum()) for n, g in exact.items())
+    norm = (sum(float(estimate[n].square().sum()) for n in exact) * sum(float(g.square().sum()) for g in exact.values()))
+    return dot / norm**0.5 if norm > 0 else 0.0
+
+
+def train(network: Network, estimator: GradientEstimator, lr: float, loader, steps: int, device: torch.device,
+          validation=None, cosine_every: int = 0) -> dict[str, Any]:
+    """Plain SGD with ``estimator`` for ``steps`` steps (cycling over ``loader``), as ForwardGradientModule trains,
+    stopping at the first non-finite loss or update. Returns the losses, the cosines to the exact gradient every
+    ``cosine_every`` steps, validation accuracy and loss at the end, and where it diverged."""
+    from fg_lightning.module import DivergenceError, check_finite
+
+    losses: list[float] = []
+    cosines: list[tuple[int, float]] = []
+    diverged_at = None
+    batches = iter(())
+    for index in range(steps):
+        try:
+            x, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x, labels = next(batches)
+        x, labels = x.to(device), labels.to(device)
+        exact = network.loss_and_grad(x, labels)[2] if cosine_every and index % cosine_every == 0 else None
+        estimate = estimator.estimate(network, x, labels, index)
+        try:
+            check_finite(estimate, index, estimator, lr)
+        except DivergenceError:
+            diverged_at = index
+            break
+        if exact is not None:
+            cosines.append((index, cosine(estimate.grads, exact)))
+        for name, param in network.named_parameters():
+            param.sub_(lr * estimate.grads[name])  # the SGD update, as torch.optim.SGD without momentum
+        losses.append(float(estimate.loss))
+    result: dict[str, Any] = {"losses": losses, "cosines": cosines, "diverged": diverged_at is not None,
+                              "diverged_at": diverged_at, "steps": len(losses)}
+    if validation is not None and diverged_at is None:
+        images, labels = validation.tensors
+        with torch.no_grad():
+            logits = torch.cat([network(images[i : i + 2048].to(device)) for i in range(0, len(images), 2048)])
+        from fg_lightning.engine import cross_entropy
+
+        result["val_loss"] = float(cross_entropy(logits, labels.to(device)))
+        result["val_acc"] = float((logits.argmax(1) == labels.to(device)).float().mean())
+    return result
