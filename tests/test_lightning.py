@@ -242,3 +242,17 @@ def test_one_epoch_on_real_fashion_mnist_beats_chance(config, min_acc, tmp_path)
     values = scalars(str(tmp_path / "tb_logs" / config))
     print(f"{config}: val/acc after one epoch = {values['val/acc'][-1]:.4f}")
     assert values["val/acc"][-1] > min_acc  # chance is 0.1
+
+
+def test_validate_and_test_subcommands_from_a_checkpoint(idx_root, tmp_path):
+    config = [c for c in CONFIGS if c.endswith("mlp_backprop.yaml")][0]
+    fg_cli(cli_args(config, idx_root, tmp_path))
+    checkpoint = tmp_path / "tb_logs" / "mlp_backprop" / "version_0" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    common = ["--config", config, "--data.root", idx_root, "--data.download", "false", "--data.batch_size", "8",
+              "--data.val_size", "16", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "tb_logs"), "--ckpt_path", str(checkpoint)]
+    fg_cli(["validate", *common])
+    fg_cli(["test", *common])
+    values = scalars(str(tmp_path / "tb_logs" / "mlp_backprop"))
+    assert values.get("test/acc") and values.get("test/loss") and len(values["val/acc"]) >= 2

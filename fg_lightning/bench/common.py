@@ -166,6 +166,16 @@ def pyplot():
     return plt
 
 
+def panels_per_model(records: list[dict[str, Any]], height: float = 3.7):
+    """``(plt, fig, [(axes, model), …])`` with one panel per model in ``records``, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), height), squeeze=False)
+    return plt, fig, list(zip(axes[0], models))
+
+
 def activation_sizes(network: Network, batch_size: int) -> list[tuple[str, int, int]]:
     """``(layer name, input numel, output numel)`` for each layer at this batch size (shapes only, no compute)."""
     sizes = []

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    ESTIMATORS, MODELS, STOCK, TAKES_K, activation_sizes, engine_step, environment, make_batch, pyplot, stock_step,
-    sync, write_report,
+    ESTIMATORS, MODELS, STOCK, TAKES_K, activation_sizes, engine_step, environment, make_batch, panels_per_model,
+    stock_step, sync, write_report,
 )
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
@@ -136,12 +136,11 @@ def run(args: Any) -> list[dict[str, Any]]:
 
 def plot(records: list[dict[str, Any]], out: str) -> None:
     """Fig. 14: peak memory against batch size."""
-    plt = pyplot()
-    if plt is None:
+    panels = panels_per_model(records)
+    if panels is None:
         return
-    models = sorted({r["model"] for r in records})
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    plt, fig, pairs = panels
+    for ax, model in pairs:
         names = sorted({(r["estimator"], r["k"]) for r in records if r["model"] == model}, key=str)
         for name, k in names:
             points = sorted((r["batch_size"], r["peak_mb"]) for r in records

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from fg_lightning.bench.common import ESTIMATORS, MODELS, environment, pyplot, real_batches, train, write_report
+from fg_lightning.bench.common import (
+    ESTIMATORS, MODELS, environment, markdown_table, panels_per_model, real_batches, train, write_report,
+)
 
 COLUMNS = ["model", "estimator", "k", "lr", "steps", "diverged", "diverged_at", "final_loss", "val_acc"]
 
@@ -39,8 +41,6 @@ def run(args: Any) -> list[dict[str, Any]]:
     table = write_report(args.out, "stability", records, COLUMNS, meta,
                          f"Plain SGD for {args.steps} steps per run; `final_loss` is the mean training loss of the "
                          "last 20 steps; `diverged_at` the step of the first non-finite loss or update.\n")
-    from fg_lightning.bench.common import markdown_table
-
     summary = markdown_table(largest, ["model", "estimator", "largest_stable_lr"])
     with open(f"{args.out}/stability.md", "a") as f:
         f.write("\nLargest learning rate that did not diverge:\n\n" + summary)
@@ -50,12 +50,11 @@ def run(args: Any) -> list[dict[str, Any]]:
 
 
 def plot(records: list[dict[str, Any]], out: str) -> None:
-    plt = pyplot()
-    if plt is None:
+    panels = panels_per_model(records)
+    if panels is None:
         return
-    models = sorted({r["model"] for r in records})
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    plt, fig, pairs = panels
+    for ax, model in pairs:
         for name in dict.fromkeys(r["estimator"] for r in records if r["model"] == model):
             runs = [r for r in records if r["model"] == model and r["estimator"] == name]
             lrs = [r["lr"] for r in runs if not r["diverged"]]
