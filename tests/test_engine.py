@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -367,16 +369,22 @@ def test_invalid_sizes_raise():
 
 @pytest.mark.parametrize("make_layer, x_shape", [
     (lambda: ReLU(), (5, 3, 4)), (lambda: MaxPool2d(2), (5, 2, 7, 6)), (lambda: MaxPool2d(3, stride=2), (5, 2, 9, 8)),
-], ids=["relu", "maxpool", "maxpool-overlap"])
+    (lambda: Conv2d(2, 3, 3, padding=1), (5, 2, 4, 4)), (lambda: Conv2d(2, 3, 3, stride=2), (5, 2, 7, 6)),
+], ids=["relu", "maxpool", "maxpool-overlap", "conv", "conv-stride"])
 def test_batch_chunked_jvp_matches_torch_func(make_layer, x_shape, monkeypatch):
-    """Large activations go through ReLU and max-pool a batch slice at a time; force that path on small ones."""
+    """Large activations go through ReLU, max-pool and convolution a batch slice at a time; force that path."""
     import fg_lightning.engine.layers as layers
 
-    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 30)  # slices of one or two samples
+    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 20)  # slices of one or two samples
     layer = make_layer().double()
-    assert len(layers._batch_chunks(torch.zeros(x_shape))) > 2
+    assert len(layers._batch_chunks(x_shape[0], math.prod(x_shape[1:]))) > 2
     x, dx = torch.randn(x_shape), torch.randn(3, *x_shape)
-    y, dy = layer.jvp(x.clone(), dx.clone(), {})
-    y_ref, dy_ref = reference_jvp(stock_of(layer), x, dx, {})
-    close(y, y_ref)
-    close(dy, dy_ref)
+    tangent_sets = [{}]
+    if isinstance(layer, Conv2d):
+        tangent_sets = [{name: torch.randn(3, *p.shape) for name, p in layer.named_parameters()}, {}, {"bias": torch.randn(3, 3)}]
+    for tangents in tangent_sets:
+        for input_tangent in (dx, None) if tangents else (dx,):
+            y, dy = layer.jvp(x.clone(), None if input_tangent is None else input_tangent.clone(), tangents)
+            y_ref, dy_ref = reference_jvp(stock_of(layer), x, torch.zeros_like(dx) if input_tangent is None else dx, tangents)
+            close(y, y_ref)
+            close(dy, dy_ref)

@@ -16,7 +16,7 @@ allocates its outputs. That keeps the forward-mode pass at one layer's primal an
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +32,30 @@ def _frozen(tensor: Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32: above this, per-sample temporaries are made a batch slice at a time
+CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32: a per-sample temporary above this is made a batch slice at a time
 
 
-def _batch_chunks(x: Tensor) -> list[slice]:
-    """Batch slices such that a temporary of one slice of ``x`` stays near ``CHUNK_ELEMENTS`` elements: the bool
-    mask of a ReLU and the int64 indices of a max-pool would otherwise add a quarter to a half of the activation."""
-    per_sample = max(1, x[0].numel())
-    step = max(1, CHUNK_ELEMENTS // per_sample)
-    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+def _batch_chunks(batch: int, per_sample: int) -> list[slice]:
+    """Batch slices whose temporaries of ``per_sample`` elements a sample stay near ``CHUNK_ELEMENTS``: the bool mask
+    of a ReLU, the int64 indices of a max-pool and a convolution's workspace would otherwise add a quarter to a whole
+    activation to the peak of the forward-mode pass."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    return [slice(start, start + step) for start in range(0, batch, step)]
+
+
+def _by_rows(compute: Callable[[slice], Tensor], batch: int, per_sample: int, batch_dim: int = 0) -> Tensor:
+    """``compute(rows)`` over batch slices, assembled along ``batch_dim``; a single call when the result is small."""
+    chunks = _batch_chunks(batch, per_sample)
+    if len(chunks) == 1:
+        return compute(slice(None))
+    out = None
+    for rows in chunks:
+        part = compute(rows)
+        if out is None:
+            out = part.new_empty(*part.shape[:batch_dim], batch, *part.shape[batch_dim + 1 :])
+        out.narrow(batch_dim, rows.start, part.shape[batch_dim]).copy_(part)
+        del part
+    return out
 
 
 class Layer(nn.Module):
@@ -157,29 +172,36 @@ class Conv2d(Layer):
             grads["bias"] = d_bias
         return dx, grads
 
+    def _out_size(self, size: int) -> int:
+        return (size + 2 * self.padding - self.kernel_size) // self.stride + 1
+
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         d_weight, d_bias = tangents.get("weight"), tangents.get("bias")
-        batch = x.shape[0]
-        dy = None
-        if dx is not None:  # conv(dx_k, W) for all k as one convolution over a (K·B) batch
-            num_dirs = dx.shape[0]
-            dy = self._conv(dx.reshape(num_dirs * batch, *dx.shape[2:]), self.weight)
-            dy = dy.view(num_dirs, batch, *dy.shape[1:])
-            del dx
-        if d_weight is not None:  # conv(x, dW_k) for all k as one convolution with K·out output channels
-            num_dirs = d_weight.shape[0]
-            by_kernel = self._conv(x, d_weight.reshape(-1, *d_weight.shape[2:]))  # (B, K·out, H', W')
-            by_kernel = by_kernel.view(batch, num_dirs, self.out_channels, *by_kernel.shape[2:]).transpose(0, 1)
-            dy = by_kernel.contiguous() if dy is None else dy.add_(by_kernel)
-            del by_kernel
-        if d_bias is not None:
-            d_bias = d_bias.view(d_bias.shape[0], 1, self.out_channels, 1, 1)
-            if dy is None:
-                out_hw = self.forward(x[:1]).shape[2:]
-                dy = d_bias.expand(-1, batch, -1, *out_hw).clone()
-            else:
-                dy.add_(d_bias)
-        return self.forward(x), dy
+        present = [t for t in (dx, d_weight, d_bias) if t is not None]
+        out_numel = self.out_channels * self._out_size(x.shape[2]) * self._out_size(x.shape[3])
+
+        def tangent(rows: slice) -> Tensor | None:  # dy for a slice of the batch: (K, b, out, H', W')
+            dy = None
+            if dx is not None:  # conv(dx_k, W) for all k as one convolution over a (K·b) batch
+                dx_rows = dx[:, rows]
+                dy = self._conv(dx_rows.reshape(-1, *dx.shape[2:]), self.weight)
+                dy = dy.view(dx_rows.shape[0], dx_rows.shape[1], *dy.shape[1:])
+            if d_weight is not None:  # conv(x, dW_k) for all k as one convolution with K·out output channels
+                by_kernel = self._conv(x[rows], d_weight.reshape(-1, *d_weight.shape[2:]))  # (b, K·out, H', W')
+                by_kernel = by_kernel.view(by_kernel.shape[0], -1, self.out_channels, *by_kernel.shape[2:]).transpose(0, 1)
+                dy = by_kernel.contiguous() if dy is None else dy.add_(by_kernel)
+            if d_bias is not None:
+                d_bias_view = d_bias.view(d_bias.shape[0], 1, self.out_channels, 1, 1)
+                if dy is None:
+                    out_hw = (self._out_size(x.shape[2]), self._out_size(x.shape[3]))
+                    dy = d_bias_view.expand(-1, x[rows].shape[0], -1, *out_hw).clone()
+                else:
+                    dy.add_(d_bias_view)
+            return dy
+
+        dy = _by_rows(tangent, x.shape[0], present[0].shape[0] * out_numel, batch_dim=1) if present else None
+        del dx  # before the primal output is allocated
+        return _by_rows(lambda rows: self.forward(x[rows]), x.shape[0], out_numel), dy
 
 
 class ReLU(Layer):
@@ -204,7 +226,7 @@ class ReLU(Layer):
 
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         if dx is not None:
-            for rows in _batch_chunks(x):  # (b, ...) mask broadcast over the K directions
+            for rows in _batch_chunks(x.shape[0], x[0].numel()):  # (b, ...) mask broadcast over the K directions
                 dx[:, rows].masked_fill_(x[rows] <= 0, 0)
         return self.forward(x), dx
 
@@ -240,7 +262,7 @@ class MaxPool2d(Layer):
         if dx is None:
             return self.forward(x), None
         y = dy = None
-        for rows in _batch_chunks(x):
+        for rows in _batch_chunks(x.shape[0], x[0].numel()):
             y_rows, indices = self._pool_with_indices(x[rows])  # indices: (b, C, H', W') into each H·W plane
             if y is None:
                 y = x.new_empty(x.shape[0], *y_rows.shape[1:])
