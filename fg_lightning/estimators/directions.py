@@ -103,7 +103,7 @@ class Partition(GradientEstimator):
         if self.normalize:  # each part onto the sphere of radius sqrt(its size)
             sq_norms = torch.zeros(self.k, device=source.device, dtype=source.dtype).index_add_(0, part_ids, source**2)
             sizes = torch.bincount(part_ids, minlength=self.k).to(source.dtype)
-            source = source * (sizes / sq_norms).sqrt()[part_ids]
+            source.mul_((sizes / sq_norms).sqrt_()[part_ids])
 
         def tangent_fn(name, layer, layer_input):
             tangents = {}
@@ -117,6 +117,6 @@ class Partition(GradientEstimator):
 
         result = network.jvp(x, labels, tangent_fn)
         # Parts are disjoint, so Σ_j (∇f·v^j) v^j is v times the derivative of each coordinate's own part.
-        flat = source * result.dir_derivs[part_ids]
+        flat = source.mul_(result.dir_derivs[part_ids])  # the tangents hold copies: source is free to reuse
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, (shape, offset) in layout.items()}
         return Estimate(result.loss, result.logits, grads)
