@@ -90,6 +90,8 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
     assert [r["run"] for r in momentum][:2] == ["backprop", "naive"]
     assert any(r["run"].startswith("momentum decay=1.0 shuffle=0.0") for r in momentum)
     assert all(len(r["losses"]) == 3 and len(r["cosines"]) == 3 for r in momentum)
+    decay_1 = [r for r in momentum if r["run"].startswith("momentum decay=1.0")][0]
+    assert decay_1["cosine_checkpoint"] > 0.5 and decay_1["gain_checkpoint"] > 1  # step 0 is a checkpoint
     assert os.path.isfile(os.path.join(out, "momentum_mlp.png"))
 
 

@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--fix-gap", type=_positive, default=10)
             sub.add_argument("--decrease-gap", type=_positive, default=10)
             sub.add_argument("--steps", type=_positive, default=1000)
-            sub.add_argument("--cosine-every", type=_positive, default=10)
+            sub.add_argument("--cosine-every", type=_positive, default=1, help="steps between cosine measurements")
     return root
 
 

@@ -235,12 +235,13 @@ def cosine(estimate: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) ->
 def train(network: Network, estimator: GradientEstimator, lr: float, loader, steps: int, device: torch.device,
           validation=None, cosine_every: int = 0) -> dict[str, Any]:
     """Plain SGD with ``estimator`` for ``steps`` steps (cycling over ``loader``), as ForwardGradientModule trains,
-    stopping at the first non-finite loss or update. Returns the losses, the cosines to the exact gradient every
-    ``cosine_every`` steps, validation accuracy and loss at the end, and where it diverged."""
+    stopping at the first non-finite loss or update. Returns the losses; every ``cosine_every`` steps the cosine to the
+    exact gradient and the gain ĝ·g/|g|² (the step taken along g per unit of learning rate); validation accuracy and
+    loss at the end; and where it diverged."""
     from fg_lightning.module import DivergenceError, check_finite
 
     losses: list[float] = []
-    cosines: list[tuple[int, float]] = []
+    cosines: list[tuple[int, float, float, bool]] = []  # (step, cosine, gain ĝ·g/|g|², backprop checkpoint?)
     diverged_at = None
     batches = iter(())
     for index in range(steps):
@@ -258,7 +259,9 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
             diverged_at = index
             break
         if exact is not None:
-            cosines.append((index, cosine(estimate.grads, exact)))
+            projection = sum(float((estimate.grads[n] * g).sum()) for n, g in exact.items())
+            gain = projection / sum(float(g.square().sum()) for g in exact.values())
+            cosines.append((index, cosine(estimate.grads, exact), gain, estimate.checkpoint))
         for name, param in network.named_parameters():
             param.sub_(lr * estimate.grads[name])  # the SGD update, as torch.optim.SGD without momentum
         losses.append(float(estimate.loss))

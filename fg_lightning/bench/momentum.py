@@ -3,6 +3,7 @@ hyperparameters, against naive and backprop at the same rate and backprop at a l
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from fg_lightning.bench.common import MODELS, environment, pyplot, real_batches, train, write_report
 from fg_lightning.estimators import Backprop, MomentumForwardGradient, NaiveForwardGradient
 
-COLUMNS = ["model", "run", "lr", "steps", "diverged", "first_loss", "final_loss", "val_acc", "cosine_mean"]
+COLUMNS = ["model", "run", "lr", "steps", "diverged", "first_loss", "final_loss", "val_acc", "cosine_checkpoint",
+           "cosine_other", "gain_checkpoint", "gain_other"]
 
 
 def runs(lr: float, reference_lr: float, fix_gap: int, decrease_gap: int) -> list[tuple[str, Any, float]]:
@@ -33,16 +35,22 @@ def run(args: Any) -> list[dict[str, Any]]:
         for name, estimator, lr in runs(args.lr, args.reference_lr, args.fix_gap, args.decrease_gap):
             result = train(MODELS[model]().to(device), estimator, lr, loader, args.steps, device, validation,
                            cosine_every=args.cosine_every)
-            losses, cosines = result["losses"], result["cosines"]
-            records.append({"model": model, "run": name, "lr": lr, **result, "first_loss": losses[0] if losses else None,
-                            "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-                            "cosine_mean": sum(c for _, c in cosines) / len(cosines) if cosines else None})
-            print(f"fg-bench momentum: {model} {name}: loss {records[-1]['first_loss']:.4f} -> "
-                  f"{records[-1]['final_loss']:.4f}" + (" (diverged)" if result["diverged"] else ""))
+            losses, measured = result["losses"], result["cosines"]
+            record = {"model": model, "run": name, "lr": lr, **result, "first_loss": losses[0] if losses else None,
+                      "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None}
+            for kind, at_checkpoint in (("checkpoint", True), ("other", False)):
+                chosen = [(cos, gain) for _, cos, gain, checkpoint in measured if checkpoint == at_checkpoint]
+                record[f"cosine_{kind}"] = statistics.median(c for c, _ in chosen) if chosen else None
+                record[f"gain_{kind}"] = statistics.median(g for _, g in chosen) if chosen else None
+            records.append(record)
+            print(f"fg-bench momentum: {model} {name}: loss {record['first_loss']:.4f} -> {record['final_loss']:.4g}"
+                  + (" (diverged)" if result["diverged"] else ""))
     meta = {**environment(device), "dataset": args.dataset, "batch_size": args.batch_sizes[0], "steps": args.steps}
     print(write_report(args.out, "momentum", records, COLUMNS, meta,
-                       f"Plain SGD for {args.steps} steps; `final_loss` is the mean of the last 20 steps; "
-                       f"`cosine_mean` the mean cosine to the exact gradient, every {args.cosine_every} steps.\n"))
+                       f"Plain SGD for {args.steps} steps; `final_loss` is the mean of the last 20 steps. Every "
+                       f"{args.cosine_every} steps the cosine to the exact gradient and the gain ĝ·g/|g|² (the step "
+                       "along g per unit of learning rate) are measured; the table gives their medians over the steps "
+                       "that ran a backprop checkpoint and over the others.\n"))
     plot(records, args.out)
     return records
 
@@ -56,7 +64,10 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
         for r in (r for r in records if r["model"] == model):
             loss_ax.plot(r["losses"], label=r["run"], linewidth=1)
             if r["cosines"]:
-                cos_ax.plot(*zip(*r["cosines"]), label=r["run"], linewidth=1)
+                steps, cosines = [c[0] for c in r["cosines"]], [c[1] for c in r["cosines"]]
+                cos_ax.plot(steps, cosines, ".", markersize=2, label=r["run"])
+        first = [r["losses"][0] for r in records if r["model"] == model and r["losses"]]
+        loss_ax.set_ylim(0, 1.3 * max(first))  # a diverging run would flatten every other curve
         loss_ax.set(title=f"{model}: training loss (Fig. 9–11)", xlabel="step", ylabel="loss")
         cos_ax.set(title="cosine to the exact gradient (Fig. 12)", xlabel="step", ylabel="cosine")
         loss_ax.legend(fontsize=6)
