@@ -42,7 +42,8 @@ def _sync(device: torch.device) -> None:
 
 
 class StepTimer(UpdateCallback):
-    """Wall-clock time of each update: the estimator plus the optimizer step, synchronised on CUDA.
+    """Wall-clock time of each update: the estimator, the finiteness check of its result and the optimizer step,
+    synchronised on CUDA.
 
     Logs:
         ``perf/step_ms``: every step.
