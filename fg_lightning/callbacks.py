@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from fg_lightning.estimators import Estimate
+from fg_lightning.estimators import Estimate, cosine
 
 
 class UpdateCallback(Callback):
@@ -152,15 +152,9 @@ class GradientCosine(UpdateCallback):
         if self._exact is None:
             return
         exact, self._exact = self._exact, None
-        dot = sum((estimate.grads[name] * grad).sum() for name, grad in exact.items())
-        norms = (
-            sum(estimate.grads[name].square().sum() for name in exact).sqrt()
-            * sum(grad.square().sum() for grad in exact.values()).sqrt()
-        )
-        metrics = {"grad/cosine": float(dot / norms)}
+        metrics = {"grad/cosine": cosine(estimate.grads, exact)}
         for name, grad in exact.items():
-            cos = torch.nn.functional.cosine_similarity(estimate.grads[name].flatten(), grad.flatten(), dim=0)
-            metrics[f"grad/cosine/{name}"] = float(cos)
+            metrics[f"grad/cosine/{name}"] = cosine(estimate.grads, {name: grad})
         # Straight to the loggers: Lightning's log_every_n_steps would drop most steps of a sparse diagnostic.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._step)

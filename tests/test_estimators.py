@@ -224,8 +224,12 @@ def test_momentum_follows_algorithm_1():
         shuffled_somewhere |= bool((estimate.diff() < 0).any())
     assert shuffled_somewhere
     # the checkpoint's estimate uses backprop's gradient for ∇f·v̂: the same as a forward-mode pass along v̂
-    estimate = ranked.estimate(net, x, labels, 5)
-    assert estimate.checkpoint
+    # (a twin whose fix_gap makes step 5 an ordinary step draws the same v̂ and takes the forward-mode path)
+    twin = copy.deepcopy(ranked)
+    twin.fix_gap = 1000
+    estimate, via_jvp = ranked.estimate(net, x, labels, 5), twin.estimate(net, x, labels, 5)
+    assert estimate.checkpoint and not via_jvp.checkpoint
+    torch.testing.assert_close(flat(estimate.grads), flat(via_jvp.grads))
 
 
 def test_input_approx_scale_matches_the_gradient_scale_better_than_the_batch_size():

@@ -16,7 +16,7 @@ import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
 from fg_lightning.estimators import (
     Backprop, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection, NaiveForwardGradient,
-    Partition,
+    Partition, cosine,
 )
 
 MODELS: dict[str, Callable[[], Network]] = {"mlp": lambda: MLP(seed=0), "cnn": lambda: CNN(seed=0)}
@@ -110,8 +110,9 @@ def sync(device: torch.device) -> None:
 def time_steps(
     step: Callable[[torch.Tensor, torch.Tensor, int], Any], x: torch.Tensor, labels: torch.Tensor,
     warmup: int, repeats: int, device: torch.device, first_index: int = 0,
-) -> list[tuple[float, Any]]:
-    """Milliseconds of each of ``repeats`` steps after ``warmup`` untimed ones, each synchronised, with its result."""
+) -> list[tuple[float, bool]]:
+    """Milliseconds of each of ``repeats`` steps after ``warmup`` untimed ones, each synchronised, and whether the
+    step ran a backprop checkpoint (nothing else of a step's result outlives it)."""
     for index in range(warmup):
         step(x, labels, first_index + index)
     sync(device)
@@ -120,7 +121,8 @@ def time_steps(
         start = time.perf_counter()
         result = step(x, labels, first_index + index)
         sync(device)
-        times.append(((time.perf_counter() - start) * 1e3, result))
+        times.append(((time.perf_counter() - start) * 1e3, bool(getattr(result, "checkpoint", False))))
+        del result
     return times
 
 
@@ -224,12 +226,6 @@ def real_batches(args: Any, batch_size: int):
                            val_size=args.val_size, pin_memory=False)
     data.setup("fit")
     return data.train_dataloader(), data.val_set
-
-
-def cosine(estimate: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
-    dot = sum(float((estimate[n] * g).sum()) for n, g in exact.items())
-    norm = (sum(float(estimate[n].square().sum()) for n in exact) * sum(float(g.square().sum()) for g in exact.values()))
-    return dot / norm**0.5 if norm > 0 else 0.0
 
 
 def train(network: Network, estimator: GradientEstimator, lr: float, loader, steps: int, device: torch.device,

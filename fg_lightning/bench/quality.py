@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    ESTIMATORS, MODELS, TAKES_K, cosine, environment, pyplot, real_batches, train, write_report,
+    ESTIMATORS, MODELS, TAKES_K, environment, pyplot, real_batches, train, write_report,
 )
-from fg_lightning.estimators import Backprop
+from fg_lightning.estimators import Backprop, cosine
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "param", "cosine_mean", "cosine_std", "gain", "error_rms",
            "exact_rms", "draws"]

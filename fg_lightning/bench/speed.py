@@ -39,8 +39,8 @@ def measure(args: Any) -> list[dict[str, Any]]:
                     rows.append({"estimator": name, "k": k, "error": f"{type(err).__name__}: {err}"})
                     continue
                 if name == "momentum":  # Table I reports the steps with and without a backprop checkpoint apart
-                    plain = [ms for ms, est in timed if not est.checkpoint]
-                    checkpoints = [ms for ms, est in timed if est.checkpoint]
+                    plain = [ms for ms, checkpoint in timed if not checkpoint]
+                    checkpoints = [ms for ms, checkpoint in timed if checkpoint]
                     rows.append({"estimator": "momentum", "k": None, **summary(plain)})
                     if checkpoints:
                         rows.append({"estimator": "momentum_checkpoint", "k": None, **summary(checkpoints)})

@@ -178,7 +178,8 @@ class Conv2d(Layer):
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         d_weight, d_bias = tangents.get("weight"), tangents.get("bias")
         present = [t for t in (dx, d_weight, d_bias) if t is not None]
-        out_numel = self.out_channels * self._out_size(x.shape[2]) * self._out_size(x.shape[3])
+        out_hw = (self._out_size(x.shape[2]), self._out_size(x.shape[3]))
+        out_numel = self.out_channels * out_hw[0] * out_hw[1]
 
         def tangent(rows: slice) -> Tensor | None:  # dy for a slice of the batch: (K, b, out, H', W')
             dy = None
@@ -193,7 +194,6 @@ class Conv2d(Layer):
             if d_bias is not None:
                 d_bias_view = d_bias.view(d_bias.shape[0], 1, self.out_channels, 1, 1)
                 if dy is None:
-                    out_hw = (self._out_size(x.shape[2]), self._out_size(x.shape[3]))
                     dy = d_bias_view.expand(-1, x[rows].shape[0], -1, *out_hw).clone()
                 else:
                     dy.add_(d_bias_view)

@@ -113,6 +113,15 @@ def num_parameters(network: Network) -> int:
     return sum(p.numel() for p in network.parameters())
 
 
+def cosine(estimate: dict[str, Tensor], exact: dict[str, Tensor]) -> float:
+    """Cosine between two gradients given per parameter name, over the names of ``exact`` (one device sync)."""
+    dot = sum((estimate[name] * grad).sum() for name, grad in exact.items())
+    sq_estimate = sum(estimate[name].square().sum() for name in exact)
+    sq_exact = sum(grad.square().sum() for grad in exact.values())
+    norm = float((sq_estimate * sq_exact).sqrt())
+    return float(dot) / norm if norm > 0 else 0.0
+
+
 def forward_gradient(result: JvpResult, dir_weights: Tensor | None = None) -> dict[str, Tensor]:
     """``ĝ = Σ_k w_k (∇f·v_k) v_k`` per parameter (Eq. 2; with ``w_k = 1/K``, the mean of Eq. 7)."""
     weights = result.dir_derivs if dir_weights is None else result.dir_derivs * dir_weights
