@@ -1,19 +1,38 @@
-"""fg_lightning: training neural networks with forward gradients, as a PyTorch Lightning suite."""
+"""fg_lightning: training neural networks with forward gradients, as a PyTorch Lightning suite.
+
+The public names below are imported on first use, so that ``import fg_lightning.engine`` and
+``import fg_lightning.estimators`` need torch alone (no Lightning, torchmetrics or torchvision).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from fg_lightning.callbacks import GradientCosine, PeakMemory, StepTimer, UpdateCallback
-from fg_lightning.data import MNISTDataModule
-from fg_lightning.engine import CNN, MLP, JvpResult, Network, OuterTangent, cnn, mlp, to_torch
-from fg_lightning.estimators import (
-    Backprop, Estimate, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection,
-    NaiveForwardGradient, Partition,
-)
-from fg_lightning.module import DivergenceError, ForwardGradientModule
+_EXPORTS = {
+    "fg_lightning.callbacks": ["GradientCosine", "PeakMemory", "StepTimer", "UpdateCallback"],
+    "fg_lightning.data": ["MNISTDataModule"],
+    "fg_lightning.engine": ["CNN", "MLP", "JvpResult", "Network", "OuterTangent", "to_torch"],
+    "fg_lightning.estimators": [
+        "REGISTRY", "Backprop", "DivergenceError", "Estimate", "GradientEstimator", "InputApprox", "InputQR",
+        "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
+    ],
+    "fg_lightning.module": ["ForwardGradientModule"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = [
-    "Backprop", "CNN", "DivergenceError", "Estimate", "ForwardGradientModule", "GradientCosine", "GradientEstimator",
-    "InputApprox", "InputQR", "JvpResult", "MLP", "MNISTDataModule", "MomentumForwardGradient", "MultiDirection",
-    "NaiveForwardGradient", "Network", "OuterTangent", "Partition", "PeakMemory", "StepTimer", "UpdateCallback",
-    "cnn", "mlp", "to_torch",
-]
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'fg_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -47,10 +47,10 @@ class StepTimer(UpdateCallback):
 
     Logs:
         ``perf/step_ms``: every step.
-        ``perf/step_ms_median``, ``perf/step_ms_median_checkpoint``, ``perf/step_ms_median_forward``: at the end of
-        each training epoch, the median over the epoch's steps — all of them, those that ran a backprop checkpoint
-        (the momentum estimator's, Table I) and those that did not. The warm-up steps (``warmup``, default 3) of
-        each epoch are left out of the medians.
+        ``perf/step_ms_median``, ``perf/step_ms_median_exact``, ``perf/step_ms_median_forward``: at the end of
+        each training epoch, the median over the epoch's steps — all of them, those that also computed the exact
+        gradient (``Estimate.exact``: the momentum estimator's checkpoint steps, Table I) and those that did not.
+        The warm-up steps (``warmup``, default 3) of each epoch are left out of the medians.
 
     Example::
 
@@ -77,7 +77,7 @@ class StepTimer(UpdateCallback):
     def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
         _sync(pl_module.device)
         ms = (time.perf_counter() - self._start) * 1e3
-        self._times.append((ms, estimate.checkpoint))
+        self._times.append((ms, estimate.exact))
         pl_module.log("perf/step_ms", ms, on_step=True, on_epoch=False)
 
     @override
@@ -85,8 +85,8 @@ class StepTimer(UpdateCallback):
         timed = self._times[self.warmup :]
         for tag, times in (
             ("perf/step_ms_median", [ms for ms, _ in timed]),
-            ("perf/step_ms_median_checkpoint", [ms for ms, checkpoint in timed if checkpoint]),
-            ("perf/step_ms_median_forward", [ms for ms, checkpoint in timed if not checkpoint]),
+            ("perf/step_ms_median_exact", [ms for ms, exact in timed if exact]),
+            ("perf/step_ms_median_forward", [ms for ms, exact in timed if not exact]),
         ):
             if times:
                 pl_module.log(tag, statistics.median(times))

@@ -13,7 +13,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from fg_lightning.data import DatasetNotFoundError, MNISTDataModule
-from fg_lightning.module import DivergenceError, ForwardGradientModule
+from fg_lightning.module import DivergenceError, ForwardGradientModule, building_from_config
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,8 @@ class ForwardGradientCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         try:
-            super().instantiate_classes()
+            with building_from_config():
+                super().instantiate_classes()
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err)) from err
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from lightning.pytorch import LightningModule
@@ -12,34 +14,24 @@ from typing_extensions import override
 
 from fg_lightning.callbacks import UpdateCallback
 from fg_lightning.engine import Network, cross_entropy
-from fg_lightning.estimators import Estimate, GradientEstimator
+from fg_lightning.estimators import DivergenceError, GradientEstimator, apply_estimate
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
-def _built_by_cli() -> bool:
-    from lightning.pytorch.core.mixins import hparams_mixin
-
-    given = getattr(hparams_mixin, "_given_hyperparameters", None)
-    return given is not None and given.get() is not None
+# Set by fg-cli while it builds the module from a config: the hyperparameters are then the parsed config (class paths
+# and arguments), which lets load_from_checkpoint rebuild the module; objects passed in by hand are not hyperparameters.
+_FROM_CONFIG: ContextVar[bool] = ContextVar("fg_lightning_from_config", default=False)
 
 
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or update; it stops instead of training through NaNs."""
-
-
-def check_finite(estimate: Estimate, step: int, estimator: GradientEstimator, lr: float) -> None:
-    """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync)."""
-    finite = torch.stack([estimate.loss.isfinite(), *(g.isfinite().all() for g in estimate.grads.values())])
-    if not bool(finite.all()):
-        what = "loss" if not bool(finite[0]) else "update"
-        bad = [name for name, ok in zip(estimate.grads, finite[1:].tolist()) if not ok]
-        raise DivergenceError(
-            f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
-            f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
-            f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator; "
-            "the logs and the last checkpoint before this step are kept."
-        )
+@contextlib.contextmanager
+def building_from_config() -> Iterator[None]:
+    """Within this block, a :class:`ForwardGradientModule` records its arguments (a parsed config) as hyperparameters."""
+    token = _FROM_CONFIG.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CONFIG.reset(token)
 
 
 class ForwardGradientModule(LightningModule):
@@ -79,9 +71,7 @@ class ForwardGradientModule(LightningModule):
         self.network = network
         self.estimator = estimator
         self.optimizer_factory = optimizer
-        # Under fg-cli the hyperparameters are the parsed config (class paths and arguments), which also lets
-        # load_from_checkpoint rebuild the module; objects passed in by hand are saved with the weights instead.
-        self.save_hyperparameters(ignore=None if _built_by_cli() else ["network", "estimator", "optimizer"])
+        self.save_hyperparameters(ignore=None if _FROM_CONFIG.get() else ["network", "estimator", "optimizer"])
         self.train_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.test_acc = MulticlassAccuracy(num_classes=network.num_classes)
@@ -108,11 +98,7 @@ class ForwardGradientModule(LightningModule):
         for callback in callbacks:
             callback.on_update_start(self.trainer, self)
         estimate = self.estimator.estimate(self.network, x, labels, step)
-        check_finite(estimate, step, self.estimator, optimizer.param_groups[0]["lr"])
-        for name, param in self.network.named_parameters():
-            param.grad = estimate.grads[name]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_estimate(estimate, self.network, optimizer, step, self.estimator)
         for callback in callbacks:
             callback.on_update_end(self.trainer, self, estimate)
         for callback in callbacks:

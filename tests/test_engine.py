@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    Conv2d, Flatten, Linear, MaxPool2d, Network, OuterTangent, ReLU, cnn, cross_entropy_and_grad, cross_entropy_jvp,
-    mlp, to_torch, weighted_sum,
+    CNN, MLP, Conv2d, Flatten, Linear, MaxPool2d, Network, OuterTangent, ReLU, cross_entropy_and_grad,
+    cross_entropy_jvp, to_torch, weighted_sum,
 )
 
 
@@ -131,11 +131,11 @@ def test_missing_parameter_tangent_is_zero():
 
 
 def small_mlp():
-    return mlp(in_features=12, hidden=(9, 7), num_classes=5).double()
+    return MLP(in_features=12, hidden=(9, 7), num_classes=5).double()
 
 
 def small_cnn():
-    return cnn(in_channels=2, image_size=12, channels=(3, 4, 5), hidden=6, num_classes=4).double()
+    return CNN(in_channels=2, image_size=12, channels=(3, 4, 5), hidden=6, num_classes=4).double()
 
 
 NETWORKS = [
@@ -236,7 +236,7 @@ def test_batched_directions_equal_separate_passes(make_net, x_shape):
 
 def test_exact_gradient_from_coordinate_directions():
     """With the n basis vectors as directions, the K derivatives are the gradient (K = n, Section III-C)."""
-    net = mlp(in_features=3, hidden=(4,), num_classes=2).double()
+    net = MLP(in_features=3, hidden=(4,), num_classes=2).double()
     x, labels = torch.randn(5, 3), torch.randint(0, 2, (5,))
     _, _, grads = net.loss_and_grad(x, labels)
     sizes = {name: p.numel() for name, p in net.named_parameters()}
@@ -295,10 +295,10 @@ def test_loss_is_finite_for_huge_logits():
 
 def test_wrong_input_shape_names_the_expected_shape():
     with pytest.raises(ValueError, match=r"\(B, 784\)"):
-        mlp(hidden=(8,))(torch.zeros(2, 10))
+        MLP(hidden=(8,))(torch.zeros(2, 10))
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
-        cnn(channels=(2, 2, 2), hidden=4)(torch.zeros(2, 784))
-    assert mlp(hidden=(8,))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+        CNN(channels=(2, 2, 2), hidden=4)(torch.zeros(2, 784))
+    assert MLP(hidden=(8,))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     net = small_mlp()
     with pytest.raises(ValueError, match="int64 labels"):
         net.loss_and_grad(torch.zeros(3, 12), torch.zeros(3))
@@ -326,7 +326,7 @@ def test_bad_tangents_are_rejected():
 
 def test_factories_match_torch_default_init_and_are_seeded():
     torch.set_default_dtype(torch.float32)
-    net = mlp(seed=7)
+    net = MLP(seed=7)
     assert [n for n, _ in net.named_parameters()] == [
         "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
     assert tuple(net.fc1.weight.shape) == (1024, 784) and tuple(net.fc3.weight.shape) == (10, 1024)
@@ -334,12 +334,12 @@ def test_factories_match_torch_default_init_and_are_seeded():
     stock = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     for ours, theirs in zip(net.parameters(), stock.parameters()):
         torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)
-    for a, b in zip(mlp(seed=7).parameters(), net.parameters()):
+    for a, b in zip(MLP(seed=7).parameters(), net.parameters()):
         assert torch.equal(a, b)
     state = torch.random.get_rng_state()
-    cnn(seed=3)
+    CNN(seed=3)
     assert torch.equal(state, torch.random.get_rng_state()), "a seeded factory must not touch the global RNG"
-    conv = cnn(seed=3)
+    conv = CNN(seed=3)
     assert [n for n, _ in conv.named_layers()] == [
         "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "conv3", "relu3", "pool3",
         "flatten", "fc1", "relu4", "fc2"]
@@ -349,7 +349,7 @@ def test_factories_match_torch_default_init_and_are_seeded():
 
 def test_paper_sized_networks_match_autograd_in_float32():
     torch.set_default_dtype(torch.float32)
-    for net, x in ((mlp(seed=0), torch.randn(16, 784)), (cnn(seed=0), torch.randn(4, 1, 28, 28))):
+    for net, x in ((MLP(seed=0), torch.randn(16, 784)), (CNN(seed=0), torch.randn(4, 1, 28, 28))):
         labels = torch.randint(0, 10, (len(x),))
         loss, _, grads = net.loss_and_grad(x, labels)
         stock = to_torch(net)
@@ -362,9 +362,9 @@ def test_invalid_sizes_raise():
     with pytest.raises(ValueError, match="kernel_size"):
         Conv2d(1, 2, 0)
     with pytest.raises(ValueError, match="too small"):
-        cnn(image_size=4)
+        CNN(image_size=4)
     with pytest.raises(ValueError, match="hidden"):
-        mlp(hidden=(0,))
+        MLP(hidden=(0,))
 
 
 @pytest.mark.parametrize("make_layer, x_shape", [

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fg_lightning.engine import cnn, mlp
+from fg_lightning.engine import CNN, MLP
 from fg_lightning.estimators import (
     Backprop, InputApprox, InputQR, MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition,
 )
@@ -34,7 +34,7 @@ def small_problem(seed=0, n=128, features=10, classes=3):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=gen)
     labels = (x @ torch.randn(features, classes, generator=gen)).argmax(1)
-    return mlp(in_features=features, hidden=(16,), num_classes=classes, seed=seed), x, labels
+    return MLP(in_features=features, hidden=(16,), num_classes=classes, seed=seed), x, labels
 
 
 def cosine(a: dict, b: dict) -> float:
@@ -49,7 +49,7 @@ def test_contract_names_shapes_and_determinism(make, net_kind):
     if net_kind == "mlp":
         net, x, labels = small_problem()
     else:
-        net = cnn(channels=(2, 3, 4), hidden=5, seed=0)
+        net = CNN(channels=(2, 3, 4), hidden=5, seed=0)
         gen = torch.Generator().manual_seed(0)
         x, labels = torch.randn(6, 1, 28, 28, generator=gen), torch.randint(0, 10, (6,), generator=gen)
     first, second, other_seed = make(seed=1), make(seed=1), make(seed=2)
@@ -76,7 +76,7 @@ def test_state_dict_round_trip_continues_identically(make):
     resumed.load_state_dict(state)
     for step, want in zip(range(4, 8), expected):
         got = resumed.estimate(net, x, labels, step)
-        assert got.checkpoint == want.checkpoint
+        assert got.exact == want.exact
         for name in want.grads:
             assert torch.equal(got.grads[name], want.grads[name])
 
@@ -100,7 +100,7 @@ def test_sgd_with_each_estimator_lowers_the_loss(make, lr):
 
 def tiny_problem(batch=8):
     gen = torch.Generator().manual_seed(5)
-    net = mlp(in_features=4, hidden=(5,), num_classes=3, seed=5).double()
+    net = MLP(in_features=4, hidden=(5,), num_classes=3, seed=5).double()
     x = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
     return net, x, torch.randint(0, 3, (batch,), generator=gen)
 
@@ -204,7 +204,7 @@ def test_momentum_follows_algorithm_1():
     assert [estimator.decay_at(t) for t in (0, 2, 3, 5, 6, 9)] == pytest.approx(
         [0.9, 0.9, 0.81, 0.81, 0.81**2, 0.81**4])
     assert estimator.decay_at(10**6) == 0.0 and MomentumForwardGradient(decay_rate=1.0).decay_at(10**6) == 1.0
-    flags = [estimator.estimate(net, x, labels, t).checkpoint for t in range(9)]
+    flags = [estimator.estimate(net, x, labels, t).exact for t in range(9)]
     assert flags == [True, False, False, False, True, False, False, False, True]
 
     exact = flat(net.loss_and_grad(x, labels)[2])
@@ -228,7 +228,7 @@ def test_momentum_follows_algorithm_1():
     twin = copy.deepcopy(ranked)
     twin.fix_gap = 1000
     estimate, via_jvp = ranked.estimate(net, x, labels, 5), twin.estimate(net, x, labels, 5)
-    assert estimate.checkpoint and not via_jvp.checkpoint
+    assert estimate.exact and not via_jvp.exact
     torch.testing.assert_close(flat(estimate.grads), flat(via_jvp.grads))
 
 
@@ -275,7 +275,7 @@ def mean_cosine(estimator, net, x, labels, exact, draws, steps=None):
 
 def test_cosine_to_the_gradient_on_the_paper_mlp(fashion_batch):
     x, labels = fashion_batch
-    net = mlp(seed=0)
+    net = MLP(seed=0)
     exact = net.loss_and_grad(x, labels)[2]
     n = sum(p.numel() for p in net.parameters())
     naive = mean_cosine(NaiveForwardGradient(), net, x, labels, exact, 100)

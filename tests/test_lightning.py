@@ -210,7 +210,7 @@ def test_step_timer_reports_checkpoint_steps_apart(idx_root, tmp_path):
     run.fit(module, datamodule=data(idx_root))
     values = scalars(str(tmp_path / "run"))
     assert len(values["perf/step_ms"]) == 10 and all(ms > 0 for ms in values["perf/step_ms"])
-    for tag in ("perf/step_ms_median", "perf/step_ms_median_checkpoint", "perf/step_ms_median_forward"):
+    for tag in ("perf/step_ms_median", "perf/step_ms_median_exact", "perf/step_ms_median_forward"):
         assert len(values[tag]) == 1
     assert len(values["grad/cosine"]) == 3  # steps 0, 4, 8
     assert "perf/peak_mem_mb" not in values  # CPU: no CUDA peak to report

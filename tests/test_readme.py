@@ -23,7 +23,7 @@ def test_readme_reuse_example_runs(tmp_path, monkeypatch):
 
 def test_readme_engine_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
-    engine = [b for b in blocks if "from fg_lightning.engine import mlp" in b]
+    engine = [b for b in blocks if "from fg_lightning.engine import MLP" in b]
     assert len(engine) == 1
     namespace: dict = {}
     exec(compile(engine[0], "README.md", "exec"), namespace)

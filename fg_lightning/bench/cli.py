@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from fg_lightning.bench.common import ESTIMATORS, MODELS
+from fg_lightning.bench.common import MODELS
+from fg_lightning.estimators import REGISTRY
 
 
 def _device(value: str) -> str:
@@ -45,10 +46,10 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
         sub.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
         sub.add_argument("--batch-sizes", nargs="+", type=_positive, default=batch_sizes)
-        sub.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=estimators)
+        sub.add_argument("--estimators", nargs="+", choices=list(REGISTRY), default=estimators)
         return sub
 
-    all_estimators = list(ESTIMATORS)
+    all_estimators = list(REGISTRY)
     speed = add("speed", "median ms per training step (Table I, Fig. 13)", [256, 4096, 16384], all_estimators)
     speed.add_argument("--directions", nargs="+", type=_positive, default=[1, 2, 4, 8, 16],
                        help="k for multi_direction and partition")

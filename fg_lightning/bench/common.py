@@ -14,24 +14,9 @@ import torch.nn.functional as F
 
 import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
-from fg_lightning.estimators import (
-    Backprop, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection, NaiveForwardGradient,
-    Partition, cosine,
-)
+from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, apply_estimate, cosine
 
 MODELS: dict[str, Callable[[], Network]] = {"mlp": lambda: MLP(seed=0), "cnn": lambda: CNN(seed=0)}
-
-# name -> factory(k); k only matters for the estimators that take it
-ESTIMATORS: dict[str, Callable[[int], GradientEstimator]] = {
-    "backprop": lambda k: Backprop(),
-    "naive": lambda k: NaiveForwardGradient(seed=0),
-    "multi_direction": lambda k: MultiDirection(k=k, seed=0),
-    "partition": lambda k: Partition(k=k, seed=0),
-    "input_qr": lambda k: InputQR(seed=0),
-    "input_approx": lambda k: InputApprox(seed=0),
-    "momentum": lambda k: MomentumForwardGradient(seed=0),
-}
-TAKES_K = ("multi_direction", "partition")
 STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled")
 
 
@@ -49,16 +34,19 @@ def make_batch(network: Network, batch_size: int, device: torch.device, seed: in
     return x.to(device), labels.to(device)
 
 
-def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Any]:
-    """One training step as ForwardGradientModule takes it: estimate, write ``p.grad``, SGD step."""
+def cases(estimators: Sequence[str], directions: Sequence[int]) -> list[tuple[str, int | None]]:
+    """``(name, k)`` for every estimator, once per ``k`` in ``directions`` for those that take one."""
+    return [(name, k) for name in estimators for k in (directions if REGISTRY[name].takes_k else [None])]
+
+
+def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Estimate]:
+    """One training step exactly as ForwardGradientModule takes it: the estimate, then
+    :func:`~fg_lightning.estimators.apply_estimate` with plain SGD."""
     optimizer = torch.optim.SGD(network.parameters(), lr=lr)
 
-    def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Any:
+    def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Estimate:
         estimate = estimator.estimate(network, x, labels, index)
-        for name, param in network.named_parameters():
-            param.grad = estimate.grads[name]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_estimate(estimate, network, optimizer, index, estimator)
         return estimate
 
     return step
@@ -112,7 +100,7 @@ def time_steps(
     warmup: int, repeats: int, device: torch.device, first_index: int = 0,
 ) -> list[tuple[float, bool]]:
     """Milliseconds of each of ``repeats`` steps after ``warmup`` untimed ones, each synchronised, and whether the
-    step ran a backprop checkpoint (nothing else of a step's result outlives it)."""
+    step also computed the exact gradient (``Estimate.exact``; nothing else of a step's result outlives it)."""
     for index in range(warmup):
         step(x, labels, first_index + index)
     sync(device)
@@ -121,7 +109,7 @@ def time_steps(
         start = time.perf_counter()
         result = step(x, labels, first_index + index)
         sync(device)
-        times.append(((time.perf_counter() - start) * 1e3, bool(getattr(result, "checkpoint", False))))
+        times.append(((time.perf_counter() - start) * 1e3, bool(getattr(result, "exact", False))))
         del result
     return times
 
@@ -230,14 +218,17 @@ def real_batches(args: Any, batch_size: int):
 
 def train(network: Network, estimator: GradientEstimator, lr: float, loader, steps: int, device: torch.device,
           validation=None, cosine_every: int = 0) -> dict[str, Any]:
-    """Plain SGD with ``estimator`` for ``steps`` steps (cycling over ``loader``), as ForwardGradientModule trains,
-    stopping at the first non-finite loss or update. Returns the losses; every ``cosine_every`` steps the cosine to the
-    exact gradient and the gain ĝ·g/|g|² (the step taken along g per unit of learning rate); validation accuracy and
-    loss at the end; and where it diverged."""
-    from fg_lightning.module import DivergenceError, check_finite
+    """Plain SGD with ``estimator`` for ``steps`` steps (cycling over ``loader``), through the same
+    :func:`~fg_lightning.estimators.apply_estimate` as ForwardGradientModule, stopping at the first non-finite loss or
+    update. Returns the losses; every ``cosine_every`` steps the cosine to the exact gradient and the gain ĝ·g/|g|²
+    (the step taken along g per unit of learning rate); validation accuracy and loss at the end; and where it
+    diverged."""
+    from fg_lightning.engine import cross_entropy
+    from fg_lightning.estimators import DivergenceError
 
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr)
     losses: list[float] = []
-    cosines: list[tuple[int, float, float, bool]] = []  # (step, cosine, gain ĝ·g/|g|², backprop checkpoint?)
+    cosines: list[tuple[int, float, float, bool]] = []  # (step, cosine, gain ĝ·g/|g|², exact gradient computed?)
     diverged_at = None
     batches = iter(())
     for index in range(steps):
@@ -249,17 +240,16 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
         x, labels = x.to(device), labels.to(device)
         exact = network.loss_and_grad(x, labels)[2] if cosine_every and index % cosine_every == 0 else None
         estimate = estimator.estimate(network, x, labels, index)
-        try:
-            check_finite(estimate, index, estimator, lr)
-        except DivergenceError:
-            diverged_at = index
-            break
         if exact is not None:
             projection = sum(float((estimate.grads[n] * g).sum()) for n, g in exact.items())
             gain = projection / sum(float(g.square().sum()) for g in exact.values())
-            cosines.append((index, cosine(estimate.grads, exact), gain, estimate.checkpoint))
-        for name, param in network.named_parameters():
-            param.sub_(lr * estimate.grads[name])  # the SGD update, as torch.optim.SGD without momentum
+            cosines.append((index, cosine(estimate.grads, exact), gain, estimate.exact))
+        try:
+            apply_estimate(estimate, network, optimizer, index, estimator)
+        except DivergenceError:
+            diverged_at = index
+            cosines = cosines[: len(losses)]
+            break
         losses.append(float(estimate.loss))
     result: dict[str, Any] = {"losses": losses, "cosines": cosines, "diverged": diverged_at is not None,
                               "diverged_at": diverged_at, "steps": len(losses)}
@@ -267,8 +257,6 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
         images, labels = validation.tensors
         with torch.no_grad():
             logits = torch.cat([network(images[i : i + 2048].to(device)) for i in range(0, len(images), 2048)])
-        from fg_lightning.engine import cross_entropy
-
         result["val_loss"] = float(cross_entropy(logits, labels.to(device)))
         result["val_acc"] = float((logits.argmax(1) == labels.to(device)).float().mean())
     return result

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    ESTIMATORS, MODELS, STOCK, TAKES_K, activation_sizes, engine_step, environment, make_batch, panels_per_model,
-    stock_step, sync, write_report,
+    MODELS, STOCK, activation_sizes, cases, engine_step, environment, make_batch, panels_per_model, stock_step, sync,
+    write_report,
 )
+from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
            "method"]
@@ -30,7 +31,7 @@ MIB = 2**20
 
 
 def _step_for(network: torch.nn.Module, name: str, k: int | None):
-    return stock_step(network, name) if name in STOCK else engine_step(network, ESTIMATORS[name](k or 1))
+    return stock_step(network, name) if name in STOCK else engine_step(network, REGISTRY[name].make(k))
 
 
 def _status_mb(field: str) -> float:
@@ -101,10 +102,8 @@ def run(args: Any) -> list[dict[str, Any]]:
         for batch_size in args.batch_sizes:
             base = MODELS[model]().to(device)
             stock = [s for s in STOCK if args.compile or s != "stock_compiled"]
-            cases = [(s, None) for s in stock] + [
-                (name, k) for name in args.estimators for k in (args.directions if name in TAKES_K else [None])]
             rows = []
-            for name, k in cases:
+            for name, k in [(s, None) for s in stock] + cases(args.estimators, args.directions):
                 try:
                     if device.type == "cuda":
                         measured = _cuda_case(base, batch_size, name, k, device)

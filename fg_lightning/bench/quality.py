@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    ESTIMATORS, MODELS, TAKES_K, environment, pyplot, real_batches, train, write_report,
+    MODELS, cases, environment, pyplot, real_batches, train, write_report,
 )
-from fg_lightning.estimators import Backprop, cosine
+from fg_lightning.estimators import REGISTRY, Backprop, cosine
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "param", "cosine_mean", "cosine_std", "gain", "error_rms",
            "exact_rms", "draws"]
@@ -28,40 +28,39 @@ def run(args: Any) -> list[dict[str, Any]]:
                 train(network, Backprop(), args.pretrain_lr, loader, args.pretrain_steps, device)
             x, labels = (t.to(device) for t in next(iter(loader)))
             exact = network.loss_and_grad(x, labels)[2]
-            for name in args.estimators:
-                for k in args.directions if name in TAKES_K else [None]:
-                    estimator = ESTIMATORS[name](k or 1)
-                    draws = 1 if name == "backprop" else args.draws
-                    cosines: dict[str, list[float]] = {"all": []} | {p: [] for p in exact}
-                    projections = dict.fromkeys(cosines, 0.0)  # Σ over draws of ĝ·g
-                    sq_error = {p: torch.zeros_like(g) for p, g in exact.items()}
-                    for draw in range(draws):
-                        grads = estimator.estimate(network, x, labels, draw).grads
-                        cosines["all"].append(cosine(grads, exact))
-                        for param, grad in exact.items():
-                            cosines[param].append(cosine({param: grads[param]}, {param: grad}))
-                            projection = float((grads[param] * grad).sum())
-                            projections[param] += projection
-                            projections["all"] += projection
-                            sq_error[param] += (grads[param] - grad).square()
-                        if draw == 0:
-                            errors[(model, name, k)] = {p: (grads[p] - g).flatten().cpu() for p, g in exact.items()}
-                    for param, values in cosines.items():
-                        exact_sq = (sum(float(g.square().sum()) for g in exact.values()) if param == "all"
-                                    else float(exact[param].square().sum()))
-                        if param == "all":
-                            error_rms = sum(float(e.sum()) for e in sq_error.values()) / sum(g.numel() for g in exact.values())
-                            exact_rms = sum(float(g.square().sum()) for g in exact.values()) / sum(g.numel() for g in exact.values())
-                        else:
-                            error_rms = float(sq_error[param].mean())
-                            exact_rms = float(exact[param].square().mean())
-                        records.append({
-                            "model": model, "batch_size": batch_size, "estimator": name, "k": k, "param": param,
-                            "cosine_mean": statistics.fmean(values),
-                            "cosine_std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-                            "gain": projections[param] / draws / exact_sq if exact_sq > 0 else None,
-                            "error_rms": (error_rms / draws) ** 0.5, "exact_rms": exact_rms**0.5, "draws": draws,
-                        })
+            for name, k in cases(args.estimators, args.directions):
+                estimator = REGISTRY[name].make(k)
+                draws = 1 if name == "backprop" else args.draws
+                cosines: dict[str, list[float]] = {"all": []} | {p: [] for p in exact}
+                projections = dict.fromkeys(cosines, 0.0)  # Σ over draws of ĝ·g
+                sq_error = {p: torch.zeros_like(g) for p, g in exact.items()}
+                for draw in range(draws):
+                    grads = estimator.estimate(network, x, labels, draw).grads
+                    cosines["all"].append(cosine(grads, exact))
+                    for param, grad in exact.items():
+                        cosines[param].append(cosine({param: grads[param]}, {param: grad}))
+                        projection = float((grads[param] * grad).sum())
+                        projections[param] += projection
+                        projections["all"] += projection
+                        sq_error[param] += (grads[param] - grad).square()
+                    if draw == 0:
+                        errors[(model, name, k)] = {p: (grads[p] - g).flatten().cpu() for p, g in exact.items()}
+                for param, values in cosines.items():
+                    exact_sq = (sum(float(g.square().sum()) for g in exact.values()) if param == "all"
+                                else float(exact[param].square().sum()))
+                    if param == "all":
+                        error_rms = sum(float(e.sum()) for e in sq_error.values()) / sum(g.numel() for g in exact.values())
+                        exact_rms = sum(float(g.square().sum()) for g in exact.values()) / sum(g.numel() for g in exact.values())
+                    else:
+                        error_rms = float(sq_error[param].mean())
+                        exact_rms = float(exact[param].square().mean())
+                    records.append({
+                        "model": model, "batch_size": batch_size, "estimator": name, "k": k, "param": param,
+                        "cosine_mean": statistics.fmean(values),
+                        "cosine_std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                        "gain": projections[param] / draws / exact_sq if exact_sq > 0 else None,
+                        "error_rms": (error_rms / draws) ** 0.5, "exact_rms": exact_rms**0.5, "draws": draws,
+                    })
     meta = {**environment(device), "dataset": args.dataset, "pretrain_steps": args.pretrain_steps}
     table = write_report(args.out, "quality", records, COLUMNS, meta,
                          "Cosine between the estimate and the exact gradient at the same parameters, over `draws` "

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    ESTIMATORS, MODELS, STOCK, TAKES_K, engine_step, environment, make_batch, pyplot, stock_step, summary,
-    tangent_flops, time_steps, write_report,
+    MODELS, STOCK, cases, engine_step, environment, make_batch, pyplot, stock_step, summary, tangent_flops, time_steps,
+    write_report,
 )
+from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_max", "ratio_vs_autograd",
            "ratio_vs_k1", "flop_bound_vs_k1"]
@@ -26,24 +27,19 @@ def measure(args: Any) -> list[dict[str, Any]]:
             primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
             rows: list[dict[str, Any]] = []
             stock = [s for s in STOCK if args.compile or s != "stock_compiled"]
-            cases = [(s, None) for s in stock] + [
-                (name, k) for name in args.estimators for k in (args.directions if name in TAKES_K else [None])
-            ]
-            for name, k in cases:
+            for name, k in [(s, None) for s in stock] + cases(args.estimators, args.directions):
                 network = copy.deepcopy(base)
                 try:
-                    step = stock_step(network, name) if name in STOCK else engine_step(network, ESTIMATORS[name](k or 1))
+                    step = stock_step(network, name) if name in STOCK else engine_step(network, REGISTRY[name].make(k))
                     timed = time_steps(step, x, labels, args.warmup, args.repeats, device)
                 except Exception as err:  # one failing case (e.g. torch.compile without a compiler) is reported, not fatal
                     print(f"fg-bench speed: {model_name} batch {batch_size} {name}: {type(err).__name__}: {err}")
                     rows.append({"estimator": name, "k": k, "error": f"{type(err).__name__}: {err}"})
                     continue
-                if name == "momentum":  # Table I reports the steps with and without a backprop checkpoint apart
-                    plain = [ms for ms, checkpoint in timed if not checkpoint]
-                    checkpoints = [ms for ms, checkpoint in timed if checkpoint]
-                    rows.append({"estimator": "momentum", "k": None, **summary(plain)})
-                    if checkpoints:
-                        rows.append({"estimator": "momentum_checkpoint", "k": None, **summary(checkpoints)})
+                exact = [ms for ms, is_exact in timed if is_exact]
+                if exact and len(exact) < len(timed):  # Table I: momentum's checkpoint steps (backprop too) apart
+                    rows.append({"estimator": name, "k": k, **summary([ms for ms, is_exact in timed if not is_exact])})
+                    rows.append({"estimator": f"{name}_checkpoint", "k": k, **summary(exact)})
                     continue
                 row = {"estimator": name, "k": k, **summary([ms for ms, _ in timed])}
                 if name == "multi_direction":
@@ -72,7 +68,7 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
     groups = sorted({(r["model"], r["batch_size"]) for r in records})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
     for ax, (model, batch) in zip(axes[0], groups):
-        for name in TAKES_K:
+        for name in (name for name, spec in REGISTRY.items() if spec.takes_k):
             points = sorted((r["k"], r["ms_median"]) for r in records
                             if r["model"] == model and r["batch_size"] == batch and r["estimator"] == name and "error" not in r)
             if points:

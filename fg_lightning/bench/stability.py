@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    ESTIMATORS, MODELS, environment, markdown_table, panels_per_model, real_batches, train, write_report,
+    MODELS, environment, markdown_table, panels_per_model, real_batches, train, write_report,
 )
+from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "estimator", "k", "lr", "steps", "diverged", "diverged_at", "final_loss", "val_acc"]
 
@@ -20,9 +21,9 @@ def run(args: Any) -> list[dict[str, Any]]:
     for model in args.models:
         loader, validation = real_batches(args, args.batch_sizes[0])
         for name in args.estimators:
-            k = args.k if name in ("multi_direction", "partition") else None
+            k = args.k if REGISTRY[name].takes_k else None
             for lr in args.lrs:
-                result = train(MODELS[model]().to(device), ESTIMATORS[name](k or 1), lr, loader, args.steps, device,
+                result = train(MODELS[model]().to(device), REGISTRY[name].make(k), lr, loader, args.steps, device,
                                validation)
                 losses = result.pop("losses")
                 tail = losses[-20:]

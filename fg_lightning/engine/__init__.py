@@ -2,11 +2,11 @@
 
 from fg_lightning.engine.layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
-from fg_lightning.engine.network import CNN, MLP, JvpResult, Network, TangentFn, cnn, mlp
+from fg_lightning.engine.network import CNN, MLP, JvpResult, Network, TangentFn
 from fg_lightning.engine.reference import to_torch
 from fg_lightning.engine.tangents import OuterTangent, Tangent, weighted_sum
 
 __all__ = [
     "CNN", "Conv2d", "Flatten", "MLP", "JvpResult", "Layer", "Linear", "MaxPool2d", "Network", "OuterTangent", "ReLU", "Tangent",
-    "TangentFn", "cnn", "to_torch", "cross_entropy", "cross_entropy_and_grad", "cross_entropy_jvp", "mlp", "weighted_sum",
+    "TangentFn", "to_torch", "cross_entropy", "cross_entropy_and_grad", "cross_entropy_jvp", "weighted_sum",
 ]

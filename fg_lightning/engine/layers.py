@@ -161,15 +161,11 @@ class Conv2d(Layer):
         return self.forward(x), x
 
     def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
-        x = saved
-        has_bias = self.bias is not None
-        dx, d_weight, d_bias = torch.ops.aten.convolution_backward(
-            dy, x, self.weight, [self.out_channels] if has_bias else None,
-            [self.stride] * 2, [self.padding] * 2, [1, 1], False, [0, 0], 1, [need_input_grad, True, has_bias],
-        )
-        grads = {"weight": d_weight}
-        if has_bias:
-            grads["bias"] = d_bias
+        x = saved  # (B, in, H, W); dy: (B, out, H', W')
+        grads = {"weight": torch.nn.grad.conv2d_weight(x, self.weight.shape, dy, self.stride, self.padding)}
+        if self.bias is not None:
+            grads["bias"] = dy.sum((0, 2, 3))
+        dx = torch.nn.grad.conv2d_input(x.shape, self.weight, dy, self.stride, self.padding) if need_input_grad else None
         return dx, grads
 
     def _out_size(self, size: int) -> int:
@@ -249,14 +245,16 @@ class MaxPool2d(Layer):
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         y, indices = self._pool_with_indices(x)
-        return y, (x, indices)
+        return y, (x.shape, indices)
 
     def vjp(self, saved: Any, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
         if not need_input_grad:
             return None, {}
-        x, indices = saved
-        size, stride = [self.kernel_size] * 2, [self.stride] * 2
-        return torch.ops.aten.max_pool2d_with_indices_backward(dy, x, size, stride, [0, 0], [1, 1], False, indices), {}
+        x_shape, indices = saved  # indices: (B, C, H', W') into each H·W plane, from the primal
+        # The scatter twin of the JVP's gather: each output's gradient goes back to the input it took its max from
+        # (added up where overlapping windows share a max).
+        dx = dy.new_zeros(*x_shape[:2], x_shape[2] * x_shape[3])
+        return dx.scatter_add_(2, indices.flatten(2), dy.flatten(2)).view(x_shape), {}
 
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         if dx is None:

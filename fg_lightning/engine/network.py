@@ -216,8 +216,3 @@ class CNN(Network):
                 ("fc2", Linear(hidden, num_classes)),
             ]
         super().__init__(layers, input_shape=(in_channels, image_size, image_size))
-
-
-# The factories of the design: the classes themselves, so that a config can name them as a class_path too.
-mlp = MLP
-cnn = CNN

@@ -53,7 +53,3 @@ def weighted_sum(weights: Tensor, tangent: Tangent) -> Tensor:
         # Σ_k w_k a_k b_kᵀ = (a ⊙ w)ᵀ b, one (out, K) @ (K, in) matmul.
         return (tangent.out_factor * weights.unsqueeze(1)).t() @ tangent.in_factor
     return torch.tensordot(weights, tangent, dims=1)
-
-
-def num_directions(tangent: Tangent) -> int:
-    return tangent.shape[0]

@@ -20,14 +20,51 @@ class Estimate:
     """What an estimator returns for one step.
 
     ``grads`` maps every parameter name of the network to a tensor of that parameter's shape.
-    ``checkpoint`` is True when the step ran an exact backprop pass (the momentum estimator's checkpoints,
-    Algorithm 1), so that time per step can be reported with and without them (Table I).
+    ``exact`` is True when the step computed the exact gradient by backprop besides the estimate (the momentum
+    estimator's checkpoint steps, Algorithm 1), so that time per step can be reported with and without those steps
+    (Table I).
     """
 
     loss: Tensor
     logits: Tensor
     grads: dict[str, Tensor]
-    checkpoint: bool = False
+    exact: bool = False
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or update; it stops instead of training through NaNs."""
+
+
+def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", lr: float) -> None:
+    """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync)."""
+    finite = torch.stack([estimate.loss.isfinite(), *(g.isfinite().all() for g in estimate.grads.values())])
+    if not bool(finite.all()):
+        what = "loss" if not bool(finite[0]) else "update"
+        bad = [name for name, ok in zip(estimate.grads, finite[1:].tolist()) if not ok]
+        raise DivergenceError(
+            f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
+            f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
+            f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator; "
+            "the logs and the last checkpoint before this step are kept."
+        )
+
+
+def apply_estimate(
+    estimate: Estimate, network: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+    estimator: "GradientEstimator",
+) -> None:
+    """Take one optimizer step along ``estimate``: the one place where an estimate becomes an update.
+
+    Checks that the loss and every part of the estimate are finite (:class:`DivergenceError` otherwise, before any
+    parameter changes), writes ``estimate.grads[name]`` as each parameter's ``.grad``, steps ``optimizer`` (any
+    ``torch.optim.Optimizer``, or Lightning's wrapper of one) and clears the gradients again.
+    :class:`~fg_lightning.ForwardGradientModule`, ``fg-bench`` and the tests all train through it.
+    """
+    check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
+    for name, param in network.named_parameters():
+        param.grad = estimate.grads[name]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -45,6 +82,7 @@ class GradientEstimator:
     """
 
     unbiased: ClassVar[bool] = False
+    needs_local_losses: ClassVar[bool] = False  # trains a network cut into blocks with a loss head each
 
     def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -17,7 +17,7 @@ class MomentumForwardGradient(GradientEstimator):
     At optimizer step ``t``:
 
     1. if ``t mod fix_gap = 0``: run backprop and store the parameter indices sorted by gradient value (a
-       *checkpoint*; ``Estimate.checkpoint`` is True);
+       *checkpoint*; ``Estimate.exact`` is True);
     2. the decay rate is squared every ``decrease_gap`` steps (not at step 0):
        :math:`d_t = d_0^{\,2^{\lfloor t / \text{decrease\_gap} \rfloor}}` — derived from ``t``, so nothing drifts;
     3. :math:`v_1 \sim \mathcal N(0, I)`; shuffle the stored index list within consecutive segments whose length is
@@ -124,7 +124,7 @@ class MomentumForwardGradient(GradientEstimator):
             loss, logits, dir_deriv = result.loss, result.logits, result.dir_derivs[0]
         flat = direction * dir_deriv
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, shape, offset in layout}
-        return Estimate(loss, logits, grads, checkpoint=checkpoint)
+        return Estimate(loss, logits, grads, exact=checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "sorted_index": self._sorted_index}
