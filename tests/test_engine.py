@@ -234,6 +234,41 @@ def test_batched_directions_equal_separate_passes(make_net, x_shape):
         close(single.loss, batched.loss)
 
 
+@pytest.mark.parametrize("outer", [False, True], ids=["dense", "outer-tangent"])
+@pytest.mark.parametrize("make_net, x_shape", [c[1:] for c in NETWORKS], ids=[c[0] for c in NETWORKS])
+def test_directions_in_chunks_equal_one_pass(make_net, x_shape, outer):
+    """Under a tangent memory budget the K directions go in chunks (one primal pass each); tangent_fn is still asked
+    once per layer, with the layer's input, and the result is the single pass's."""
+    net = make_net()
+    x, labels = batch_for(net, x_shape)
+    num_dirs = 7
+
+    def tangent_fn(name, layer, layer_input):
+        calls.append((name, layer_input.clone()))
+        gen = torch.Generator().manual_seed(len(calls))
+        tangents = {param: torch.randn(num_dirs, *p.shape, generator=gen) for param, p in layer.named_parameters()}
+        if outer and isinstance(layer, Linear):
+            tangents["weight"] = OuterTangent(torch.randn(num_dirs, layer.out_features, generator=gen),
+                                              torch.randn(num_dirs, layer.in_features, generator=gen))
+        return tangents
+
+    calls = []
+    net.tangent_memory_mb = None
+    whole = net.jvp(x, labels, tangent_fn)
+    whole_calls, calls = calls, []
+    per_direction = x.shape[0] * net.widest_activation(x.shape[1:]) * x.element_size() / 2**20
+    net.tangent_memory_mb = 2.5 * per_direction
+    assert net.directions_per_pass(x, num_dirs) == 2  # 4 passes: 2 + 2 + 2 + 1 directions
+    chunked = net.jvp(x, labels, tangent_fn)
+    assert [name for name, _ in calls] == [name for name, _ in whole_calls]
+    for (_, seen), (_, expected) in zip(calls, whole_calls):
+        close(seen, expected)
+    close(chunked.dir_derivs, whole.dir_derivs)
+    close(chunked.loss, whole.loss)
+    close(chunked.logits, whole.logits)
+    assert chunked.dir_derivs.shape == (num_dirs,)
+
+
 def test_exact_gradient_from_coordinate_directions():
     """With the n basis vectors as directions, the K derivatives are the gradient (K = n, Section III-C)."""
     net = MLP(in_features=3, hidden=(4,), num_classes=2).double()

@@ -53,3 +53,10 @@ def weighted_sum(weights: Tensor, tangent: Tangent) -> Tensor:
         # Σ_k w_k a_k b_kᵀ = (a ⊙ w)ᵀ b, one (out, K) @ (K, in) matmul.
         return (tangent.out_factor * weights.unsqueeze(1)).t() @ tangent.in_factor
     return torch.tensordot(weights, tangent, dims=1)
+
+
+def directions(tangent: Tangent, start: int, stop: int) -> Tangent:
+    """Directions ``start:stop`` of a tangent (a view; an :class:`OuterTangent` stays factored)."""
+    if isinstance(tangent, OuterTangent):
+        return OuterTangent(tangent.out_factor[start:stop], tangent.in_factor[start:stop])
+    return tangent[start:stop]
