@@ -1,35 +1,35 @@
 """MNIST and Fashion-MNIST as a LightningDataModule of in-memory tensors.
 
-The four IDX files of a dataset are found on disk (or downloaded through torchvision), parsed by a small IDX reader
-and kept whole in memory as normalised float32 tensors: 60k 28×28 images are ~190 MB, and slicing a tensor is much
-faster than torchvision's per-item PIL transforms.
+torchvision's ``MNIST`` / ``FashionMNIST`` find, download and parse the IDX files; this module only adds what they
+lack: a shim for flat folders of (gzipped) files such as Debian's ``dataset-fashion-mnist``, messages that say what to
+do, checks of what was loaded, and whole normalised tensors sliced one batch at a time (60k 28×28 images are ~190 MB,
+and one gather per batch is much faster than torchvision's per-item PIL transforms).
 """
 
 from __future__ import annotations
 
 import gzip
-import math
 import os
-import struct
+import shutil
+import tempfile
+import traceback
+import zlib
 from typing import Any, Iterator
 
 import torch
 import torchvision
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torchvision.datasets.utils import extract_archive
 from typing_extensions import override
 
 # Where Debian's `dataset-fashion-mnist` package puts the four .gz files (searched last, Fashion-MNIST only).
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-# IDX file stems, keyed by (split, kind); each may sit on disk as `<stem>` or `<stem>.gz`.
-IDX_FILES = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
+# The four IDX files torchvision reads from root/<class name>/raw (uncompressed there; elsewhere also as `.gz`).
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 # dataset name -> (torchvision class name, pixel mean, pixel std) of the training images scaled to [0, 1].
 DATASETS = {
@@ -39,28 +39,40 @@ DATASETS = {
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The four IDX files of a dataset were found in none of the folders searched (and could not be downloaded)."""
+    """The four IDX files of a dataset were found in none of the folders searched (and could not be downloaded or
+    put where torchvision reads them)."""
 
 
-def read_idx(path: str) -> Tensor:
-    """Read an unsigned-byte IDX file (gzipped when `path` ends in ``.gz``) into a uint8 tensor of its dims.
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line: torchvision's download errors span lines (one per mirror tried)."""
+    message = " ".join(str(err).split())[:300]
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
-    IDX layout: magic ``00 00 08 <ndim>``, then ``ndim`` big-endian int32 dims, then the bytes in C order.
-    """
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"cannot read IDX file {path!r}: {err}") from None
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path!r} is not an unsigned-byte IDX file (magic bytes {data[:4].hex()!r})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}i", data[4:header])
-    if len(data) - header != math.prod(dims):
-        raise ValueError(f"{path!r}: header says dims {dims} but holds {len(data) - header} bytes of data")
-    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
+
+def _four_files(folder: str) -> list[str] | None:
+    """Paths of the four IDX files in `folder`, each plain or ``.gz`` (plain preferred); None if one is missing."""
+    paths = []
+    for name in IDX_NAMES:
+        found = [path for path in (os.path.join(folder, name + ext) for ext in ("", ".gz")) if os.path.isfile(path)]
+        if not found:
+            return None
+        paths.append(found[0])
+    return paths
+
+
+class BatchTensorDataset(TensorDataset):
+    """A TensorDataset the DataLoader asks for a whole batch at once (``__getitems__``): one ``index_select`` per
+    tensor instead of ``batch_size`` single items stacked by the collate function. Use with :func:`whole_batch`."""
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return [tensor.index_select(0, index) for tensor in self.tensors]
+
+
+def whole_batch(batch: list[Tensor]) -> list[Tensor]:
+    """The loaders' ``collate_fn``: ``__getitems__`` already built ``[images, labels]``. A module-level function,
+    not a lambda, so worker processes can pickle it."""
+    return batch
 
 
 class EpochPermutation(Sampler[int]):
@@ -114,25 +126,23 @@ class ResumableDataLoader(DataLoader):
 class MNISTDataModule(LightningDataModule):
     """MNIST (as in the paper) or Fashion-MNIST, as normalised in-memory tensors with a seeded validation split.
 
-    Batches are ``(images, labels)``: images float32 ``(B, 1, 28, 28)`` (``(B, 784)`` when ``flatten=True``),
+    Batches are ``[images, labels]``: images float32 ``(B, 1, 28, 28)`` (``(B, 784)`` when ``flatten=True``),
     scaled to [0, 1] then normalised with the dataset's mean/std (MNIST 0.1307/0.3081, Fashion-MNIST
     0.2860/0.3530); labels int64 ``(B,)`` in 0..9. ``train`` + ``val`` are the 60k training images split by a
     seeded permutation (``val_size`` for validation); ``test`` is the 10k ``t10k`` set.
 
-    The four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
-    ``t10k-labels-idx1-ubyte``, each gzipped ``.gz`` or not) are looked for, in this order, in:
-
-    1. torchvision's layout, ``root/MNIST/raw`` or ``root/FashionMNIST/raw``;
-    2. ``root`` itself;
-    3. for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``).
-
-    Only when none holds all four and ``download=True`` does torchvision download them into ``root/<Name>/raw``.
-    Otherwise :meth:`check_files` (called by :meth:`prepare_data` and :meth:`setup`, and callable early by a CLI)
-    raises :class:`DatasetNotFoundError` listing the folders searched and how to get the files.
+    ``torchvision.datasets.MNIST`` / ``FashionMNIST`` read the four IDX files (``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``) from ``root/MNIST/raw`` or
+    ``root/FashionMNIST/raw``. When that folder lacks them, they are extracted (``.gz``) or copied there from the first
+    folder holding all four: ``root`` itself, then, for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian:
+    ``apt-get install dataset-fashion-mnist``). Only when none holds them and ``download=True`` does torchvision
+    download them. Otherwise :meth:`check_files` (called by :meth:`prepare_data` and :meth:`setup`, and callable early
+    by a CLI) raises :class:`DatasetNotFoundError` listing the folders searched and how to get the files. A truncated
+    or corrupted file, or a label outside 0..9, raises ``ValueError`` naming the file.
 
     Args:
         dataset: ``"mnist"`` or ``"fashion_mnist"``.
-        root: folder searched for (and downloaded into) the files.
+        root: folder searched for the files; ``root/<Name>/raw`` must be writable unless it already holds them.
         batch_size: samples per batch of every loader (the last batch may be smaller).
         val_size: training images held out for validation (0 for none).
         download: let torchvision download missing files (needs internet).
@@ -182,97 +192,139 @@ class MNISTDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
         self.flatten = flatten
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
+        self._copied_from: str | None = None  # where check_files() copied the files from, for setup's log line
+        self.train_set: BatchTensorDataset | None = None
+        self.val_set: BatchTensorDataset | None = None
+        self.test_set: BatchTensorDataset | None = None
+
+    @property
+    def raw_folder(self) -> str:
+        """Where torchvision reads the four uncompressed files: ``root/<Name>/raw`` (absolute)."""
+        return os.path.abspath(os.path.join(self.root, DATASETS[self.dataset][0], "raw"))
 
     def search_folders(self) -> list[str]:
         """The folders searched for the four IDX files, in order (absolute paths)."""
-        class_name = DATASETS[self.dataset][0]
-        folders = [os.path.join(self.root, class_name, "raw"), self.root]
-        if self.dataset == "fashion_mnist":
-            folders.append(DEBIAN_FASHION_MNIST)
-        return [os.path.abspath(folder) for folder in folders]
+        folders = [self.raw_folder, os.path.abspath(self.root)]
+        return folders + [DEBIAN_FASHION_MNIST] * (self.dataset == "fashion_mnist")
 
-    def find_files(self) -> dict[tuple[str, str], str] | None:
-        """Paths of the four IDX files, keyed like ``IDX_FILES``, from the first folder holding all four; or None."""
+    def check_files(self) -> str:
+        """Make sure the four uncompressed files are in :attr:`raw_folder` (copying from a flat folder or downloading
+        them if needed) and return that folder; raise :class:`DatasetNotFoundError` if that cannot be done."""
+        raw = self.raw_folder
         for folder in self.search_folders():
-            paths = {}
-            for key, stem in IDX_FILES.items():
-                # Prefer the uncompressed file: torchvision's download leaves both, and it reads faster.
-                found = [os.path.join(folder, name) for name in (stem, stem + ".gz")]
-                found = [path for path in found if os.path.isfile(path)]
-                if not found:
-                    break
-                paths[key] = found[0]
-            else:
-                return paths
-        return None
-
-    def check_files(self) -> dict[tuple[str, str], str]:
-        """Find the four IDX files, downloading them if allowed; raise :class:`DatasetNotFoundError` if that fails.
-
-        Returns their paths keyed like ``IDX_FILES``.
-        """
-        paths = self.find_files()
-        if paths is not None:
-            return paths
-        reason = "download=False"
-        if self.download:
-            class_name = DATASETS[self.dataset][0]
-            try:
-                # Downloads and extracts all four files into root/<class_name>/raw (searched first).
-                getattr(torchvision.datasets, class_name)(self.root, train=True, download=True)
-            except Exception as err:  # URLError, RuntimeError, OSError...: reported in one message below
-                # One line, no traceback: torchvision's message spans lines (one per mirror tried).
-                reason = f"download failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-            paths = self.find_files()
+            paths = _four_files(folder)
             if paths is not None:
-                return paths
+                if paths != [os.path.join(raw, name) for name in IDX_NAMES]:
+                    self._copy_into_raw(paths)
+                    if folder != raw:
+                        self._copied_from = folder
+                return raw
+        reason = self._download() if self.download else "download=False"
+        if reason is None:
+            return raw
         folders = "\n".join(f"  - {folder}" for folder in self.search_folders())
-        names = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
-        hint = "run with download=True on a machine with internet access, or put the four files in root"
-        if self.dataset == "fashion_mnist":
-            hint += ", or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu)"
+        debian = "" if self.dataset == "fashion_mnist" else "offline, `--data.dataset fashion_mnist` after "
         raise DatasetNotFoundError(
-            f"{self.dataset} not found ({reason}). Looked in:\n{folders}\n"
-            f"for the four IDX files {names}.\nTo get them: {hint}."
+            f"{self.dataset} not found ({reason}). Looked in:\n{folders}\nfor the four IDX files "
+            f"{', '.join(name + '[.gz]' for name in IDX_NAMES)}.\nTo get them: download=True (`--data.download true`) "
+            "with internet access; or put the four files (or their .gz) in root; or point `--data.root <folder>` / "
+            f"`root=` at a folder holding them; or {debian}`apt-get install dataset-fashion-mnist` (Debian/Ubuntu)."
         )
+
+    def _copy_into_raw(self, paths: list[str]) -> None:
+        """Extract (``.gz``) or copy `paths` into :attr:`raw_folder` through a staging folder, so that an interrupted
+        or failed copy never leaves a partial file where torchvision would take it for a whole one."""
+        raw = self.raw_folder
+        try:
+            os.makedirs(raw, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".partial-", dir=raw)
+        except OSError as err:
+            raise DatasetNotFoundError(
+                f"{self.dataset}: found the IDX files in {os.path.dirname(paths[0])} but cannot put them in {raw}, "
+                f"where torchvision reads them ({_one_line(err)}). Pass a writable folder as `--data.root <folder>` "
+                "/ `root=`."
+            ) from None
+        try:
+            for path in paths:
+                try:
+                    if path.endswith(".gz"):
+                        extract_archive(path, staging)
+                    else:
+                        shutil.copyfile(path, os.path.join(staging, os.path.basename(path)))
+                except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+                    raise ValueError(f"{path} is truncated or corrupted ({_one_line(err)})") from None
+            for name in IDX_NAMES:
+                os.replace(os.path.join(staging, name), os.path.join(raw, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _download(self) -> str | None:
+        """Let torchvision download into :attr:`raw_folder`; None on success, else a one-line reason. The folders the
+        attempt created are removed again if it left them empty (a failed download leaves no trace)."""
+        created, folder = [], self.raw_folder
+        while not os.path.isdir(folder):
+            created, folder = created + [folder], os.path.dirname(folder)
+        try:
+            getattr(torchvision.datasets, DATASETS[self.dataset][0])(self.root, train=True, download=True)
+            return None
+        except Exception as err:  # URLError, RuntimeError, OSError...: reported in DatasetNotFoundError's message
+            if all(os.path.isfile(os.path.join(self.raw_folder, name)) for name in IDX_NAMES):
+                return None  # downloaded but unreadable: setup() names the bad file
+            reason = f"download failed: {_one_line(err)}"
+        for folder in created:  # deepest first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        return reason
 
     @override
     def prepare_data(self) -> None:
-        # Runs once per node, before setup(): the place for the (single) download.
+        # Runs once per node, before setup(): the place for the (single) copy or download.
         self.check_files()
 
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        paths = self.check_files()
-        train_images, train_labels = self._load(paths, "train")
+        raw = self.check_files()
+        train_images, train_labels = self._load(raw, train=True)
         if self.val_size >= len(train_labels):
             raise ValueError(f"Invalid val_size: {self.val_size} (the training set has {len(train_labels)} images)")
         # Seeded split: same seed, same split. Index tensors rather than Subset keep batches as plain slices.
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(self.seed))
         val_index, train_index = order[: self.val_size], order[self.val_size :]
-        self.train_set = TensorDataset(train_images[train_index], train_labels[train_index])
-        self.val_set = TensorDataset(train_images[val_index], train_labels[val_index])
-        self.test_set = TensorDataset(*self._load(paths, "test"))
+        self.train_set = BatchTensorDataset(train_images[train_index], train_labels[train_index])
+        self.val_set = BatchTensorDataset(train_images[val_index], train_labels[val_index])
+        self.test_set = BatchTensorDataset(*self._load(raw, train=False))
+        source = f" (copied there from {self._copied_from})" if self._copied_from else ""
+        rank_zero_info(f"MNISTDataModule: {self.dataset} from {raw}{source}")
 
-    def _load(self, paths: dict[tuple[str, str], str], split: str) -> tuple[Tensor, Tensor]:
-        """Images float32 (N, 1, 28, 28) or (N, 784), normalised; labels int64 (N,)."""
-        images, labels = read_idx(paths[(split, "images")]), read_idx(paths[(split, "labels")])
-        if images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-            raise ValueError(
-                f"{split} files hold images of shape {tuple(images.shape)} and labels of shape {tuple(labels.shape)};"
-                " expected (N, 28, 28) and (N,)"
-            )
-        _, mean, std = DATASETS[self.dataset]
+    def _load(self, raw: str, train: bool) -> tuple[Tensor, Tensor]:
+        """Images float32 (N, 1, 28, 28) or (N, 784), normalised; labels int64 (N,). Checks what torchvision read,
+        so that bad files fail here, naming the file, rather than as an index error in the middle of training."""
+        class_name, mean, std = DATASETS[self.dataset]
+        images_file, labels_file = (os.path.join(raw, name) for name in IDX_NAMES[0 if train else 2 :][:2])
+        try:
+            parsed = getattr(torchvision.datasets, class_name)(self.root, train=train, download=False)
+        except (AssertionError, RuntimeError, ValueError, TypeError) as err:
+            # torchvision's reason seldom names the file; the reader in the traceback tells which one it was.
+            frames = {frame.name for frame in traceback.extract_tb(err.__traceback__)}
+            bad = (labels_file if "read_label_file" in frames
+                   else images_file if "read_image_file" in frames else f"{images_file} or {labels_file}")
+            raise ValueError(f"{bad} is truncated or corrupted ({_one_line(err)}); delete it, get it again") from None
+        images, labels = parsed.data, parsed.targets
+        if images.dtype != torch.uint8 or images.shape[1:] != (28, 28):
+            raise ValueError(f"{images_file} holds {images.dtype} images of shape {tuple(images.shape)}; "
+                             "expected uint8 (N, 28, 28)")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{labels_file} holds labels of shape {tuple(labels.shape)} for {len(images)} images")
+        bad_labels = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad_labels):
+            raise ValueError(f"{labels_file} holds label {bad_labels[0].item()}; labels must be in 0..9")
         images = (images.to(torch.float32) / 255 - mean) / std
         images = images.reshape(-1, 784) if self.flatten else images.unsqueeze(1)
         return images, labels.to(torch.int64)
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: BatchTensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
         loader = ResumableDataLoader if shuffle else DataLoader
@@ -281,6 +333,7 @@ class MNISTDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             drop_last=False,
+            collate_fn=whole_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 from urllib.error import URLError
 
 import numpy as np
@@ -13,7 +15,7 @@ from idx_files import IDX_STEMS, write_idx, write_idx_file
 from lightning.pytorch import LightningModule, Trainer
 
 import fg_lightning.data as data_module
-from fg_lightning.data import DatasetNotFoundError, MNISTDataModule, read_idx
+from fg_lightning.data import BatchTensorDataset, DatasetNotFoundError, MNISTDataModule
 
 N_TRAIN, N_TEST, VAL_SIZE = 64, 32, 16
 MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
@@ -61,9 +63,13 @@ def loaded(root, **kwargs):
 # --- loading -------------------------------------------------------------------------------------------------------
 
 
-def test_loads_four_gz_files_from_root_with_exact_normalised_values(idx_root):
+@pytest.mark.parametrize("gz", [True, False])
+def test_loads_four_files_from_root_with_exact_normalised_values(tmp_path, gz):
     train_images, train_labels, test_images, test_labels = fake_arrays()
-    dm = loaded(idx_root)
+    write_idx(tmp_path, *fake_arrays(), gz=gz)
+    dm = loaded(tmp_path)
+    # The flat folder's files were extracted / copied where torchvision reads them, and nothing else was left there.
+    assert sorted(os.listdir(tmp_path / "MNIST" / "raw")) == sorted(IDX_STEMS.values())
 
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (N_TRAIN - VAL_SIZE, VAL_SIZE, N_TEST)
     test_x, test_y = dm.test_set.tensors
@@ -89,18 +95,36 @@ def test_loads_uncompressed_files_from_torchvision_layout(tmp_path, dataset):
     train_images, _, test_images, _ = fake_arrays()
     write_idx(tmp_path / RAW_FOLDER[dataset] / "raw", *fake_arrays(), gz=False)
     dm = loaded(tmp_path, dataset=dataset)
-    assert dm.find_files()[("train", "images")] == str(tmp_path / RAW_FOLDER[dataset] / "raw" / IDX_STEMS["train_images"])
+    assert dm.check_files() == str(tmp_path / RAW_FOLDER[dataset] / "raw")
+    assert sorted(os.listdir(tmp_path / RAW_FOLDER[dataset] / "raw")) == sorted(IDX_STEMS.values())
     # Normalised with this dataset's own mean/std.
     torch.testing.assert_close(dm.test_set.tensors[0][:, 0], expected_images(test_images, dataset), rtol=0, atol=1e-6)
     assert len(dm.train_set) + len(dm.val_set) == N_TRAIN
 
 
+def test_gz_files_in_torchvision_layout_are_extracted_in_place(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx(raw, *fake_arrays(), gz=True)
+    dm = loaded(tmp_path)
+    assert sorted(os.listdir(raw)) == sorted([*IDX_STEMS.values(), *(s + ".gz" for s in IDX_STEMS.values())])
+    assert len(dm.test_set) == N_TEST
+
+
 def test_torchvision_layout_is_searched_before_root(tmp_path):
     write_idx(tmp_path, *fake_arrays(first_id=0))
-    write_idx(tmp_path / "MNIST" / "raw", *fake_arrays(first_id=50))
+    write_idx(tmp_path / "MNIST" / "raw", *fake_arrays(first_id=50), gz=False)
     dm = loaded(tmp_path)
     ids = torch.cat([ids_of(dm.train_set.tensors[0]), ids_of(dm.val_set.tensors[0])])
     assert ids.min().item() == 50
+
+
+def test_log_names_the_folder_loaded(idx_root, caplog, monkeypatch):
+    # Lightning stops its loggers propagating (to caplog's handler on the root logger) when it is imported first.
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        loaded(idx_root)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MNISTDataModule:")]
+    assert lines == [f"MNISTDataModule: mnist from {idx_root / 'MNIST' / 'raw'} (copied there from {idx_root})"]
 
 
 def test_flatten_gives_784_vectors(idx_root):
@@ -150,6 +174,46 @@ def test_loader_options_pass_through(idx_root):
     assert not loaded(idx_root).train_dataloader().persistent_workers
     assert MNISTDataModule().pin_memory == torch.cuda.is_available()
     assert MNISTDataModule(pin_memory=True).pin_memory
+
+
+def test_batch_is_one_getitems_call_equal_to_plain_indexing(idx_root, monkeypatch):
+    dm = loaded(idx_root, batch_size=5)
+    calls = []
+    getitems = BatchTensorDataset.__getitems__
+
+    def counted(self, indices):
+        calls.append(list(indices))
+        return getitems(self, indices)
+
+    monkeypatch.setattr(BatchTensorDataset, "__getitems__", counted)
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        calls.clear()
+        images, labels = loader.dataset.tensors
+        order = list(loader.sampler)  # EpochPermutation depends only on (seed, epoch): the loader draws the same
+        batches = list(loader)
+        assert calls == [order[i : i + 5] for i in range(0, len(order), 5)]  # one call per batch, in sampler order
+        for (x, y), indices in zip(batches, calls, strict=True):
+            assert torch.equal(x, images[indices]) and torch.equal(y, labels[indices])
+    pickle.dumps(dm.train_dataloader().collate_fn)  # worker processes started by spawn must pickle it
+
+
+def test_training_loader_resumes_mid_epoch(idx_root):
+    dm = loaded(idx_root, batch_size=5)
+    full = dm.train_dataloader()
+    full.sampler.set_epoch(2)
+    batches = list(full)
+    partial = dm.train_dataloader()
+    partial.sampler.set_epoch(2)
+    seen = [batch for _, batch in zip(range(3), partial)]
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(partial.state_dict())
+    assert partial.state_dict() == {"epoch": 2, "consumed": 3}
+    resumed.sampler.set_epoch(2)
+    rest = list(resumed)
+    assert len(seen) + len(rest) == len(batches)
+    for (x, y), (x_ref, y_ref) in zip(seen + rest, batches):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert resumed.state_dict() == {"epoch": 2, "consumed": len(batches)}
 
 
 def test_val_size_zero_and_too_large(idx_root):
@@ -216,9 +280,11 @@ def test_missing_files_without_download(tmp_path):
             check()
         message = str(info.value)
         assert str(tmp_path) in message and str(tmp_path / "MNIST" / "raw") in message
-        assert "download" in message
+        assert "download=False" in message and "download=True" in message and "--data.root" in message
+        assert "--data.dataset fashion_mnist" in message and "apt-get install dataset-fashion-mnist" in message
         assert all(stem in message for stem in IDX_STEMS.values())
     assert isinstance(info.value, FileNotFoundError)
+    assert os.listdir(tmp_path) == []
 
 
 def test_missing_fashion_mnist_lists_debian_folder_and_package(tmp_path, monkeypatch):
@@ -236,6 +302,7 @@ def test_incomplete_folder_is_not_used(tmp_path):
     os.remove(paths["test_labels"])
     with pytest.raises(DatasetNotFoundError):
         MNISTDataModule(root=str(tmp_path), download=False).check_files()
+    assert not (tmp_path / "MNIST").exists()
 
 
 def test_download_without_network_gives_the_same_clear_error(tmp_path, monkeypatch):
@@ -246,14 +313,18 @@ def test_download_without_network_gives_the_same_clear_error(tmp_path, monkeypat
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
+    root = tmp_path / "data"
     with pytest.raises(DatasetNotFoundError) as info:
-        MNISTDataModule(root=str(tmp_path), download=True).prepare_data()
+        MNISTDataModule(root=str(root), download=True).prepare_data()
     assert calls, "torchvision's download was never attempted"
     message = str(info.value)
-    assert "download failed" in message and "name resolution" in message
-    assert str(tmp_path / "MNIST" / "raw") in message and "download=True" in message
+    assert "download failed" in message and "name resolution" in message and "download=False" not in message
+    assert str(root / "MNIST" / "raw") in message and "download=True" in message and "\nTo get them" in message
+    assert len(message.splitlines()[0]) < 400  # the reason is one line, however many mirrors were tried
     # Raised after the failure was handled: no chained urllib/torchvision traceback reaches the user.
     assert info.value.__cause__ is None and info.value.__context__ is None
+    # The folders the attempt created (root/MNIST/raw and root itself) are gone again.
+    assert os.listdir(tmp_path) == []
 
 
 def test_download_fills_torchvision_raw_folder_then_loads(tmp_path, monkeypatch):
@@ -273,16 +344,68 @@ def test_download_fills_torchvision_raw_folder_then_loads(tmp_path, monkeypatch)
     torch.testing.assert_close(dm.test_set.tensors[0][:, 0], expected_images(test_images), rtol=0, atol=1e-6)
 
 
-def test_corrupt_idx_file_names_the_file(tmp_path):
-    path = tmp_path / "bad"
-    path.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)  # dtype 0x0D (float), not unsigned byte
-    with pytest.raises(ValueError, match="bad"):
-        read_idx(str(path))
-    truncated = write_idx_file(tmp_path / "short", np.zeros((3, 28, 28), np.uint8))
-    with open(truncated, "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(ValueError, match="short"):
-        read_idx(truncated)
+def test_unwritable_root_names_the_folder_and_the_option(tmp_path, monkeypatch):
+    debian = tmp_path / "debian"
+    write_idx(debian, *fake_arrays())
+    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST", str(debian))
+    root = tmp_path / "a-file"
+    root.write_text("not a folder")  # cannot hold root/FashionMNIST/raw, even for root (chmod does not stop root)
+    with pytest.raises(DatasetNotFoundError) as info:
+        MNISTDataModule("fashion_mnist", root=str(root), download=False).setup()
+    message = str(info.value)
+    assert str(root / "FashionMNIST" / "raw") in message and str(debian) in message
+    assert "writable" in message and "--data.root" in message and "root=" in message
+
+
+def raw_with(tmp_path, **arrays):
+    """Write the four fake files, uncompressed, into root/MNIST/raw, with `arrays` replacing some of them."""
+    names = ("train_images", "train_labels", "test_images", "test_labels")
+    defaults = dict(zip(names, fake_arrays()))
+    return write_idx(tmp_path / "MNIST" / "raw", *(arrays.get(name, defaults[name]) for name in names), gz=False)
+
+
+def test_corrupted_idx_file_names_the_file(tmp_path):
+    paths = raw_with(tmp_path)
+    with open(paths["train_labels"], "wb") as f:
+        f.write(b"this is not an IDX file at all")
+    with pytest.raises(ValueError, match="truncated or corrupted") as info:
+        loaded(tmp_path)
+    assert paths["train_labels"] in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_idx_file_names_the_file(tmp_path):
+    paths = raw_with(tmp_path)
+    with open(paths["test_images"], "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="truncated or corrupted") as info:
+        loaded(tmp_path)
+    assert paths["test_images"] in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_gz_file_names_it_and_leaves_no_partial_file(idx_root):
+    path = str(idx_root / (IDX_STEMS["train_images"] + ".gz"))
+    with open(path, "r+b") as f:
+        f.truncate(2000)
+    with pytest.raises(ValueError, match="truncated or corrupted") as info:
+        loaded(idx_root)
+    assert path in str(info.value)
+    assert os.listdir(idx_root / "MNIST" / "raw") == []  # nothing torchvision could mistake for a whole file
+
+
+def test_label_out_of_range_names_the_value_and_the_file(tmp_path):
+    labels = np.arange(N_TRAIN) % 10
+    labels[7] = 200
+    paths = raw_with(tmp_path, train_labels=labels)
+    with pytest.raises(ValueError, match="label 200") as info:
+        loaded(tmp_path)
+    assert paths["train_labels"] in str(info.value)
+
+
+def test_images_of_the_wrong_shape_name_the_file(tmp_path):
+    paths = raw_with(tmp_path, test_images=np.zeros((N_TEST, 28, 27), np.uint8))
+    with pytest.raises(ValueError, match=r"\(32, 28, 27\)") as info:
+        loaded(tmp_path)
+    assert paths["test_images"] in str(info.value)
 
 
 # --- the real Fashion-MNIST ------------------------------------------------------------------------------------------
@@ -290,9 +413,13 @@ def test_corrupt_idx_file_names_the_file(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(data_module.DEBIAN_FASHION_MNIST),
                     reason="Debian's dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_from_debian(tmp_path):
+def test_real_fashion_mnist_from_debian(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(data_module, "rank_zero_info", logged.append)
     dm = MNISTDataModule("fashion_mnist", root=str(tmp_path), download=False)  # empty root: falls back to Debian
     dm.setup()
+    assert logged == [f"MNISTDataModule: fashion_mnist from {tmp_path / 'FashionMNIST' / 'raw'} "
+                      f"(copied there from {data_module.DEBIAN_FASHION_MNIST})"]
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55000, 5000, 10000)
     x, y = dm.train_set.tensors
     assert x.shape == (55000, 1, 28, 28) and x.dtype == torch.float32
@@ -300,3 +427,4 @@ def test_real_fashion_mnist_from_debian(tmp_path):
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
     batch_x, batch_y = next(iter(dm.train_dataloader()))
     assert batch_x.shape == (256, 1, 28, 28) and batch_y.shape == (256,)
+    assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(IDX_STEMS.values())

@@ -16,7 +16,7 @@ from fg_lightning.callbacks import GradientCosine, PeakMemory, StepTimer
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.data import MNISTDataModule
 from fg_lightning.engine import MLP
-from fg_lightning.estimators import Backprop, MomentumForwardGradient, NaiveForwardGradient
+from fg_lightning.estimators import REGISTRY, Backprop, MomentumForwardGradient, NaiveForwardGradient
 from fg_lightning.module import DivergenceError, ForwardGradientModule
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
@@ -59,10 +59,17 @@ def cli_args(config, idx_root, tmp_path, *extra):
             "--trainer.logger.init_args.save_dir", str(tmp_path / "tb_logs"), *extra]
 
 
-def test_there_is_a_config_per_network_and_estimator():
+def test_there_is_a_config_per_network_and_registered_estimator():
+    import yaml
+
     names = {os.path.basename(c)[:-5] for c in CONFIGS}
-    estimators = ["backprop", "naive", "multi_direction", "partition", "input_qr", "input_approx", "momentum"]
-    assert names == {f"{net}_{est}" for net in ("mlp", "cnn") for est in estimators}
+    assert names == {f"{net}_{name}" for net in ("mlp", "cnn") for name in REGISTRY}
+    for net in ("mlp", "cnn"):
+        for name, spec in REGISTRY.items():
+            with open(os.path.join(os.path.dirname(CONFIGS[0]), f"{net}_{name}.yaml")) as f:
+                model = yaml.safe_load(f)["model"]
+            assert model["estimator"]["class_path"] == f"fg_lightning.estimators.{spec.cls.__name__}"
+            assert model["network"]["class_path"] == f"fg_lightning.engine.{net.upper()}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])
@@ -135,6 +142,7 @@ def data(idx_root):
 
 def test_global_step_counts_optimizer_steps_and_max_steps_stops(idx_root, tmp_path):
     module = make_module(Backprop(), 0.05)
+    assert not {"network", "estimator", "optimizer"} & set(module.hparams)  # objects built by hand are not hparams
     before = [p.clone() for p in module.network.parameters()]
     run = trainer(tmp_path, 7, enable_checkpointing=False)
     run.fit(module, datamodule=data(idx_root))
@@ -256,3 +264,7 @@ def test_validate_and_test_subcommands_from_a_checkpoint(idx_root, tmp_path):
     fg_cli(["test", *common])
     values = scalars(str(tmp_path / "tb_logs" / "mlp_backprop"))
     assert values.get("test/acc") and values.get("test/loss") and len(values["val/acc"]) >= 2
+    # fg-cli records the config as the hyperparameters, so the checkpoint alone rebuilds the module
+    module = ForwardGradientModule.load_from_checkpoint(str(checkpoint))
+    assert isinstance(module.network, MLP) and isinstance(module.estimator, Backprop)
+    assert module.hparams["optimizer"]["init_args"]["lr"] == 0.01

@@ -5,19 +5,30 @@
     fg-bench quality --dataset fashion_mnist
     fg-bench stability --lrs 1e-4 1e-3 1e-2
     fg-bench momentum
+    fg-bench all --device cuda
 
 Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
+
+``all`` runs ``speed`` and ``memory`` for both networks, every registered estimator and the stock baselines, with
+a ``--preset``: ``gpu`` (the default on CUDA: batch 256, 4096 and 16384; k 1, 4, 16 for speed and 1, 16 for memory;
+warmup 3, repeats 10; the torch.compile'd baseline at batch 4096 only; estimated 3-5 minutes on one H100), ``cpu``
+or ``tiny`` (seconds, for tests). It prints a progress line per case, records a failing case (e.g. CUDA out of
+memory) or one that cannot fit as an error row and goes on, records what is left after ``--time-limit`` seconds
+(gpu: 480) as skipped, and writes to ``results/<card>/`` (``results/nvidia-h100-80gb-hbm3/``, ``results/cpu/``)
+unless ``--out`` is given, with a README.md naming the command, device, torch version and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Sequence
 
 import torch
 
 from fg_lightning.bench.common import MODELS
+from fg_lightning.bench.suite import PRESETS
 from fg_lightning.estimators import REGISTRY
 
 
@@ -85,17 +96,27 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--decrease-gap", type=_positive, default=10)
             sub.add_argument("--steps", type=_positive, default=1000)
             sub.add_argument("--cosine-every", type=_positive, default=1, help="steps between cosine measurements")
+    suite = commands.add_parser("all", help="speed and memory, every estimator and model, into results/<card>/")
+    suite.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu with --device cuda, else cpu")
+    suite.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    suite.add_argument("--out", default=None, help="folder for the results (default results/<card slug>/)")
+    suite.add_argument("--time-limit", type=float, default=None,
+                       help="seconds after which the remaining cases are recorded as skipped (default: the preset's)")
+    suite.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.command_line = shlex.join(["fg-bench", *argv])
     import importlib
 
     from fg_lightning.data import DatasetNotFoundError
 
     try:
-        importlib.import_module(f"fg_lightning.bench.{args.command}").run(args)
+        module = "suite" if args.command == "all" else args.command
+        importlib.import_module(f"fg_lightning.bench.{module}").run(args)
     except DatasetNotFoundError as err:
         raise SystemExit(f"fg-bench {args.command}: {err}") from None
 

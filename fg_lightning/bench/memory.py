@@ -1,7 +1,7 @@
 """``fg-bench memory``: peak memory of one training step above the resting state (Fig. 14).
 
 CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what is allocated at rest (weights, batch).
-CPU (Linux): each case runs in a fresh subprocess: the peak RSS of the one measured step (``VmHWM``, reset through
+CPU (Linux): each case runs in a fresh subprocess (in this one for ``fg-bench all --preset tiny``): the peak RSS of the one measured step (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before it) minus the RSS at rest, with glibc's mmap threshold pinned at 64 KiB so
 that freed tensors leave the RSS. On the CPU, oneDNN's convolution needs a workspace the size of its output. Before it, one step at batch 2 loads the kernels and libraries (and gives the momentum estimator its
 ranking, so the measured step is a forward-mode one, not a checkpoint).
@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -23,10 +23,11 @@ from fg_lightning.bench.common import (
     MODELS, STOCK, activation_sizes, cases, engine_step, environment, make_batch, panels_per_model, stock_step, sync,
     write_report,
 )
+from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
-           "method"]
+           "method", "error"]
 MIB = 2**20
 
 
@@ -79,9 +80,6 @@ def _cuda_case(base: torch.nn.Module, batch_size: int, name: str, k: int | None,
     step(x, labels, 1)
     sync(device)
     peak = torch.cuda.max_memory_allocated(device) - resting
-    del network, step, x, labels
-    gc.collect()
-    torch.cuda.empty_cache()
     return {"peak_mb": peak / MIB, "resting_mb": resting / MIB}
 
 
@@ -93,28 +91,43 @@ def forward_bound_mb(network: torch.nn.Module, batch_size: int, k: int) -> float
     return 4 * ((1 + k) * widest + (k + 1) * params) / MIB
 
 
-def run(args: Any) -> list[dict[str, Any]]:
-    device = torch.device(args.device)
-    method = ("cuda: max_memory_allocated - memory_allocated at rest" if device.type == "cuda"
-              else "cpu: subprocess VmHWM - VmRSS at rest (mmap threshold 64 KiB)")
+def method(device: torch.device, isolate: bool = True) -> str:
+    if device.type == "cuda":
+        return "cuda: max_memory_allocated - memory_allocated at rest"
+    if isolate:
+        return "cpu: subprocess VmHWM - VmRSS at rest (mmap threshold 64 KiB)"
+    return "cpu: VmHWM - VmRSS at rest in this process (not isolated: a smoke test)"
+
+
+def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequence[int], estimators: Sequence[str],
+            directions: Sequence[int], compile_at: Sequence[int] = (), budget: Budget | None = None,
+            isolate: bool = True) -> list[dict[str, Any]]:
+    """One row per model, batch size and case, as in :func:`fg_lightning.bench.speed.measure`. On the CPU each case
+    runs in a fresh process unless ``isolate`` is False."""
+    device = torch.device(device)
+    budget = budget or Budget()
+    how = method(device, isolate)
+    stock = {b: [s for s in STOCK if s != "stock_compiled" or b in compile_at] for b in batch_sizes}
+    budget.phase("memory", len(models) * sum(len(stock[b]) + len(cases(estimators, directions)) for b in batch_sizes))
     records: list[dict[str, Any]] = []
-    for model in args.models:
-        for batch_size in args.batch_sizes:
+    for model in models:
+        for batch_size in batch_sizes:
             base = MODELS[model]().to(device)
-            stock = [s for s in STOCK if args.compile or s != "stock_compiled"]
             rows = []
-            for name, k in [(s, None) for s in stock] + cases(args.estimators, args.directions):
-                try:
+            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions):
+                def case() -> dict[str, float]:
                     if device.type == "cuda":
-                        measured = _cuda_case(base, batch_size, name, k, device)
-                    else:
-                        measured = _cpu_case(model, batch_size, name, k, torch.get_num_threads())
-                except Exception as err:
-                    print(f"fg-bench memory: {model} batch {batch_size} {name}: {type(err).__name__}: {err}")
-                    rows.append({"model": model, "batch_size": batch_size, "estimator": name, "k": k,
-                                 "error": f"{type(err).__name__}: {err}"})
+                        return _cuda_case(base, batch_size, name, k, device)
+                    if isolate:
+                        return _cpu_case(model, batch_size, name, k, torch.get_num_threads())
+                    return measure_cpu_case(model, batch_size, name, k)
+
+                measured, error = budget.run(case_label(model, batch_size, name, k), case, device,
+                                             tangent_bytes(base, batch_size, k or 1))
+                if error is not None:
+                    rows.append({"model": model, "batch_size": batch_size, "estimator": name, "k": k, "error": error})
                     continue
-                row = {"model": model, "batch_size": batch_size, "estimator": name, "k": k, "method": method, **measured}
+                row = {"model": model, "batch_size": batch_size, "estimator": name, "k": k, "method": how, **measured}
                 if name not in ("backprop", "stock_autograd", "stock_compiled"):
                     row["fwd_bound_mb"] = forward_bound_mb(base, batch_size, k or 1)
                     row["ratio_vs_bound"] = row["peak_mb"] / row["fwd_bound_mb"]
@@ -124,18 +137,30 @@ def run(args: Any) -> list[dict[str, Any]]:
                 if "peak_mb" in row and autograd:
                     row["ratio_vs_autograd"] = row["peak_mb"] / autograd
             records += rows
-    meta = {**environment(device), "method": method}
-    print(write_report(args.out, "memory", records, COLUMNS, meta,
+    return records
+
+
+def report(records: list[dict[str, Any]], out: str, device: str | torch.device, isolate: bool = True) -> None:
+    """``<out>/memory.json``, ``.md`` and ``.png``; prints the table."""
+    device = torch.device(device)
+    meta = {**environment(device), "method": method(device, isolate)}
+    print(write_report(out, "memory", records, COLUMNS, meta,
                        "Peak memory of one training step above the resting state (weights and batch). "
                        "`fwd_bound_mb`: one layer's primal and k tangents at the widest layer plus k parameter "
                        "tangents and the estimate.\n"))
-    plot([r for r in records if "peak_mb" in r], args.out)
+    plot([r for r in records if "peak_mb" in r], out)
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    records = measure(args.device, args.models, args.batch_sizes, args.estimators, args.directions,
+                      args.batch_sizes if args.compile else [])
+    report(records, args.out, args.device)
     return records
 
 
 def plot(records: list[dict[str, Any]], out: str) -> None:
     """Fig. 14: peak memory against batch size."""
-    panels = panels_per_model(records)
+    panels = panels_per_model(records) if records else None
     if panels is None:
         return
     plt, fig, pairs = panels

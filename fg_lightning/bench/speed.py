@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -11,30 +11,39 @@ from fg_lightning.bench.common import (
     MODELS, STOCK, cases, engine_step, environment, make_batch, pyplot, stock_step, summary, tangent_flops, time_steps,
     write_report,
 )
+from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_max", "ratio_vs_autograd",
-           "ratio_vs_k1", "flop_bound_vs_k1"]
+           "ratio_vs_k1", "flop_bound_vs_k1", "error"]
 
 
-def measure(args: Any) -> list[dict[str, Any]]:
-    device = torch.device(args.device)
+def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequence[int], estimators: Sequence[str],
+            directions: Sequence[int], warmup: int, repeats: int, compile_at: Sequence[int] = (),
+            budget: Budget | None = None) -> list[dict[str, Any]]:
+    """One row per model, batch size and case: the stock baselines (``stock_compiled`` only at the batch sizes in
+    ``compile_at``), then every estimator, once per ``k`` in ``directions`` for those that take one."""
+    device = torch.device(device)
+    budget = budget or Budget()
+    stock = {b: [s for s in STOCK if s != "stock_compiled" or b in compile_at] for b in batch_sizes}
+    budget.phase("speed", len(models) * sum(len(stock[b]) + len(cases(estimators, directions)) for b in batch_sizes))
     records = []
-    for model_name in args.models:
-        for batch_size in args.batch_sizes:
+    for model_name in models:
+        for batch_size in batch_sizes:
             base = MODELS[model_name]().to(device)
             x, labels = make_batch(base, batch_size, device)
             primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
             rows: list[dict[str, Any]] = []
-            stock = [s for s in STOCK if args.compile or s != "stock_compiled"]
-            for name, k in [(s, None) for s in stock] + cases(args.estimators, args.directions):
-                network = copy.deepcopy(base)
-                try:
+            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions):
+                def case() -> list[tuple[float, bool]]:
+                    network = copy.deepcopy(base)
                     step = stock_step(network, name) if name in STOCK else engine_step(network, REGISTRY[name].make(k))
-                    timed = time_steps(step, x, labels, args.warmup, args.repeats, device)
-                except Exception as err:  # one failing case (e.g. torch.compile without a compiler) is reported, not fatal
-                    print(f"fg-bench speed: {model_name} batch {batch_size} {name}: {type(err).__name__}: {err}")
-                    rows.append({"estimator": name, "k": k, "error": f"{type(err).__name__}: {err}"})
+                    return time_steps(step, x, labels, warmup, repeats, device)
+
+                timed, error = budget.run(case_label(model_name, batch_size, name, k), case, device,
+                                          tangent_bytes(base, batch_size, k or 1))
+                if error is not None:
+                    rows.append({"estimator": name, "k": k, "error": error})
                     continue
                 exact = [ms for ms, is_exact in timed if is_exact]
                 if exact and len(exact) < len(timed):  # Table I: momentum's checkpoint steps (backprop too) apart
@@ -45,7 +54,6 @@ def measure(args: Any) -> list[dict[str, Any]]:
                 if name == "multi_direction":
                     row["flop_bound_vs_k1"] = (primal_flops + k * tangent_flops_per_dir) / (primal_flops + tangent_flops_per_dir)
                 rows.append(row)
-                del network, step, timed
             autograd = next((r["ms_median"] for r in rows if r["estimator"] == "stock_autograd" and "error" not in r), None)
             k1 = {r["estimator"]: r["ms_median"] for r in rows if r.get("k") == 1 and "error" not in r}
             for row in rows:
@@ -62,7 +70,7 @@ def measure(args: Any) -> list[dict[str, Any]]:
 
 def plot(records: list[dict[str, Any]], out: str) -> None:
     """Fig. 13: step time against the number of directions / partitions."""
-    plt = pyplot()
+    plt = pyplot() if records else None
     if plt is None:
         return
     groups = sorted({(r["model"], r["batch_size"]) for r in records})
@@ -85,12 +93,18 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
     plt.close(fig)
 
 
-def run(args: Any) -> list[dict[str, Any]]:
-    records = measure(args)
-    meta = {**environment(torch.device(args.device)), "warmup": args.warmup, "repeats": args.repeats}
+def report(records: list[dict[str, Any]], out: str, device: str | torch.device, warmup: int, repeats: int) -> None:
+    """``<out>/speed.json``, ``.md`` and ``.png``; prints the table."""
+    meta = {**environment(torch.device(device)), "warmup": warmup, "repeats": repeats}
     notes = ("Median of `repeats` synchronised training steps (estimate + SGD update) after `warmup` steps; "
              "`ratio_vs_autograd` divides by stock autograd backprop measured in the same run. "
              "`flop_bound_vs_k1` is (primal + k·tangent FLOPs) / (primal + tangent FLOPs).\n")
-    print(write_report(args.out, "speed", records, COLUMNS, meta, notes))
-    plot([r for r in records if "error" not in r], args.out)
+    print(write_report(out, "speed", records, COLUMNS, meta, notes))
+    plot([r for r in records if "error" not in r], out)
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    records = measure(args.device, args.models, args.batch_sizes, args.estimators, args.directions, args.warmup,
+                      args.repeats, args.batch_sizes if args.compile else [])
+    report(records, args.out, args.device, args.warmup, args.repeats)
     return records
