@@ -13,12 +13,14 @@ So a diagnostic's own work (the cosine callback's backprop) is never counted in 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary
 from typing_extensions import override
 
 from fg_lightning.estimators import Estimate, cosine
@@ -63,10 +65,21 @@ class StepTimer(UpdateCallback):
         self.warmup = warmup
         self._start = 0.0
         self._times: list[tuple[float, bool]] = []
+        self._resumed = False  # the epoch in progress was restored from a checkpoint: keep its times
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._times = []
+        if not self._resumed:
+            self._times = []
+        self._resumed = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"times": list(self._times)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._times, self._resumed = [tuple(t) for t in state_dict["times"]], True
 
     @override
     def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -163,3 +176,53 @@ class GradientCosine(UpdateCallback):
                 for name, grad in exact.items():
                     error = (estimate.grads[name] - grad).flatten().float().cpu()
                     experiment.add_histogram(f"grad/error/{name}", error, self._step)
+
+
+class ExceptionCheckpoint(Callback):
+    """A checkpoint when training stops on an exception (Ctrl-C, SIGTERM, a crash or a divergence), saved as
+    ``interrupted.ckpt`` in the run's own checkpoint folder (the first ``ModelCheckpoint``'s, else
+    ``<log dir>/checkpoints``), and only once a step has been trained.
+
+    A divergence is raised before the parameters change, so its checkpoint holds the last finite parameters. Resume
+    with ``--ckpt_path <run>/checkpoints/interrupted.ckpt`` (``fg-cli`` also finds it as ``--ckpt_path last``).
+    Lightning's own ``OnExceptionCheckpoint`` needs its folder before the run has one, and its presence makes every
+    later ``fit`` silently resume from the newest checkpoint it can find; this one does neither.
+
+    Example::
+
+        Trainer(callbacks=[ModelCheckpoint(save_last=True, every_n_train_steps=50), ExceptionCheckpoint()])
+    """
+
+    FILE_EXTENSION = ".ckpt"
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
+        if not filename:
+            raise ValueError("ExceptionCheckpoint needs a filename, got filename=''")
+        self.dirpath, self.filename = dirpath, filename
+        self._default_dirpath = dirpath is None
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """Where the checkpoint goes (None until the run's folder is known)."""
+        return None if self.dirpath is None else os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._default_dirpath:
+            dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+            self.dirpath = dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.ckpt_path is not None and trainer.global_step > 0:  # nothing trained: nothing worth leaving behind
+            trainer.save_checkpoint(self.ckpt_path)
+
+
+class EstimatorSummary(ModelSummary):
+    """Lightning's model summary, counting every parameter as trained: the engine keeps ``requires_grad=False`` (no
+    autograd), so the stock summary reports "0 Trainable params" although the estimator updates all of them."""
+
+    @override
+    def summarize(self, summary_data: Any, total_parameters: int, trainable_parameters: int, *args: Any,
+                  **kwargs: Any) -> None:
+        super().summarize(summary_data, total_parameters, total_parameters, *args, **kwargs)

@@ -12,11 +12,16 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from fg_lightning.callbacks import UpdateCallback
+from fg_lightning.callbacks import ExceptionCheckpoint, UpdateCallback
 from fg_lightning.engine import Network, cross_entropy
-from fg_lightning.estimators import DivergenceError, GradientEstimator, apply_estimate
+from fg_lightning.estimators import DivergenceError, Estimate, GradientEstimator, apply_estimate
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]  # optimizer -> a torch.optim.lr_scheduler scheduler
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds another network or estimator than the module it is loaded into."""
 
 
 # Set by fg-cli while it builds the module from a config: the hyperparameters are then the parsed config (class paths
@@ -37,41 +42,68 @@ def building_from_config() -> Iterator[None]:
 class ForwardGradientModule(LightningModule):
     """Trains ``network`` with the updates that ``estimator`` produces (``automatic_optimization = False``).
 
-    Each training step: ``estimate = estimator.estimate(network, x, y, global_step)``; every ``p.grad`` is set to
-    ``estimate.grads[name]``; the optimizer (plain SGD by default, as in the paper) steps through
-    ``self.optimizers()``, so ``global_step`` counts optimizer steps and ``max_steps``, checkpoints and LR monitors
-    behave as usual. A non-finite loss or update raises :class:`DivergenceError` naming the step, the estimator and
-    the learning rate, before the parameters are touched. Validation and test are forward passes only.
-    The estimator's state (its generator, the momentum estimator's ranking) is saved in checkpoints, so resuming
-    continues bit-for-bit.
+    Each training step: ``estimate = estimator.estimate(network, x, y, global_step)``, then
+    :func:`~fg_lightning.estimators.apply_estimate`: every ``p.grad`` is set to ``estimate.grads[name]``, clipped
+    if asked (``gradient_clip_val``: by norm or value, as Lightning clips a gradient), and the optimizer (plain SGD
+    by default, as in the paper) steps through ``self.optimizers()``, so ``global_step`` counts optimizer steps and
+    ``max_steps``, checkpoints and LR monitors behave as usual. The learning-rate scheduler, if any, is stepped after
+    every ``interval`` (``"epoch"`` or ``"step"``; ``ReduceLROnPlateau`` on ``val/loss``), as Lightning steps one
+    under automatic optimisation. A non-finite loss or update raises :class:`DivergenceError` naming the step, the
+    estimator and the learning rate, before the parameters are touched (a non-finite *input* batch is named as
+    such). Validation and test are forward passes only; ``predict`` gives class probabilities. The estimator's state
+    (its generator, the momentum estimator's ranking) is saved in checkpoints, so resuming continues bit-for-bit; a
+    checkpoint of another network or estimator raises :class:`CheckpointMismatchError`.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
+    Logs ``train/loss``, ``train/acc`` (every step), ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 
     Args:
         network: an engine :class:`~fg_lightning.engine.Network`, e.g. ``MLP()`` or ``CNN()``.
         estimator: a :class:`~fg_lightning.estimators.GradientEstimator`.
         optimizer: a factory ``params -> torch.optim.Optimizer``; default ``torch.optim.SGD`` with ``lr=1e-3``.
+        lr_scheduler: a factory ``optimizer -> scheduler`` (any ``torch.optim.lr_scheduler``), or None.
+        lr_scheduler_interval: step the scheduler after every ``"epoch"`` or every optimizer ``"step"``.
+        gradient_clip_val: clip the estimate before the optimizer step (None: no clipping).
+        gradient_clip_algorithm: ``"norm"`` (the total norm over all parameters) or ``"value"`` (each entry).
 
     Example::
 
-        module = ForwardGradientModule(MLP(), MultiDirection(k=10), lambda p: torch.optim.SGD(p, lr=1e-2))
+        module = ForwardGradientModule(MLP(), MultiDirection(k=10), lambda p: torch.optim.SGD(p, lr=1e-2),
+                                       lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
         Trainer(max_steps=1000, callbacks=[StepTimer(), GradientCosine()]).fit(module, datamodule=MNISTDataModule())
     """
 
     def __init__(
-        self, network: Network, estimator: GradientEstimator, optimizer: OptimizerFactory | None = None
+        self,
+        network: Network,
+        estimator: GradientEstimator,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        lr_scheduler_interval: str = "epoch",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
         super().__init__()
         if not isinstance(network, Network):
             raise TypeError(f"network must be an fg_lightning.engine.Network, got {type(network).__name__}")
         if not isinstance(estimator, GradientEstimator):
             raise TypeError(f"estimator must be a GradientEstimator, got {type(estimator).__name__}")
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be positive or None, got gradient_clip_val={gradient_clip_val!r}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
         estimator.validate(network)  # bad settings for this network fail here, before training
         self.automatic_optimization = False
         self.network = network
         self.estimator = estimator
         self.optimizer_factory = optimizer
-        self.save_hyperparameters(ignore=None if _FROM_CONFIG.get() else ["network", "estimator", "optimizer"])
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        objects = ["network", "estimator", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=None if _FROM_CONFIG.get() else objects)
         self.train_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.test_acc = MulticlassAccuracy(num_classes=network.num_classes)
@@ -80,12 +112,51 @@ class ForwardGradientModule(LightningModule):
         return self.network(x)
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = self.network.parameters()
-        return torch.optim.SGD(params, lr=1e-3) if self.optimizer_factory is None else self.optimizer_factory(params)
+        optimizer = torch.optim.SGD(params, lr=1e-3) if self.optimizer_factory is None else self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        # Under manual optimisation Lightning keeps the scheduler (and its state in checkpoints) but never steps it,
+        # and drops interval/monitor keys: the module steps it itself (_step_schedulers).
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def _step_schedulers(self, interval: str) -> None:
+        if interval != self.lr_scheduler_interval:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self.trainer.callback_metrics.get("val/loss")
+                if metric is None:
+                    raise ValueError("ReduceLROnPlateau steps on val/loss, which no validation has logged yet: "
+                                     "run validation every epoch (e.g. --trainer.check_val_every_n_epoch 1)")
+                config.scheduler.step(metric)
+            else:
+                config.scheduler.step()
 
     def _update_callbacks(self) -> list[UpdateCallback]:
         return [cb for cb in self.trainer.callbacks if isinstance(cb, UpdateCallback)] if self._trainer else []
+
+    def _estimate(self, x: Tensor, labels: Tensor, step: int) -> Estimate:
+        try:
+            return self.estimator.estimate(self.network, x, labels, step)
+        except RuntimeError as err:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+            if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+                raise
+            k = getattr(self.estimator, "k", None)
+            hint = f"; k={k} directions hold k tangents of every parameter: lower k" if k is not None else ""
+            raise MemoryError(f"{self.estimator!r} ran out of memory at step {step} on a batch of {len(x)}"
+                              f"{hint} ({' '.join(str(err).split())[:200]})") from None
+
+    def _divergence(self, err: DivergenceError, x: Tensor, step: int) -> DivergenceError:
+        """The error to raise: the data's fault if the input batch is not finite; else where the last good state is."""
+        if not bool(x.isfinite().all()):
+            return DivergenceError(f"the input batch of step {step} holds NaN or infinite values: the data, not the "
+                                   "learning rate, made the loss non-finite")
+        saved = [cb.ckpt_path for cb in self.trainer.callbacks if isinstance(cb, ExceptionCheckpoint) and cb.ckpt_path]
+        where = (f" The parameters before this step are saved in {saved[0]}." if saved
+                 else " Checkpoints saved before this step are kept.")
+        return DivergenceError(str(err) + where)
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -97,16 +168,28 @@ class ForwardGradientModule(LightningModule):
             callback.on_before_update(self.trainer, self, batch)
         for callback in callbacks:
             callback.on_update_start(self.trainer, self)
-        estimate = self.estimator.estimate(self.network, x, labels, step)
-        apply_estimate(estimate, self.network, optimizer, step, self.estimator)
+        estimate = self._estimate(x, labels, step)
+        clip = None
+        if self.gradient_clip_val is not None:
+            def clip() -> None:
+                self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+        try:
+            apply_estimate(estimate, self.network, optimizer, step, self.estimator, before_step=clip)
+        except DivergenceError as err:
+            raise self._divergence(err, x, step) from None
         for callback in callbacks:
             callback.on_update_end(self.trainer, self, estimate)
         for callback in callbacks:
             callback.on_after_update(self.trainer, self, estimate)
+        self._step_schedulers("step")
         self.train_acc(estimate.logits, labels)
         self.log("train/loss", estimate.loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
         return estimate.loss
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
         x, labels = batch
@@ -125,10 +208,31 @@ class ForwardGradientModule(LightningModule):
         self._evaluate(batch, "test", self.test_acc)
 
     @override
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Class probabilities ``(B, C)``."""
+        return self.network(batch[0]).softmax(1)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match: the network's class and parameter shapes, the estimator's class."""
+        return {"network": type(self.network).__name__, "estimator": type(self.estimator).__name__,
+                "shapes": {name: tuple(p.shape) for name, p in self.network.named_parameters()}}
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["estimator_state"] = self.estimator.state_dict()
+        checkpoint["fg_lightning"] = self._fingerprint()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, mine = checkpoint.get("fg_lightning"), self._fingerprint()
+        if saved is not None and saved != mine:
+            def describe(f: dict[str, Any]) -> str:
+                sizes = "x".join(str(shape[0]) for name, shape in f["shapes"].items() if name.endswith("weight"))
+                return f"{f['network']} ({sizes}) trained by {f['estimator']}"
+
+            raise CheckpointMismatchError(
+                f"the checkpoint holds {describe(saved)}, but this module is {describe(mine)}: resume it with the "
+                "config it was trained with, or start a new run"
+            )
         if "estimator_state" in checkpoint:
             self.estimator.load_state_dict(checkpoint["estimator_state"])

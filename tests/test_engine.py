@@ -423,3 +423,14 @@ def test_batch_chunked_jvp_matches_torch_func(make_layer, x_shape, monkeypatch):
             y_ref, dy_ref = reference_jvp(stock_of(layer), x, torch.zeros_like(dx) if input_tangent is None else dx, tangents)
             close(y, y_ref)
             close(dy, dy_ref)
+
+
+def test_engine_and_estimators_import_with_torch_alone():
+    """The engine and the estimators are pure torch: importing them pulls in no Lightning, torchmetrics or torchvision."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fg_lightning.engine, fg_lightning.estimators; "
+            "print(sorted(m for m in ('lightning', 'torchmetrics', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -12,12 +12,12 @@ import torch
 from idx_files import write_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fg_lightning.callbacks import GradientCosine, PeakMemory, StepTimer
+from fg_lightning.callbacks import EstimatorSummary, ExceptionCheckpoint, GradientCosine, PeakMemory, StepTimer
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.data import MNISTDataModule
-from fg_lightning.engine import MLP
-from fg_lightning.estimators import REGISTRY, Backprop, MomentumForwardGradient, NaiveForwardGradient
-from fg_lightning.module import DivergenceError, ForwardGradientModule
+from fg_lightning.engine import CNN, MLP
+from fg_lightning.estimators import REGISTRY, Backprop, MomentumForwardGradient, MultiDirection, NaiveForwardGradient
+from fg_lightning.module import CheckpointMismatchError, DivergenceError, ForwardGradientModule
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
@@ -166,34 +166,143 @@ class Crash(pl.Callback):
     lambda: NaiveForwardGradient(seed=5),
 ], ids=["momentum", "naive"])
 @pytest.mark.parametrize("crash_at", [6, 10], ids=["mid-epoch", "epoch-end"])  # 80 training images / 8 = 10 per epoch
-def test_resuming_from_a_checkpoint_gives_the_same_losses(make_estimator, crash_at, idx_root, tmp_path):
+@pytest.mark.parametrize("saved_by", ["every-step", "on-exception"])
+def test_resuming_from_a_checkpoint_gives_the_same_losses(make_estimator, crash_at, saved_by, idx_root, tmp_path):
     total = 17
     straight = LossRecorder()
     trainer(tmp_path / "a", total, [straight], enable_checkpointing=False).fit(
         make_module(make_estimator(), 1e-3), datamodule=data(idx_root))
 
     first = LossRecorder()
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
+    if saved_by == "every-step":
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
+        path = tmp_path / "ckpt" / "last.ckpt"
+    else:  # only the checkpoint written as the crash stops the run
+        checkpoint = ExceptionCheckpoint(dirpath=str(tmp_path / "ckpt"))
+        path = tmp_path / "ckpt" / "interrupted.ckpt"
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer(tmp_path / "b", total, [first, checkpoint, Crash(crash_at)]).fit(
             make_module(make_estimator(), 1e-3), datamodule=data(idx_root))
     second = LossRecorder()
     trainer(tmp_path / "c", total, [second], enable_checkpointing=False).fit(
-        make_module(make_estimator(), 1e-3), datamodule=data(idx_root), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        make_module(make_estimator(), 1e-3), datamodule=data(idx_root), ckpt_path=str(path))
     assert len(straight.losses) == total and len(first.losses) == crash_at
     assert first.losses + second.losses == straight.losses
 
 
-def test_divergence_stops_with_a_clear_message(idx_root, tmp_path):
+def test_divergence_stops_with_a_clear_message_and_saves_the_last_finite_parameters(idx_root, tmp_path):
     module = make_module(NaiveForwardGradient(), 1e4)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
     recorder = LossRecorder()
-    with pytest.raises(DivergenceError, match=r"diverged at step \d+.*NaiveForwardGradient.*learning rate 10000"):
-        trainer(tmp_path, 50, [recorder, checkpoint]).fit(module, datamodule=data(idx_root))
+    with pytest.raises(DivergenceError, match=r"diverged at step \d+.*NaiveForwardGradient.*learning rate 10000.*"
+                                              r"parameters before this step are saved in .*interrupted\.ckpt"):
+        trainer(tmp_path, 50, [recorder, checkpoint, ExceptionCheckpoint()]).fit(module, datamodule=data(idx_root))
     assert recorder.losses and all(np.isfinite(recorder.losses)), "steps before the divergence trained normally"
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-    assert saved["global_step"] == len(recorder.losses)
-    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+    for name in ("last.ckpt", "interrupted.ckpt"):
+        saved = torch.load(tmp_path / "ckpt" / name, weights_only=False)
+        assert saved["global_step"] == len(recorder.losses)
+        assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+def test_a_non_finite_input_batch_is_named_as_such(idx_root, tmp_path):
+    class PoisonBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                batch[0][0, 0] = float("nan")
+
+    with pytest.raises(DivergenceError, match="input batch of step 2 holds NaN or infinite values"):
+        trainer(tmp_path, 5, [PoisonBatch()], enable_checkpointing=False).fit(
+            make_module(Backprop(), 0.01), datamodule=data(idx_root))
+
+
+def test_running_out_of_memory_names_k(idx_root, tmp_path):
+    module = ForwardGradientModule(MLP(seed=0), MultiDirection(k=1_000_000))  # 1.9M parameters x 1e6 directions
+    with pytest.raises(MemoryError, match="k=1000000 directions"):
+        trainer(tmp_path, 1, enable_checkpointing=False).fit(module, datamodule=data(idx_root))
+
+
+@pytest.mark.parametrize("interval, limit, expected", [("step", {"max_steps": 3}, 0.1 * 0.5**3),
+                                                       ("epoch", {"max_epochs": 2}, 0.1 * 0.5**2)])
+def test_lr_scheduler_is_stepped_per_interval(interval, limit, expected, idx_root, tmp_path):
+    module = ForwardGradientModule(MLP(hidden=(32,), seed=0), Backprop(), lambda p: torch.optim.SGD(p, lr=0.1),
+                                   lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5),
+                                   lr_scheduler_interval=interval)
+    limit = {"max_steps": -1, **limit}
+    pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+               limit_val_batches=0, enable_checkpointing=False, **limit).fit(module, datamodule=data(idx_root))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_reduce_on_plateau_steps_on_the_validation_loss(idx_root, tmp_path):
+    # mode="max" on a falling val/loss: no improvement after the first epoch, so the rate halves at the next two
+    module = ForwardGradientModule(
+        MLP(hidden=(32,), seed=0), Backprop(), lambda p: torch.optim.SGD(p, lr=0.1),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5))
+    pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0, enable_checkpointing=False).fit(module, datamodule=data(idx_root))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_bounds_the_update(algorithm, idx_root, tmp_path):
+    module = ForwardGradientModule(MLP(hidden=(32,), seed=0), NaiveForwardGradient(), lambda p: torch.optim.SGD(p, lr=1.0),
+                                   gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm)
+    before = [p.clone() for p in module.network.parameters()]
+    trainer(tmp_path, 1, enable_checkpointing=False).fit(module, datamodule=data(idx_root))
+    update = torch.cat([(a - b).flatten() for a, b in zip(before, module.network.parameters())])  # lr 1: the estimate
+    if algorithm == "norm":
+        assert float(update.norm()) == pytest.approx(1e-3, rel=1e-3)
+    else:
+        assert float(update.abs().max()) == pytest.approx(1e-3, rel=1e-3) and float(update.norm()) > 2e-3
+    with pytest.raises(ValueError, match="gradient_clip_algorithm must be 'norm' or 'value', got 'l1'"):
+        ForwardGradientModule(MLP(hidden=(8,)), Backprop(), gradient_clip_val=1.0, gradient_clip_algorithm="l1")
+
+
+def test_checkpoint_of_another_network_or_estimator_is_refused(idx_root, tmp_path):
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer(tmp_path, 2, [checkpoint]).fit(make_module(NaiveForwardGradient(), 1e-3), datamodule=data(idx_root))
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    for module, message in (
+        (ForwardGradientModule(CNN(channels=(2, 2, 2), hidden=8), NaiveForwardGradient()), r"holds MLP \(32x10\).*is CNN"),
+        (make_module(MomentumForwardGradient(), 1e-3), "trained by NaiveForwardGradient.*trained by MomentumForwardGradient"),
+    ):
+        with pytest.raises(CheckpointMismatchError, match=message):
+            trainer(tmp_path, 4, enable_checkpointing=False).fit(module, datamodule=data(idx_root), ckpt_path=last)
+
+
+def test_step_timer_keeps_its_times_across_a_resume(idx_root, tmp_path):
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
+    first = StepTimer(warmup=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(tmp_path, 20, [first, checkpoint, Crash(6)]).fit(make_module(Backprop(), 0.01), datamodule=data(idx_root))
+    resumed = StepTimer(warmup=0)
+    trainer(tmp_path, 8, [resumed], enable_checkpointing=False).fit(
+        make_module(Backprop(), 0.01), datamodule=data(idx_root), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert len(first._times) == 6 and len(resumed._times) == 8  # the epoch's first 6 steps and the 2 after resuming
+    assert resumed._times[:6] == first._times
+
+
+def test_predict_gives_class_probabilities(idx_root, tmp_path):
+    module = make_module(Backprop(), 0.01)
+    dm = data(idx_root)
+    dm.setup("fit")
+    batch = next(iter(dm.test_dataloader()))
+    probabilities = module.predict_step(batch, 0)
+    assert probabilities.shape == (len(batch[1]), 10)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(len(batch[1])))
+
+
+def test_summary_counts_the_parameters_the_estimator_trains(idx_root, tmp_path, caplog):
+    import logging
+
+    logging.getLogger("lightning.pytorch").propagate = True
+    with caplog.at_level(logging.INFO):
+        pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+                   enable_checkpointing=False, callbacks=[EstimatorSummary()]).fit(
+            make_module(Backprop(), 0.01), datamodule=data(idx_root))
+    summary = next(r.getMessage() for r in caplog.records if "Trainable params" in r.getMessage())
+    total = sum(p.numel() for p in MLP(hidden=(32,)).parameters())
+    assert f"{total / 1e3:.1f} K    Trainable params" in summary and "0         Non-trainable params" in summary
 
 
 def test_divergence_through_fg_cli_keeps_the_logs(idx_root, tmp_path, capsys):
@@ -267,4 +376,4 @@ def test_validate_and_test_subcommands_from_a_checkpoint(idx_root, tmp_path):
     # fg-cli records the config as the hyperparameters, so the checkpoint alone rebuilds the module
     module = ForwardGradientModule.load_from_checkpoint(str(checkpoint))
     assert isinstance(module.network, MLP) and isinstance(module.estimator, Backprop)
-    assert module.hparams["optimizer"]["init_args"]["lr"] == 0.01
+    assert module.configure_optimizers().param_groups[0]["lr"] == 0.01

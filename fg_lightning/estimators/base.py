@@ -7,7 +7,7 @@ An estimator turns one batch into an update direction. It only calls the engine 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -44,25 +44,27 @@ def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", 
         raise DivergenceError(
             f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
             f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
-            f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator; "
-            "the logs and the last checkpoint before this step are kept."
+            f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator."
         )
 
 
 def apply_estimate(
     estimate: Estimate, network: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    estimator: "GradientEstimator",
+    estimator: "GradientEstimator", before_step: Callable[[], None] | None = None,
 ) -> None:
     """Take one optimizer step along ``estimate``: the one place where an estimate becomes an update.
 
     Checks that the loss and every part of the estimate are finite (:class:`DivergenceError` otherwise, before any
-    parameter changes), writes ``estimate.grads[name]`` as each parameter's ``.grad``, steps ``optimizer`` (any
-    ``torch.optim.Optimizer``, or Lightning's wrapper of one) and clears the gradients again.
+    parameter changes), writes ``estimate.grads[name]`` as each parameter's ``.grad``, calls ``before_step`` (e.g.
+    gradient clipping, which sees the estimate as ``.grad``), steps ``optimizer`` (any ``torch.optim.Optimizer``, or
+    Lightning's wrapper of one) and clears the gradients again.
     :class:`~fg_lightning.ForwardGradientModule`, ``fg-bench`` and the tests all train through it.
     """
     check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
     for name, param in network.named_parameters():
         param.grad = estimate.grads[name]
+    if before_step is not None:
+        before_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
