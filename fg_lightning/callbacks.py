@@ -215,7 +215,7 @@ class ExceptionCheckpoint(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.ckpt_path is not None and trainer.global_step > 0:  # nothing trained: nothing worth leaving behind
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
 
 
 class EstimatorSummary(ModelSummary):

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import traceback
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torchvision
@@ -97,12 +97,17 @@ class EpochPermutation(Sampler[int]):
 
 class ResumableDataLoader(DataLoader):
     """The training loader: shuffled by :class:`EpochPermutation`, and resumable mid-epoch through Lightning's
-    ``state_dict`` / ``load_state_dict`` protocol (the checkpoint records the epoch and the batches consumed)."""
+    ``state_dict`` / ``load_state_dict`` protocol (the checkpoint records the epoch and the batches consumed).
 
-    def __init__(self, dataset: TensorDataset, seed: int, **kwargs: Any) -> None:
+    ``in_flight()`` tells how many of the batches handed out have not finished their training step: a checkpoint
+    written as an exception stops a step (Ctrl-C, a divergence) must not count that batch as consumed."""
+
+    def __init__(self, dataset: TensorDataset, seed: int, in_flight: Callable[[], int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, sampler=EpochPermutation(len(dataset), seed), **kwargs)
         self._consumed = 0
         self._resume: tuple[int, int] | None = None
+        self._in_flight = in_flight
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler: EpochPermutation = self.sampler  # type: ignore[assignment]
@@ -117,7 +122,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "consumed": self._consumed}  # type: ignore[attr-defined]
+        consumed = self._consumed - (self._in_flight() if self._in_flight is not None else 0)
+        return {"epoch": self.sampler.epoch, "consumed": consumed}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (state["epoch"], state["consumed"])
@@ -324,11 +330,18 @@ class MNISTDataModule(LightningDataModule):
         images = images.reshape(-1, 784) if self.flatten else images.unsqueeze(1)
         return images, labels.to(torch.int64)
 
+    def _batches_in_flight(self) -> int:
+        """Training batches Lightning fetched whose step has not been processed (an exception stopped it)."""
+        if self.trainer is None:
+            return 0
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return max(0, progress.ready - progress.processed)
+
     def _loader(self, dataset: BatchTensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
         loader = ResumableDataLoader if shuffle else DataLoader
-        extra = {"seed": self.seed} if shuffle else {}
+        extra = {"seed": self.seed, "in_flight": self._batches_in_flight} if shuffle else {}
         return loader(
             dataset,
             batch_size=self.batch_size,
@@ -350,4 +363,9 @@ class MNISTDataModule(LightningDataModule):
 
     @override
     def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, in order, so that prediction ``i`` belongs to ``test_set.tensors[1][i]``."""
         return self._loader(self.test_set, shuffle=False)
