@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from contextvars import ContextVar
 from typing import Any, Callable, Iterable, Iterator
 
@@ -169,10 +170,8 @@ class ForwardGradientModule(LightningModule):
         for callback in callbacks:
             callback.on_update_start(self.trainer, self)
         estimate = self._estimate(x, labels, step)
-        clip = None
-        if self.gradient_clip_val is not None:
-            def clip() -> None:
-                self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+        clip = None if self.gradient_clip_val is None else functools.partial(
+            self.clip_gradients, optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
         try:
             apply_estimate(estimate, self.network, optimizer, step, self.estimator, before_step=clip)
         except DivergenceError as err:

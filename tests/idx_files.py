@@ -45,3 +45,22 @@ def write_idx(folder, train_images, train_labels, test_images, test_labels, gz: 
               "test_images": test_images, "test_labels": test_labels}
     suffix = ".gz" if gz else ""
     return {key: write_idx_file(os.path.join(folder, IDX_STEMS[key] + suffix), arrays[key]) for key in IDX_STEMS}
+
+
+def learnable_idx(root, bad_label=None) -> str:
+    """96 training and 32 test images in `root`; the label says which of 10 pixel blocks is bright (a task any
+    estimator learns in a few steps). ``bad_label`` replaces the sixth training label (e.g. 200, out of range)."""
+    rng = np.random.default_rng(0)
+
+    def images(labels):
+        x = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, label in enumerate(labels):
+            x[i, 2 * label : 2 * label + 6, 4:24] = 250
+        return x.astype(np.uint8)
+
+    train_labels, test_labels = rng.integers(0, 10, 96), rng.integers(0, 10, 32)
+    train_images = images(train_labels)
+    if bad_label is not None:
+        train_labels[5] = bad_label
+    write_idx(root, train_images, train_labels.astype(np.uint8), images(test_labels), test_labels.astype(np.uint8))
+    return str(root)

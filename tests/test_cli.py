@@ -13,10 +13,9 @@ import signal
 import subprocess
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from idx_files import write_idx
+from idx_files import learnable_idx
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -28,27 +27,9 @@ from fg_lightning.module import ForwardGradientModule
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-def tiny_idx(root, bad_label=None):
-    """96 training and 32 test images; the label says which of 10 pixel blocks is bright."""
-    rng = np.random.default_rng(0)
-
-    def images(labels):
-        x = rng.integers(0, 60, size=(len(labels), 28, 28))
-        for i, label in enumerate(labels):
-            x[i, 2 * label : 2 * label + 6, 4:24] = 250
-        return x.astype(np.uint8)
-
-    train_labels, test_labels = rng.integers(0, 10, 96), rng.integers(0, 10, 32)
-    train_images = images(train_labels)
-    if bad_label is not None:
-        train_labels[5] = bad_label
-    write_idx(root, train_images, train_labels.astype(np.uint8), images(test_labels), test_labels.astype(np.uint8))
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def idx_root(tmp_path_factory):
-    return tiny_idx(tmp_path_factory.mktemp("idx"))
+    return learnable_idx(tmp_path_factory.mktemp("idx"))
 
 
 def args(subcommand, config, idx_root, save_dir, *extra):
@@ -222,7 +203,7 @@ def test_top_level_optimizer_in_a_config_file_is_refused(tmp_path, idx_root, cap
 
 
 def test_a_bad_label_is_one_line_naming_the_file(tmp_path, capsys):
-    root = tiny_idx(tmp_path / "idx", bad_label=200)
+    root = learnable_idx(tmp_path / "idx", bad_label=200)
     line = error_line(capsys, args("fit", "mlp_backprop", root, tmp_path / "tb"))
     assert "DataError" in line and "train-labels-idx1-ubyte" in line and "label 200" in line
     assert not versions(tmp_path / "tb")

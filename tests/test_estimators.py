@@ -16,7 +16,7 @@ import torch
 
 from fg_lightning.engine import CNN, MLP, cross_entropy
 from fg_lightning.estimators import (
-    REGISTRY, Backprop, Estimate, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection,
+    REGISTRY, Backprop, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection,
     NaiveForwardGradient, Partition, apply_estimate,
 )
 

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from idx_files import write_idx
+from idx_files import learnable_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fg_lightning.callbacks import EstimatorSummary, ExceptionCheckpoint, GradientCosine, PeakMemory, StepTimer
@@ -24,19 +24,7 @@ CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "config
 
 @pytest.fixture(scope="module")
 def idx_root(tmp_path_factory):
-    """Small learnable MNIST-style IDX files: the label says which of 10 pixel blocks is bright."""
-    root = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-
-    def images(labels):
-        x = rng.integers(0, 60, size=(len(labels), 28, 28))
-        for i, label in enumerate(labels):
-            x[i, 2 * label : 2 * label + 6, 4:24] = 250
-        return x.astype(np.uint8)
-
-    train_labels, test_labels = rng.integers(0, 10, 96), rng.integers(0, 10, 32)
-    write_idx(root, images(train_labels), train_labels.astype(np.uint8), images(test_labels), test_labels.astype(np.uint8))
-    return str(root)
+    return learnable_idx(tmp_path_factory.mktemp("idx"))
 
 
 def scalars(log_dir):

@@ -22,7 +22,7 @@ def runs(lr: float, reference_lr: float, fix_gap: int, decrease_gap: int) -> lis
         return MomentumForwardGradient(fix_gap, decrease_gap, decay_rate=decay, shuffle_ratio=shuffle, seed=0)
 
     settings = [(0.9, 0.5), (0.8, 0.5), (0.7, 0.5), (0.9, 0.2), (0.9, 0.4), (1.0, 0.0)]
-    return ([(f"backprop", Backprop(), lr), ("naive", NaiveForwardGradient(seed=0), lr)]
+    return ([("backprop", Backprop(), lr), ("naive", NaiveForwardGradient(seed=0), lr)]
             + [(f"momentum decay={d} shuffle={s}", momentum(d, s), lr) for d, s in settings]
             + [(f"backprop lr={reference_lr:g}", Backprop(), reference_lr)])
 
