@@ -53,8 +53,7 @@ def test_speed(tmp_path, capsys):
     assert "| stock_autograd |" in capsys.readouterr().out
     for model in ("mlp", "cnn"):
         names = {r["estimator"] for r in records if r["model"] == model}
-        assert {"stock_autograd", "stock_func_jvp", "backprop", "naive", "multi_direction", "partition", "input_qr",
-                "input_approx", "momentum"} <= names
+        assert {"stock_autograd", "stock_func_jvp", *REGISTRY} <= names
         autograd = [r for r in records if r["model"] == model and r["estimator"] == "stock_autograd"]
         assert len(autograd) == 1 and autograd[0]["ratio_vs_autograd"] == 1.0
     for record in records:
@@ -83,7 +82,7 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
     fg_bench(["quality", "--device", "cpu", "--out", out, "--models", "mlp", "--draws", "2", "--directions", "2", *data])
     quality = load(out, "quality")
     overall = {r["estimator"]: r for r in quality if r["param"] == "all"}
-    assert set(overall) == {"backprop", "naive", "multi_direction", "partition", "input_qr", "input_approx", "momentum"}
+    assert set(overall) == set(REGISTRY)
     assert overall["backprop"]["cosine_mean"] == pytest.approx(1.0) and overall["backprop"]["gain"] == pytest.approx(1.0)
     assert {r["param"] for r in quality} >= {"fc1.weight", "fc3.bias"}
     assert_plot(out, "quality_mlp")

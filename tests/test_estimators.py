@@ -16,7 +16,7 @@ import torch
 
 from fg_lightning.engine import CNN, MLP, cross_entropy
 from fg_lightning.estimators import (
-    REGISTRY, Backprop, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection,
+    REGISTRY, Backprop, DivergenceError, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection,
     NaiveForwardGradient, Partition, apply_estimate,
 )
 
@@ -141,9 +141,10 @@ def test_state_dict_round_trip_continues_identically(make):
             assert torch.equal(got.grads[name], want.grads[name])
 
 
-def test_registry_flags_come_from_the_classes():
-    assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {"multi_direction", "partition"}
-    assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {"input_approx", "momentum"}
+def test_registry_flags_come_from_the_estimators():
+    assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {"multi_direction", "orthogonal", "partition"}
+    assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {"orthogonal", "input_approx", "momentum"}
+    assert REGISTRY["orthogonal"].make(k=3).aggregation == "orthogonal"
     assert not any(spec.needs_local_losses for spec in REGISTRY.values())
     assert REGISTRY["partition"].make(k=7).k == 7 and REGISTRY["naive"].make(k=7).k == 1
 
@@ -281,7 +282,33 @@ def test_input_qr_expectation_is_the_gradient_exactly(batch, monkeypatch):
 
 def test_biased_estimators_say_so():
     assert not InputApprox.unbiased and not MomentumForwardGradient.unbiased
+    assert not MultiDirection(k=3, aggregation="orthogonal").unbiased and MultiDirection(k=3).unbiased
     assert all(cls.unbiased for cls in (Backprop, NaiveForwardGradient, MultiDirection, Partition, InputQR))
+
+
+@pytest.mark.parametrize("k", [5, 43], ids=["k-below-n", "k-equal-n"])
+def test_orthogonal_aggregation_is_the_projection_of_the_gradient_on_the_directions(k):
+    """ĝ = V(VᵀV)⁻¹Vᵀg, computed here by least squares from the tangents the estimator used; with k = n Gaussian
+    directions (a basis) it is the exact gradient."""
+    net, x, labels = tiny_problem()
+    exact = flat(net.loss_and_grad(x, labels)[2])
+    estimator = MultiDirection(k=k, aggregation="orthogonal", seed=SEED)
+    tangents = {}
+    original = net.jvp
+
+    def recording_jvp(x, labels, tangent_fn):
+        result = original(x, labels, tangent_fn)
+        tangents.update(result.tangents)
+        return result
+
+    net.jvp = recording_jvp
+    estimate = flat(estimator.estimate(net, x, labels, 0).grads)
+    directions = torch.cat([t.flatten(1) for t in tangents.values()], dim=1).t()  # V: (n, k)
+    projection = directions @ torch.linalg.lstsq(directions, exact.unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(estimate, projection, rtol=1e-7, atol=1e-10)
+    assert float(estimate @ estimate) <= float(exact @ exact) * (1 + 1e-9)  # never longer than the gradient
+    if k == len(exact):
+        torch.testing.assert_close(estimate, exact, rtol=1e-7, atol=1e-10)
 
 
 def check_momentum_blend(make, monkeypatch):
@@ -421,10 +448,12 @@ def fashion(tmp_path_factory):
 # about backprop's progress (partition(4) sometimes more), so only a floor makes sense for them. Momentum's step is
 # ~n times larger than its learning rate suggests (|ĝ| ≈ cos·n·|g|): at 1e-6 it must beat backprop at 1e-6, which
 # barely moves (Fig. 9-11). InputQR's noise is heavy-tailed (its cosine is ~1.3x naive's) and needs a small rate.
+# The orthogonal projection is never longer than the gradient: it trains at lr 100, where backprop diverges.
 TRAINING = {
     "backprop": (1e-2, 150, None),
     "naive": (2e-3, 150, None),
     "multi_direction": (5e-3, 150, None),
+    "orthogonal": (100.0, 150, "stable where it diverges"),
     "partition": (3e-3, 150, None),
     "input_qr": (3e-5, 500, None),
     "input_approx": (1e-3, 150, None),
@@ -449,8 +478,14 @@ def held_out_loss_after(make, lr, steps, data):
 def check_descent(name, make, data):
     lr, steps, versus_exact = TRAINING[name]
     untrained = held_out_loss_after(make, 0.0, 0, data)  # what a zero update leaves
-    exact = held_out_loss_after(registered("backprop"), lr, steps, data)
     loss = held_out_loss_after(make, lr, steps, data)
+    if versus_exact == "stable where it diverges":
+        with pytest.raises(DivergenceError):
+            held_out_loss_after(registered("backprop"), lr, steps, data)
+        print(f"{name}: held-out loss {untrained:.3f} -> {loss:.3f} (backprop diverges at lr {lr:g})")
+        assert untrained - loss > 0.5, (untrained, loss)
+        return
+    exact = held_out_loss_after(registered("backprop"), lr, steps, data)
     print(f"{name}: held-out loss {untrained:.3f} -> {loss:.3f} (backprop at lr {lr:g}: {exact:.3f})")
     assert untrained - loss > max(0.3 * (untrained - exact), 0.02), (untrained, loss, exact)
     if versus_exact == "beats":

@@ -57,6 +57,7 @@ def test_there_is_a_config_per_network_and_registered_estimator():
             with open(os.path.join(os.path.dirname(CONFIGS[0]), f"{net}_{name}.yaml")) as f:
                 model = yaml.safe_load(f)["model"]
             assert model["estimator"]["class_path"] == f"fg_lightning.estimators.{spec.cls.__name__}"
+            assert spec.kwargs.items() <= (model["estimator"].get("init_args") or {}).items(), (net, name)
             assert model["network"]["class_path"] == f"fg_lightning.engine.{net.upper()}"
 
 

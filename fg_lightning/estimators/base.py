@@ -76,7 +76,8 @@ def check_positive_int(name: str, value: Any) -> int:
 
 
 class GradientEstimator:
-    """Base class. Subclasses set ``unbiased`` and implement :meth:`estimate`.
+    """Base class. Subclasses set ``unbiased`` (on the instance where it depends on an argument) and implement
+    :meth:`estimate`.
 
     Randomness comes from the estimator's own ``torch.Generator`` (seeded with ``seed``, on the parameters'
     device), never from the global RNG, so the same seed gives the same directions whatever else draws numbers.
@@ -137,7 +138,7 @@ class GradientEstimator:
         self._pending_state = state["rng"]
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "unbiased")
         return f"{type(self).__name__}({args})"
 
 

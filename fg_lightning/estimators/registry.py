@@ -4,7 +4,7 @@ it, so adding an estimator is its file, one line here and its configs (``configs
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fg_lightning.estimators.backprop import Backprop
@@ -16,11 +16,12 @@ from fg_lightning.estimators.momentum import MomentumForwardGradient
 
 @dataclass(frozen=True)
 class EstimatorSpec:
-    """One registered estimator: its short name (configs, ``fg-bench --estimators``) and class; the rest is derived
-    from the class, so it cannot disagree with it."""
+    """One registered estimator: its short name (configs, ``fg-bench --estimators``), its class and the arguments
+    that make it this variant; the rest is derived from an instance, so it cannot disagree with it."""
 
     name: str
     cls: type[GradientEstimator]
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def takes_k(self) -> bool:
@@ -29,7 +30,7 @@ class EstimatorSpec:
 
     @property
     def unbiased(self) -> bool:
-        return self.cls.unbiased
+        return self.make().unbiased
 
     @property
     def needs_local_losses(self) -> bool:
@@ -39,7 +40,7 @@ class EstimatorSpec:
         """An instance; ``k`` is passed only to the estimators that take it."""
         if self.takes_k and k is not None:
             kwargs["k"] = k
-        return self.cls(seed=seed, **kwargs)
+        return self.cls(seed=seed, **{**self.kwargs, **kwargs})
 
 
 REGISTRY: dict[str, EstimatorSpec] = {
@@ -48,6 +49,7 @@ REGISTRY: dict[str, EstimatorSpec] = {
         EstimatorSpec("backprop", Backprop),
         EstimatorSpec("naive", NaiveForwardGradient),
         EstimatorSpec("multi_direction", MultiDirection),
+        EstimatorSpec("orthogonal", MultiDirection, {"aggregation": "orthogonal"}),
         EstimatorSpec("partition", Partition),
         EstimatorSpec("input_qr", InputQR),
         EstimatorSpec("input_approx", InputApprox),
