@@ -64,22 +64,33 @@ class StepTimer(UpdateCallback):
             raise ValueError(f"warmup must be an integer >= 0, got warmup={warmup!r}")
         self.warmup = warmup
         self._start = 0.0
+        self._epoch = 0
         self._times: list[tuple[float, bool]] = []
-        self._resumed = False  # the epoch in progress was restored from a checkpoint: keep its times
+        self._restored = False  # _epoch and _times came from a checkpoint
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Resumed from a checkpoint written at an epoch's last step, Lightning goes on in the next epoch without an
+        # epoch start: the restored times belong to the finished epoch.
+        if self._restored and trainer.current_epoch != self._epoch:
+            self._times, self._restored = [], False
+        self._epoch = trainer.current_epoch
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._resumed:
+        # A run resumed in the middle of an epoch keeps that epoch's times; any other epoch starts afresh.
+        if not (self._restored and trainer.current_epoch == self._epoch):
             self._times = []
-        self._resumed = False
+        self._restored, self._epoch = False, trainer.current_epoch
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"times": list(self._times)}
+        return {"epoch": self._epoch, "times": list(self._times)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._times, self._resumed = [tuple(t) for t in state_dict["times"]], True
+        self._epoch, self._times = state_dict["epoch"], [tuple(t) for t in state_dict["times"]]
+        self._restored = True
 
     @override
     def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -199,18 +210,22 @@ class ExceptionCheckpoint(Callback):
         if not filename:
             raise ValueError("ExceptionCheckpoint needs a filename, got filename=''")
         self.dirpath, self.filename = dirpath, filename
-        self._default_dirpath = dirpath is None
+        self._trainer: Trainer | None = None
 
     @property
     def ckpt_path(self) -> str | None:
-        """Where the checkpoint goes (None until the run's folder is known)."""
-        return None if self.dirpath is None else os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
+        """Where the checkpoint goes: asked late, since ModelCheckpoint fixes its own folder in its setup, which
+        Lightning runs after this callback's (None while no run's folder is known)."""
+        dirpath = self.dirpath
+        if dirpath is None and self._trainer is not None:
+            trainer = self._trainer
+            dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+            dirpath = dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        return None if dirpath is None else os.path.join(dirpath, self.filename + self.FILE_EXTENSION)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._default_dirpath:
-            dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-            self.dirpath = dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        self._trainer = trainer
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

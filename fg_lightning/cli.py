@@ -311,7 +311,7 @@ class ForwardGradientCLI(LightningCLI):
         try:
             with building_from_config():
                 super().instantiate_classes()
-        except (ConfigError, DataError):
+        except (ConfigError, DataError):  # DataError: instantiate_trainer (called from here) loads the data
             raise
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err)) from err

@@ -103,6 +103,7 @@ class ForwardGradientModule(LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        self._state_before_update: dict[str, Any] | None = None  # set while a step has not applied its update
         objects = ["network", "estimator", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(ignore=None if _FROM_CONFIG.get() else objects)
         self.train_acc = MulticlassAccuracy(num_classes=network.num_classes)
@@ -136,7 +137,7 @@ class ForwardGradientModule(LightningModule):
                 config.scheduler.step()
 
     def _update_callbacks(self) -> list[UpdateCallback]:
-        return [cb for cb in self.trainer.callbacks if isinstance(cb, UpdateCallback)] if self._trainer else []
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, UpdateCallback)]
 
     def _estimate(self, x: Tensor, labels: Tensor, step: int) -> Estimate:
         try:
@@ -164,6 +165,9 @@ class ForwardGradientModule(LightningModule):
         x, labels = batch
         optimizer = self.optimizers()
         step = self.global_step
+        # What a checkpoint written while this step is interrupted before its update must hold: the estimator as
+        # the step found it, so that the resumed run draws the same directions for the same batch.
+        self._state_before_update = self.estimator.state_dict()
         callbacks = self._update_callbacks()
         for callback in callbacks:
             callback.on_before_update(self.trainer, self, batch)
@@ -176,6 +180,7 @@ class ForwardGradientModule(LightningModule):
             apply_estimate(estimate, self.network, optimizer, step, self.estimator, before_step=clip)
         except DivergenceError as err:
             raise self._divergence(err, x, step) from None
+        self._state_before_update = None
         for callback in callbacks:
             callback.on_update_end(self.trainer, self, estimate)
         for callback in callbacks:
@@ -218,7 +223,8 @@ class ForwardGradientModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["estimator_state"] = self.estimator.state_dict()
+        interrupted = self._state_before_update
+        checkpoint["estimator_state"] = interrupted if interrupted is not None else self.estimator.state_dict()
         checkpoint["fg_lightning"] = self._fingerprint()
 
     @override

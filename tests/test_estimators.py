@@ -257,7 +257,7 @@ def input_qr_expectation(make, batch, monkeypatch):
         column = next(script["columns"])
         assert column < high == ranks[len(script["seen"])]
         script["seen"].append(column)
-        return torch.tensor([column])
+        return torch.tensor([column], device=kwargs.get("device"))
 
     monkeypatch.setattr(GradientEstimator, "randn", scripted_randn)
     monkeypatch.setattr(torch, "randint", scripted_randint)

@@ -279,16 +279,49 @@ def test_checkpoint_of_another_network_or_estimator_is_refused(idx_root, tmp_pat
             trainer(tmp_path, 4, enable_checkpointing=False).fit(module, datamodule=data(idx_root), ckpt_path=last)
 
 
-def test_step_timer_keeps_its_times_across_a_resume(idx_root, tmp_path):
+@pytest.mark.parametrize("crash_at", [6, 10], ids=["mid-epoch", "epoch-end"])  # 10 steps per epoch
+def test_step_timer_keeps_its_epochs_times_across_a_resume(crash_at, idx_root, tmp_path):
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_last=True)
     first = StepTimer(warmup=0)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer(tmp_path, 20, [first, checkpoint, Crash(6)]).fit(make_module(Backprop(), 0.01), datamodule=data(idx_root))
+        trainer(tmp_path, 20, [first, checkpoint, Crash(crash_at)]).fit(
+            make_module(Backprop(), 0.01), datamodule=data(idx_root))
     resumed = StepTimer(warmup=0)
-    trainer(tmp_path, 8, [resumed], enable_checkpointing=False).fit(
+    trainer(tmp_path, crash_at + 2, [resumed], enable_checkpointing=False).fit(
         make_module(Backprop(), 0.01), datamodule=data(idx_root), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert len(first._times) == 6 and len(resumed._times) == 8  # the epoch's first 6 steps and the 2 after resuming
-    assert resumed._times[:6] == first._times
+    if crash_at == 6:  # the epoch's first 6 steps, then 2 more after resuming
+        assert len(resumed._times) == 8 and resumed._times[:6] == first._times
+    else:  # the resumed run starts a new epoch: its medians hold only its own steps
+        assert len(resumed._times) == 2
+
+
+class CrashInsideTheEstimate(NaiveForwardGradient):
+    """Draws its directions, then stops (a Ctrl-C in the middle of the forward-mode pass) at step ``crash_at``."""
+
+    def __init__(self, crash_at=None, seed=5):
+        super().__init__(seed=seed)
+        self.crash_at = crash_at
+
+    def estimate(self, network, x, labels, step):
+        estimate = super().estimate(network, x, labels, step)
+        if step == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return estimate
+
+
+def test_a_step_interrupted_inside_the_estimate_resumes_with_the_same_directions(idx_root, tmp_path):
+    straight = LossRecorder()
+    trainer(tmp_path / "a", 12, [straight], enable_checkpointing=False).fit(
+        make_module(CrashInsideTheEstimate(), 1e-3), datamodule=data(idx_root))
+    first = LossRecorder()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer(tmp_path / "b", 12, [first, ExceptionCheckpoint(dirpath=str(tmp_path / "ckpt"))]).fit(
+            make_module(CrashInsideTheEstimate(crash_at=6), 1e-3), datamodule=data(idx_root))
+    second = LossRecorder()
+    trainer(tmp_path / "c", 12, [second], enable_checkpointing=False).fit(
+        make_module(CrashInsideTheEstimate(), 1e-3), datamodule=data(idx_root),
+        ckpt_path=str(tmp_path / "ckpt" / "interrupted.ckpt"))
+    assert first.losses + second.losses == straight.losses
 
 
 def test_predict_gives_class_probabilities(idx_root, tmp_path):

@@ -59,7 +59,8 @@ def stock_step(network: Network, kind: str, lr: float = 1e-6) -> Callable[[torch
     model = to_torch(network)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     if kind in ("stock_autograd", "stock_compiled"):
-        forward = torch.compile(model) if kind == "stock_compiled" else model
+        # dynamic=False: compiled for the one batch shape it is timed at (no recompilation for dynamic shapes)
+        forward = torch.compile(model, dynamic=False) if kind == "stock_compiled" else model
 
         def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Any:
             loss = F.cross_entropy(forward(x), labels)
@@ -248,7 +249,7 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
             apply_estimate(estimate, network, optimizer, index, estimator)
         except DivergenceError:
             diverged_at = index
-            cosines = cosines[: len(losses)]
+            cosines = [c for c in cosines if c[0] < index]
             break
         losses.append(float(estimate.loss))
     result: dict[str, Any] = {"losses": losses, "cosines": cosines, "diverged": diverged_at is not None,

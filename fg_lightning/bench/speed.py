@@ -96,9 +96,11 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
 def report(records: list[dict[str, Any]], out: str, device: str | torch.device, warmup: int, repeats: int) -> None:
     """``<out>/speed.json``, ``.md`` and ``.png``; prints the table."""
     meta = {**environment(torch.device(device)), "warmup": warmup, "repeats": repeats}
-    notes = ("Median of `repeats` synchronised training steps (estimate + SGD update) after `warmup` steps; "
-             "`ratio_vs_autograd` divides by stock autograd backprop measured in the same run. "
-             "`flop_bound_vs_k1` is (primal + k·tangent FLOPs) / (primal + tangent FLOPs).\n")
+    notes = ("Median of `repeats` synchronised training steps after `warmup` steps: for the engine's estimators the "
+             "step ForwardGradientModule takes (estimate, finite check, SGD update), for the stock baselines loss, "
+             "backward and SGD update (no finite check); `ratio_vs_autograd` divides by stock autograd backprop "
+             "measured in the same run. `flop_bound_vs_k1` is (primal + k·tangent FLOPs) / (primal + tangent FLOPs) "
+             "for one pass; under `tangent_memory_mb` many directions take several primal passes.\n")
     print(write_report(out, "speed", records, COLUMNS, meta, notes))
     plot([r for r in records if "error" not in r], out)
 

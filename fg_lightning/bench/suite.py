@@ -8,7 +8,6 @@ a memory check before a case and clean-up after a failed one.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import re
@@ -124,19 +123,12 @@ def run(args: Any) -> None:
     models, estimators = ["mlp", "cnn"], list(REGISTRY)
     print(f"fg-bench all: preset {args.preset} on {env['device_name']}, time limit {time_limit:g} s, writing to {out}/")
     budget = Budget(time_limit)
-    # Without automatic dynamic shapes the compiled baseline is compiled for its own shape, as in the speed run.
-    static = contextlib.nullcontext()
-    if compile_at:
-        import torch._dynamo as dynamo
-
-        static = dynamo.config.patch(automatic_dynamic_shapes=False)
-    with static:
-        timings = speed.measure(device, models, preset["batch_sizes"], estimators, preset["speed_directions"],
-                                preset["warmup"], preset["repeats"], compile_at, budget)
-        speed.report(timings, out, device, preset["warmup"], preset["repeats"])
-        peaks = memory.measure(device, models, preset["batch_sizes"], estimators, preset["memory_directions"],
-                               compile_at, budget, preset["isolate"])
-        memory.report(peaks, out, device, preset["isolate"])
+    timings = speed.measure(device, models, preset["batch_sizes"], estimators, preset["speed_directions"],
+                            preset["warmup"], preset["repeats"], compile_at, budget)
+    speed.report(timings, out, device, preset["warmup"], preset["repeats"])
+    peaks = memory.measure(device, models, preset["batch_sizes"], estimators, preset["memory_directions"],
+                           compile_at, budget, preset["isolate"])
+    memory.report(peaks, out, device, preset["isolate"])
     wall = budget.elapsed()
 
     def counts(records: list[dict[str, Any]]) -> str:

@@ -136,7 +136,8 @@ class Network(nn.Module):
 
         ``tangent_fn(name, layer, layer_input)`` is called once per parameterised layer, in order, as the pass reaches
         it, and returns that layer's tangents keyed by its own parameter names, each ``(K, *param.shape)``; a
-        parameter it leaves out has a zero tangent. Only the current layer's primal and tangent are alive at any time.
+        parameter it leaves out has a zero tangent. Only the current layer's primal and tangent are alive at any time
+        (besides the input ``x``, which the caller holds anyway and later chunks reuse).
 
         All K directions go through one primal pass, unless their widest tangent would exceed ``tangent_memory_mb``:
         then the directions are carried in chunks, one primal pass each (``tangent_fn`` is still called once per

@@ -84,7 +84,7 @@ class GradientEstimator:
     ``state_dict()`` holds everything needed to continue bit-for-bit after a resume.
     """
 
-    unbiased: ClassVar[bool] = False
+    unbiased: bool = False  # a class default; an estimator whose arguments decide it sets it on the instance
     needs_local_losses: ClassVar[bool] = False  # trains a network cut into blocks with a loss head each
 
     def __init__(self, seed: int = 0) -> None:

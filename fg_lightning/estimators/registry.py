@@ -21,7 +21,7 @@ class EstimatorSpec:
 
     name: str
     cls: type[GradientEstimator]
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def takes_k(self) -> bool:
