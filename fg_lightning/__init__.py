@@ -16,7 +16,8 @@ _EXPORTS = {
     "fg_lightning.data": ["MNISTDataModule"],
     "fg_lightning.engine": ["CNN", "MLP", "JvpResult", "Network", "OuterTangent", "to_torch"],
     "fg_lightning.estimators": [
-        "REGISTRY", "Backprop", "DivergenceError", "Estimate", "GradientEstimator", "InputApprox", "InputQR",
+        "REGISTRY", "ActivityPerturbation", "Backprop", "DivergenceError", "Estimate", "GradientEstimator",
+        "InputApprox", "InputQR", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess", "LocalWeightPerturbation",
         "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
     ],
     "fg_lightning.module": ["ForwardGradientModule"],

@@ -169,7 +169,7 @@ class GradientCosine(UpdateCallback):
         self._step = trainer.global_step
         if self._step % self.every_n_steps == 0:
             x, labels = batch
-            self._exact = pl_module.network.loss_and_grad(x, labels)[2]
+            self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels)
 
     @override
     def on_after_update(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    CNN, MLP, Conv2d, Flatten, Linear, MaxPool2d, Network, OuterTangent, ReLU, cross_entropy_and_grad,
+    CNN, MLP, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, Network, OuterTangent, ReLU, cross_entropy_and_grad,
     cross_entropy_jvp, to_torch, weighted_sum,
 )
 
@@ -44,6 +44,7 @@ LAYER_CASES = [
     ("maxpool-odd", lambda: MaxPool2d(2), (2, 3, 7, 5)),
     ("maxpool-overlap", lambda: MaxPool2d(3, stride=2), (2, 2, 9, 8)),
     ("flatten", lambda: Flatten(), (2, 3, 4, 5)),
+    ("global-avg-pool", lambda: GlobalAvgPool(), (2, 3, 4, 5)),
 ]
 
 

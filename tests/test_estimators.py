@@ -16,8 +16,8 @@ import torch
 
 from fg_lightning.engine import CNN, MLP, cross_entropy
 from fg_lightning.estimators import (
-    REGISTRY, Backprop, DivergenceError, GradientEstimator, InputApprox, InputQR, MomentumForwardGradient, MultiDirection,
-    NaiveForwardGradient, Partition, apply_estimate,
+    REGISTRY, Backprop, DivergenceError, GradientEstimator, InputApprox, InputQR, LocalBackprop, LocalGuess,
+    MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition, apply_estimate,
 )
 
 DEFAULT_K = 4
@@ -36,21 +36,29 @@ CASES = {name: registered(name) for name in REGISTRY} | {
     "input_approx_numeric_scale": registered("input_approx", scale=3.0),
     "momentum_short_gaps": registered("momentum", fix_gap=3, decrease_gap=3, decay_rate=0.8),
     "momentum_per_tensor": registered("momentum", fix_gap=3, decrease_gap=3, ranking="per_tensor"),
+    "activity_no_mask": registered("activity", relu_mask=False),
+    "local_activity_no_mask": registered("local_activity", relu_mask=False),
+    "activity_every_layer": registered("activity", exact_output=False),
 }
 
 
-def small_problem(seed=0, n=128, features=10, classes=3):
-    """A learnable toy task: labels from a random linear teacher."""
+def small_problem(seed=0, n=128, features=10, classes=3, local=False):
+    """A learnable toy task: labels from a random linear teacher. ``local``: the network has local-loss heads."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=gen)
     labels = (x @ torch.randn(features, classes, generator=gen)).argmax(1)
-    return MLP(in_features=features, hidden=(16,), num_classes=classes, seed=seed), x, labels
+    return MLP(in_features=features, hidden=(16,), num_classes=classes, seed=seed, local_losses=local), x, labels
 
 
-def small_cnn_problem():
+def small_cnn_problem(local=False):
     gen = torch.Generator().manual_seed(0)
-    net = CNN(channels=(2, 3, 4), hidden=5, seed=0)
+    net = CNN(channels=(2, 3, 4), hidden=5, seed=0, local_losses=local)
     return net, torch.randn(6, 1, 28, 28, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+
+
+def local(make) -> bool:
+    """Whether the estimator ``make`` builds trains a network with local-loss heads."""
+    return make().needs_local_losses
 
 
 def cosine(a: dict, b: dict) -> float:
@@ -65,6 +73,10 @@ class Mutant(GradientEstimator):
     def __init__(self, inner: GradientEstimator, mutate) -> None:
         super().__init__(inner.seed)
         self.inner, self.mutate, self.unbiased = inner, mutate, inner.unbiased
+        self.needs_local_losses = inner.needs_local_losses
+
+    def exact_gradient(self, network, x, labels):
+        return self.inner.exact_gradient(network, x, labels)
 
     def estimate(self, network, x, labels, step):
         return self.mutate(self.inner.estimate(network, x, labels, step), step)
@@ -102,7 +114,7 @@ def check_contract(make, net, x, labels):
         for name, param in net.named_parameters():
             assert a.grads[name].shape == param.shape and a.grads[name].dtype == param.dtype
             assert torch.equal(a.grads[name], b.grads[name]), "same seed must give the same estimate"
-    if not isinstance(first, Backprop):
+    if not isinstance(first, (Backprop, LocalBackprop, LocalGuess)):  # the deterministic ones
         assert any(not torch.equal(a.grads[n], c.grads[n]) for n in a.grads), "another seed must give other directions"
 
 
@@ -119,14 +131,15 @@ def check_reports_the_network_loss(make, net, x, labels):
 @pytest.mark.parametrize("make", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("problem", [small_problem, small_cnn_problem], ids=["mlp", "cnn"])
 def test_contract_names_shapes_seeds_and_reported_loss(make, problem):
-    net, x, labels = problem()
+    net, x, labels = problem(local=local(make))
+    make().validate(net)
     check_contract(make, net, x, labels)
     check_reports_the_network_loss(make, net, x, labels)
 
 
 @pytest.mark.parametrize("make", CASES.values(), ids=CASES.keys())
 def test_state_dict_round_trip_continues_identically(make):
-    net, x, labels = small_problem()
+    net, x, labels = small_problem(local=local(make))
     original = make(seed=3)
     for step in range(4):
         original.estimate(net, x, labels, step)
@@ -142,18 +155,21 @@ def test_state_dict_round_trip_continues_identically(make):
 
 
 def test_registry_flags_come_from_the_estimators():
-    assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {"multi_direction", "orthogonal", "partition"}
-    assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {"orthogonal", "input_approx", "momentum"}
+    assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {
+        "multi_direction", "orthogonal", "partition", "activity", "local_activity", "local_weight"}
+    assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {
+        "orthogonal", "input_approx", "momentum", "local_guess"}
     assert REGISTRY["orthogonal"].make(k=3).aggregation == "orthogonal"
-    assert not any(spec.needs_local_losses for spec in REGISTRY.values())
+    assert {name for name, spec in REGISTRY.items() if spec.needs_local_losses} == {
+        "local_activity", "local_weight", "local_backprop", "local_guess"}
     assert REGISTRY["partition"].make(k=7).k == 7 and REGISTRY["naive"].make(k=7).k == 1
 
 
 # --- unbiasedness and variance against closed forms (a tiny float64 network where many samples are cheap) ---------
 
-def tiny_problem(batch=8):
+def tiny_problem(batch=8, local=False):
     gen = torch.Generator().manual_seed(5)
-    net = MLP(in_features=4, hidden=(5,), num_classes=3, seed=5).double()
+    net = MLP(in_features=4, hidden=(5,), num_classes=3, seed=5, local_losses=local).double()
     x = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
     return net, x, torch.randint(0, 3, (batch,), generator=gen)
 
@@ -205,9 +221,10 @@ def draw_until_precise(estimator, net, x, labels, exact, block=2000, max_count=4
 def check_unbiased(make, theory_var=None, batch=8):
     """E[ĝ] = g: the mean gain ĝ·g/|g|² is 1 within 4.5 standard errors, and (given a closed-form variance) every
     coordinate's mean is within 5 standard errors of g_i and the sample variances match the closed form."""
-    net, x, labels = tiny_problem(batch)
-    exact = flat(net.loss_and_grad(x, labels)[2])
-    samples = draw_until_precise(make(seed=SEED), net, x, labels, exact)
+    estimator = make(seed=SEED)
+    net, x, labels = tiny_problem(batch, local=estimator.needs_local_losses)
+    exact = flat(estimator.exact_gradient(net, x, labels))  # the network's gradient, or LocalBackprop's
+    samples = draw_until_precise(estimator, net, x, labels, exact)
     gains = samples @ exact / exact.square().sum()
     count, se = len(gains), float(gains.std()) / math.sqrt(len(gains))
     if se < 1e-12:  # a deterministic estimator (backprop): the gain is exactly 1
@@ -449,6 +466,7 @@ def fashion(tmp_path_factory):
 # ~n times larger than its learning rate suggests (|ĝ| ≈ cos·n·|g|): at 1e-6 it must beat backprop at 1e-6, which
 # barely moves (Fig. 9-11). InputQR's noise is heavy-tailed (its cosine is ~1.3x naive's) and needs a small rate.
 # The orthogonal projection is never longer than the gradient: it trains at lr 100, where backprop diverges.
+# The local estimators are compared with LocalBackprop on the same network with heads.
 TRAINING = {
     "backprop": (1e-2, 150, None),
     "naive": (2e-3, 150, None),
@@ -458,6 +476,11 @@ TRAINING = {
     "input_qr": (3e-5, 500, None),
     "input_approx": (1e-3, 150, None),
     "momentum": (1e-6, 150, "beats"),
+    "activity": (1e-2, 150, None),
+    "local_activity": (1e-2, 150, None),  # the local ones against LocalBackprop on the same network with heads
+    "local_weight": (3e-3, 300, None),
+    "local_backprop": (1e-2, 150, None),
+    "local_guess": (1e-2, 150, None),
 }
 
 
@@ -465,8 +488,8 @@ def held_out_loss_after(make, lr, steps, data):
     """Plain SGD through apply_estimate (as ForwardGradientModule trains), then the loss on the held-out images."""
     images, labels = data.train_set.tensors
     val_images, val_labels = data.val_set.tensors
-    net = MLP(hidden=(64,), seed=0)
     estimator = make(seed=0)
+    net = MLP(hidden=(64,), seed=0, local_losses=estimator.needs_local_losses)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     for step in range(steps):
         rows = slice(step % 78 * 128, (step % 78 + 1) * 128)
@@ -485,7 +508,7 @@ def check_descent(name, make, data):
         print(f"{name}: held-out loss {untrained:.3f} -> {loss:.3f} (backprop diverges at lr {lr:g})")
         assert untrained - loss > 0.5, (untrained, loss)
         return
-    exact = held_out_loss_after(registered("backprop"), lr, steps, data)
+    exact = held_out_loss_after(registered("local_backprop" if local(make) else "backprop"), lr, steps, data)
     print(f"{name}: held-out loss {untrained:.3f} -> {loss:.3f} (backprop at lr {lr:g}: {exact:.3f})")
     assert untrained - loss > max(0.3 * (untrained - exact), 0.02), (untrained, loss, exact)
     if versus_exact == "beats":
@@ -546,7 +569,7 @@ def test_cosine_to_the_gradient_on_the_paper_mlp(fashion):
 @pytest.mark.parametrize("name", REGISTRY)
 def test_a_wrong_reported_loss_is_caught(name):
     with pytest.raises(AssertionError):
-        check_reports_the_network_loss(mutant(registered(name), "loss_of_0.5"), *small_problem())
+        check_reports_the_network_loss(mutant(registered(name), "loss_of_0.5"), *small_problem(local=local(registered(name))))
 
 
 @pytest.mark.parametrize("name", UNBIASED_REGISTERED)

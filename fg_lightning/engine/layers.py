@@ -285,3 +285,21 @@ class Flatten(Layer):
 
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         return self.forward(x), (None if dx is None else dx.flatten(2))
+
+
+class GlobalAvgPool(Layer):
+    """``(B, C, H, W) -> (B, C)``: the mean over each feature map (the CNN's local-loss heads start with it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3))
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x.shape
+
+    def vjp(self, saved: torch.Size, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        if not need_input_grad:
+            return None, {}
+        return (dy / (saved[2] * saved[3]))[:, :, None, None].expand(saved).contiguous(), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        return self.forward(x), (None if dx is None else dx.mean((3, 4)))

@@ -25,7 +25,8 @@ def cross_entropy_and_grad(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
     return loss, grad.div_(logits.shape[0])
 
 
-def cross_entropy_jvp(logits: Tensor, labels: Tensor, d_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """The loss and its directional derivatives ``(K,)`` along the logit tangents ``d_logits (K, B, C)``."""
+def cross_entropy_jvp(logits: Tensor, labels: Tensor, d_logits: Tensor, per_example: bool = False) -> tuple[Tensor, Tensor]:
+    """The loss and its directional derivatives ``(K,)`` along the logit tangents ``d_logits (K, B, C)``; with
+    ``per_example``, ``(K, B)``: each example's term of the mean loss (they sum to the ``(K,)`` result)."""
     loss, grad = cross_entropy_and_grad(logits, labels)
-    return loss, torch.einsum("kbc,bc->k", d_logits, grad)
+    return loss, torch.einsum("kbc,bc->kb" if per_example else "kbc,bc->k", d_logits, grad)

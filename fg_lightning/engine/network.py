@@ -5,28 +5,59 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fg_lightning.engine.layers import Conv2d, Flatten, Grads, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, Grads, Layer, Linear, MaxPool2d, ReLU
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.tangents import Tangent, directions
 
 TangentFn = Callable[[str, Layer, Tensor], Mapping[str, Tangent]]
 """``tangent_fn(name, layer, layer_input) -> {param: tangent (K, *param.shape)}`` for one parameterised layer."""
 
+ActivityFn = Callable[[str, Layer, Tensor, Tensor], Optional[Tensor]]
+"""``activity_fn(name, layer, layer_input, output) -> tangent (K, *output.shape)`` added to a parameterised layer's
+output tangent (activity perturbation), or ``None``. ``output`` may be changed in place by the next layer (ReLU)."""
+
 
 @dataclass
 class JvpResult:
-    """One forward-mode pass: the loss, the logits ``(B, C)``, ``dir_derivs (K,)`` = ``∇f·v_k`` for each of the
-    K directions, and the tangents used, keyed by full parameter name (``"fc1.weight"``)."""
+    """One forward-mode pass: the loss, the logits ``(B, C)``, ``dir_derivs`` = ``∇f·v_k`` for each of the
+    K directions (``(K,)``, or ``(K, B)`` per example), and the weight tangents used, keyed by full parameter name
+    (``"fc1.weight"``). With local losses, ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss
+    (the last block's loss is the network's, so ``block_derivs[-1]`` is ``dir_derivs``)."""
 
     loss: Tensor
     logits: Tensor
     dir_derivs: Tensor
     tangents: dict[str, Tangent]
+    block_derivs: list[Tensor] | None = None
+
+
+def _has_params(layer: nn.Module) -> bool:
+    return any(True for _ in layer.parameters(recurse=False))
+
+
+class Head(nn.Module):
+    """A local-loss head: layers applied in order to a block's output, giving that block's logits (Ren et al. 2023:
+    a linear classifier, after a spatial average on feature maps)."""
+
+    def __init__(self, layers: Sequence[tuple[str, Layer]]) -> None:
+        super().__init__()
+        for name, layer in layers:
+            if not isinstance(layer, Layer):
+                raise TypeError(f"head layer {name!r} is a {type(layer).__name__}, not an fg_lightning.engine Layer")
+            self.add_module(name, layer)
+
+    def named_layers(self) -> Iterator[tuple[str, Layer]]:
+        return self.named_children()  # type: ignore[return-value]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.children():
+            x = layer(x)
+        return x
 
 
 class Network(nn.Module):
@@ -39,10 +70,18 @@ class Network(nn.Module):
     ``tangent_memory_mb`` bounds the forward-mode pass: when K directions of the widest layer's tangent
     ``(K, B, ...)`` would take more than this, :meth:`jvp` carries them in chunks of directions, one primal pass per
     chunk, with the same result (``None``: always one pass).
+
+    ``heads`` cuts the network into blocks for local losses (Ren et al. 2023): ``{layer name: head layers}`` ends a
+    block after that layer and puts a :class:`Head` (registered as ``head1``, ``head2``, … in order) on its output;
+    the block's local loss is the cross-entropy of the head's logits. The last block ends at the logits and its local
+    loss is the network's loss. ``forward``, :meth:`loss` and :meth:`loss_and_grad` are those of the network without
+    its heads; :meth:`local_loss_and_grad` and ``jvp(local=True)`` train each block on its own loss, with no
+    derivative crossing a block boundary.
     """
 
     def __init__(
-        self, layers: Sequence[tuple[str, Layer]], input_shape: Sequence[int], tangent_memory_mb: float | None = 256.0
+        self, layers: Sequence[tuple[str, Layer]], input_shape: Sequence[int], tangent_memory_mb: float | None = 256.0,
+        heads: Mapping[str, Sequence[tuple[str, Layer]]] | None = None,
     ) -> None:
         super().__init__()
         if not layers:
@@ -53,27 +92,66 @@ class Network(nn.Module):
             if not isinstance(layer, Layer):
                 raise TypeError(f"layer {name!r} is a {type(layer).__name__}, not an fg_lightning.engine Layer")
             self.add_module(name, layer)
+        self._layer_names = [name for name, _ in layers]
+        heads = dict(heads or {})
+        unknown = sorted(set(heads) - set(self._layer_names[:-1]))
+        if unknown:
+            raise ValueError(f"heads must follow a layer other than the last, got heads after {unknown}")
+        # blocks: (layer names, head module name or None for the last block)
+        self._blocks: list[tuple[list[str], str | None]] = []
+        current: list[str] = []
+        for name in self._layer_names:
+            current.append(name)
+            if name in heads:
+                head_name = f"head{len(self._blocks) + 1}"
+                self.add_module(head_name, Head(heads[name]))
+                self._blocks.append((current, head_name))
+                current = []
+        self._blocks.append((current, None))
         self.input_shape = tuple(input_shape)
         self.tangent_memory_mb = tangent_memory_mb
         self._widest: dict[tuple[int, ...], int] = {}  # sample shape -> most elements of any layer's input or output
 
     def named_layers(self) -> Iterator[tuple[str, Layer]]:
-        return self.named_children()  # type: ignore[return-value]
+        """The network's layers in order (not its heads)."""
+        return ((name, getattr(self, name)) for name in self._layer_names)
+
+    @property
+    def has_local_losses(self) -> bool:
+        return len(self._blocks) > 1
+
+    @property
+    def blocks(self) -> list[tuple[list[str], str | None]]:
+        """``(layer names, head name)`` per block, in order; the last block's head is ``None`` (its loss is the
+        network's). A network without heads is one block."""
+        return [(list(names), head) for names, head in self._blocks]
+
+    def block_parameters(self) -> list[list[str]]:
+        """Full names of the parameters of each block, its head's included, in ``named_parameters`` order."""
+        owner = {}
+        for index, (names, head) in enumerate(self._blocks):
+            for module in names + ([head] if head else []):
+                owner[module] = index
+        blocks: list[list[str]] = [[] for _ in self._blocks]
+        for name, _ in self.named_parameters():
+            blocks[owner[name.split(".")[0]]].append(name)
+        return blocks
 
     @property
     def num_classes(self) -> int:
         """Width of the logits: the output size of the last layer with parameters."""
-        last = [layer for layer in self.children() if isinstance(layer, (Linear, Conv2d))][-1]
+        last = [layer for _, layer in self.named_layers() if isinstance(layer, (Linear, Conv2d))][-1]
         return last.out_features if isinstance(last, Linear) else last.out_channels
+
+    def _first_layer(self) -> Layer:
+        return getattr(self, self._layer_names[0])
 
     def _check_input(self, x: Tensor, labels: Tensor | None = None) -> None:
         sample_shape = tuple(x.shape[1:])
-        flat_ok = isinstance(next(iter(self.children())), Flatten) and math.prod(sample_shape) == math.prod(
-            self.input_shape
-        )
+        flat_ok = isinstance(self._first_layer(), Flatten) and math.prod(sample_shape) == math.prod(self.input_shape)
         if x.dim() < 2 or not (sample_shape == self.input_shape or flat_ok):
             expected = f"(B, {', '.join(map(str, self.input_shape))})"
-            if isinstance(next(iter(self.children())), Flatten):
+            if isinstance(self._first_layer(), Flatten):
                 expected += f" or any (B, ...) with {math.prod(self.input_shape)} elements per sample"
             raise ValueError(f"expected input of shape {expected}, got {tuple(x.shape)}")
         if labels is not None and (labels.shape != x.shape[:1] or labels.dtype != torch.long):
@@ -84,32 +162,67 @@ class Network(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, C)``."""
         self._check_input(x)
-        for layer in self.children():
+        for _, layer in self.named_layers():
             x = layer(x)
         return x
 
     def loss(self, x: Tensor, labels: Tensor) -> Tensor:
         return cross_entropy(self(x), labels)
 
-    def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Grads]:
-        """Backprop with the layers' hand-written VJPs: ``(loss, logits, {param name: exact gradient})``."""
-        self._check_input(x, labels)
-        layers = list(self.named_layers())
+    @staticmethod
+    def _backward(layers: Sequence[tuple[str, Layer]], saved: list, d_out: Tensor, grads: Grads,
+                  need_input_grad: bool) -> Tensor | None:
+        """VJPs through ``layers`` in reverse, popping ``saved``; parameter gradients go into ``grads`` by full name.
+        The input gradient is computed only where a parameterised layer below still needs it."""
+        first_param = next((i for i, (_, layer) in enumerate(layers) if _has_params(layer)), len(layers))
+        stop = 0 if need_input_grad else first_param
+        for index in range(len(layers) - 1, stop - 1, -1):
+            name, layer = layers[index]
+            d_out, layer_grads = layer.vjp(saved.pop(), d_out, need_input_grad=need_input_grad or index > first_param)
+            for param, grad in layer_grads.items():
+                grads[f"{name}.{param}"] = grad
+        return d_out if need_input_grad else None
+
+    @staticmethod
+    def _primal(layers: Sequence[tuple[str, Layer]], x: Tensor) -> tuple[Tensor, list]:
         saved = []
         for _, layer in layers:
             x, layer_saved = layer.primal(x)
             saved.append(layer_saved)
-        logits = x
+        return x, saved
+
+    def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Grads]:
+        """Backprop with the layers' hand-written VJPs: ``(loss, logits, {param name: exact gradient})``, for the
+        parameters the network's loss depends on (the heads of local losses are not among them)."""
+        self._check_input(x, labels)
+        layers = list(self.named_layers())
+        logits, saved = self._primal(layers, x)
         loss, d_out = cross_entropy_and_grad(logits, labels)
         grads: Grads = {}
-        # The first layer's input gradient is never needed; nor is any before the first parameterised layer.
-        first_param = next(i for i, (_, layer) in enumerate(layers) if any(True for _ in layer.parameters(False)))
-        for index in range(len(layers) - 1, first_param - 1, -1):
-            name, layer = layers[index]
-            d_out, layer_grads = layer.vjp(saved.pop(), d_out, need_input_grad=index > first_param)
-            for param, grad in layer_grads.items():
-                grads[f"{name}.{param}"] = grad
-        return loss, logits, {name: grads[name] for name, _ in self.named_parameters()}
+        self._backward(layers, saved, d_out, grads, need_input_grad=False)
+        return loss, logits, {name: grads[name] for name, _ in self.named_parameters() if name in grads}
+
+    def local_loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Grads, list[Tensor]]:
+        """Backprop of each block's local loss through that block and its head only (Ren et al.'s LG-BP), one block's
+        activations alive at a time: ``(loss, logits, {param name: gradient of its block's loss}, local losses)``.
+        ``loss`` and ``logits`` are the network's (the last block's)."""
+        self._check_input(x, labels)
+        grads: Grads = {}
+        losses = []
+        h = x
+        for names, head in self._blocks:
+            block = [(name, getattr(self, name)) for name in names]
+            h, saved = self._primal(block, h)
+            if head is None:
+                block_loss, d_h = cross_entropy_and_grad(h, labels)
+            else:
+                head_layers = [(f"{head}.{name}", layer) for name, layer in getattr(self, head).named_layers()]
+                head_logits, head_saved = self._primal(head_layers, h)
+                block_loss, d_logits = cross_entropy_and_grad(head_logits, labels)
+                d_h = self._backward(head_layers, head_saved, d_logits, grads, need_input_grad=True)
+            self._backward(block, saved, d_h, grads, need_input_grad=False)
+            losses.append(block_loss)
+        return losses[-1], h, {name: grads[name] for name, _ in self.named_parameters()}, losses
 
     def widest_activation(self, sample_shape: Sequence[int]) -> int:
         """Most elements per sample of any layer's input or output (from a one-sample primal pass, cached)."""
@@ -118,7 +231,7 @@ class Network(nn.Module):
             param = next(self.parameters())
             x = torch.zeros(1, *key, device=param.device, dtype=param.dtype)
             widest = x.numel()
-            for layer in self.children():
+            for _, layer in self.named_layers():
                 x = layer(x)
                 widest = max(widest, x.numel())
             self._widest[key] = widest
@@ -131,7 +244,8 @@ class Network(nn.Module):
         per_direction = x.shape[0] * self.widest_activation(x.shape[1:]) * x.element_size()
         return max(1, min(num_dirs, int(self.tangent_memory_mb * 2**20 // per_direction)))
 
-    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: TangentFn) -> JvpResult:
+    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: TangentFn, activity_fn: ActivityFn | None = None,
+            local: bool = False, per_example: bool = False) -> JvpResult:
         """Forward mode: the loss and its K directional derivatives.
 
         ``tangent_fn(name, layer, layer_input)`` is called once per parameterised layer, in order, as the pass reaches
@@ -139,17 +253,35 @@ class Network(nn.Module):
         parameter it leaves out has a zero tangent. Only the current layer's primal and tangent are alive at any time
         (besides the input ``x``, which the caller holds anyway and later chunks reuse).
 
+        ``activity_fn(name, layer, layer_input, output)``, if given, is called after each parameterised layer and
+        its ``(K, *output.shape)`` result is added to that layer's output tangent: the activity perturbation of
+        Ren et al. 2023. ``per_example=True`` keeps the batch axis: ``dir_derivs[k, b]`` is the derivative of
+        example ``b``'s term of the (mean) loss, so ``dir_derivs.sum(1)`` is the ``(K,)`` result.
+
+        ``local=True`` (a network with heads): the tangent stops at each block boundary; each block's head is
+        evaluated with its own tangents and ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
+        Without it the heads take no part.
+
         All K directions go through one primal pass, unless their widest tangent would exceed ``tangent_memory_mb``:
-        then the directions are carried in chunks, one primal pass each (``tangent_fn`` is still called once per
-        layer, in the first pass, so the directions and the result are those of a single pass).
+        then the directions are carried in chunks, one primal pass each (``tangent_fn`` and ``activity_fn`` are still
+        called once per layer, in the first pass, so the directions and the result are those of a single pass).
         """
         self._check_input(x, labels)
+        if local and not self.has_local_losses:
+            raise ValueError("jvp(local=True) needs a network with local-loss heads")
         tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
+        activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents
         num_dirs: int | None = None
         chunk: int | None = None  # directions per pass, decided once K is known
 
-        def layer_tangents(name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
+        def check_dirs(what: str, shape: tuple[int, ...], expected_rest: tuple[int, ...]) -> None:
             nonlocal num_dirs
+            if shape[1:] != expected_rest or (num_dirs is not None and shape[0] != num_dirs):
+                expected = f"(K{'' if num_dirs is None else '=' + str(num_dirs)}, {', '.join(map(str, expected_rest))})"
+                raise ValueError(f"{what} has shape {shape}, expected {expected}")
+            num_dirs = shape[0]
+
+        def layer_tangents(name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
             params = dict(layer.named_parameters(recurse=False))
             if name not in asked:  # tangent_fn is asked once per layer, in the first pass
                 asked.add(name)
@@ -157,44 +289,85 @@ class Network(nn.Module):
                     full_name = f"{name}.{param}"
                     if param not in params:
                         raise ValueError(f"tangent_fn returned a tangent for {full_name!r}, which is not a parameter")
-                    shape = tuple(tangent.shape)
-                    if shape[1:] != tuple(params[param].shape) or (num_dirs is not None and shape[0] != num_dirs):
-                        expected = f"(K{'' if num_dirs is None else '=' + str(num_dirs)}, {', '.join(map(str, params[param].shape))})"
-                        raise ValueError(f"tangent for {full_name!r} has shape {shape}, expected {expected}")
-                    num_dirs = shape[0]
+                    check_dirs(f"tangent for {full_name!r}", tuple(tangent.shape), tuple(params[param].shape))
                     tangents[full_name] = tangent
-            return {param: tangents[f"{name}.{param}"] for param in params if f"{name}.{param}" in tangents}
+            chosen = {param: tangents[f"{name}.{param}"] for param in params if f"{name}.{param}" in tangents}
+            return self._chunk(chosen, start, chunk)
+
+        def run(layers: Sequence[tuple[str, Layer]], carry: list) -> list:
+            nonlocal chunk
+            for name, layer in layers:
+                if not _has_params(layer):
+                    carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
+                    continue
+                chosen = layer_tangents(name, layer, carry[0])
+                if chunk is None and num_dirs is not None:
+                    chunk = self.directions_per_pass(x, num_dirs)
+                    chosen = self._chunk(chosen, start, chunk)
+                ask = activity_fn is not None and first_pass and name not in activities
+                layer_input = carry[0] if ask else None
+                # Pop both so that only the layer holds them (see the ownership note in engine.layers).
+                carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
+                if ask:
+                    activity = activity_fn(name, layer, layer_input, carry[0])
+                    if activity is not None:
+                        check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
+                        activities[name] = activity
+                        if chunk is None:
+                            chunk = self.directions_per_pass(x, num_dirs)
+                layer_input = None
+                if name in activities:
+                    activity = self._chunk({"a": activities[name]}, start, chunk)["a"]
+                    carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
+            return carry
+
+        def loss_jvp(logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
+            if d_logits is None:
+                grad_shape = (chunk or 1, *logits.shape[:1]) if per_example else (chunk or 1,)
+                return cross_entropy(logits, labels), logits.new_zeros(grad_shape)
+            return cross_entropy_jvp(logits, labels, d_logits, per_example=per_example)
 
         asked: set[str] = set()
         loss = logits = None
         dir_derivs: list[Tensor] = []
-        start = 0
+        block_derivs: list[list[Tensor]] = [[] for _ in self._blocks]
+        start, first_pass = 0, True
+        blocks = self._blocks if local else [(self._layer_names, None)]
         while True:  # one pass per chunk of directions; usually a single pass
             carry: list = [x, None]  # (primal, tangent), held only here so a layer can release them early
-            for name, layer in self.named_layers():
-                chosen = {}
-                if any(True for _ in layer.parameters(recurse=False)):
-                    chosen = layer_tangents(name, layer, carry[0])
-                    if chunk is None and num_dirs is not None:
-                        chunk = self.directions_per_pass(x, num_dirs)
-                    if chunk is not None and chunk < num_dirs:
-                        chosen = {param: directions(t, start, start + chunk) for param, t in chosen.items()}
-                # Pop both so that only the layer holds them (see the ownership note in engine.layers).
-                carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
+            for index, (names, head) in enumerate(blocks):
+                carry = run([(name, getattr(self, name)) for name in names], carry)
+                if head is not None:  # the block's local loss; the tangent stops here
+                    head_layers = [(f"{head}.{name}", layer) for name, layer in getattr(self, head).named_layers()]
+                    head_logits, d_head = run(head_layers, [carry[0], carry.pop(1)])
+                    carry.append(None)
+                    block_derivs[index].append(loss_jvp(head_logits, d_head)[1])
+                    del head_logits, d_head
             pass_logits, d_logits = carry
             del carry
-            if d_logits is None:
+            if d_logits is None and not local:
                 raise ValueError("tangent_fn returned no tangent for any parameter: there is no direction to differentiate along")
-            pass_loss, pass_derivs = cross_entropy_jvp(pass_logits, labels, d_logits)
+            pass_loss, pass_derivs = loss_jvp(pass_logits, d_logits)
             del d_logits
             if loss is None:
                 loss, logits = pass_loss, pass_logits
             del pass_logits
             dir_derivs.append(pass_derivs)
+            block_derivs[-1].append(pass_derivs)
+            if num_dirs is None:
+                raise ValueError("tangent_fn returned no tangent for any parameter: there is no direction to differentiate along")
             start += chunk
+            first_pass = False
             if start >= num_dirs:
                 break
-        return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=tangents)
+        return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=tangents,
+                         block_derivs=[torch.cat(d) for d in block_derivs] if local else None)
+
+    @staticmethod
+    def _chunk(chosen: dict[str, Tangent], start: int, chunk: int | None) -> dict[str, Tangent]:
+        if chunk is None:
+            return chosen
+        return {param: directions(t, start, start + chunk) if t.shape[0] > chunk else t for param, t in chosen.items()}
 
 
 @contextlib.contextmanager
@@ -212,11 +385,14 @@ class MLP(Network):
 
     Layers ``flatten, fc1, relu1, fc2, relu2, …, fc{n}``; PyTorch's default initialisation, drawn from the global
     RNG or, with ``seed``, from a private one (the global RNG is left untouched).
+
+    ``local_losses=True`` (Ren et al. 2023) puts a linear classifier head (``head{i}.fc``) on each hidden block's
+    output (after ``relu{i}``); the network's own layers are initialised as without heads.
     """
 
     def __init__(
         self, in_features: int = 784, hidden: Sequence[int] = (1024, 1024), num_classes: int = 10, seed: int | None = None,
-        tangent_memory_mb: float | None = 256.0,
+        tangent_memory_mb: float | None = 256.0, local_losses: bool = False,
     ) -> None:
         sizes = [in_features, *hidden, num_classes]
         if any(size < 1 for size in sizes):
@@ -229,7 +405,10 @@ class MLP(Network):
                 layers.append((f"fc{index}", Linear(fan_in, fan_out)))
                 if index < len(sizes) - 1:
                     layers.append((f"relu{index}", ReLU(inplace=True)))
-        super().__init__(layers, input_shape=(in_features,), tangent_memory_mb=tangent_memory_mb)
+            # drawn after the network's own layers, so that they are initialised as without heads
+            heads = {f"relu{i}": [("fc", Linear(width, num_classes))] for i, width in enumerate(hidden, start=1)}
+        super().__init__(layers, input_shape=(in_features,), tangent_memory_mb=tangent_memory_mb,
+                         heads=heads if local_losses else None)
 
 
 class CNN(Network):
@@ -239,6 +418,9 @@ class CNN(Network):
     The paper gives no channel counts, padding or hidden width; the defaults (32, 64, 64 channels, padding 1,
     128 hidden units) are this project's choice. On 28×28 inputs the feature maps are 28→14→7→3.
     Layers ``conv1, relu1, pool1, …, conv3, relu3, pool3, flatten, fc1, relu4, fc2``.
+
+    ``local_losses=True`` (Ren et al. 2023) puts a head (``head{i}.pool``, a spatial average, then ``head{i}.fc``, a
+    linear classifier) on each conv block's output (after ``pool{i}``); the last block is ``flatten … fc2``.
     """
 
     def __init__(
@@ -252,6 +434,7 @@ class CNN(Network):
         num_classes: int = 10,
         seed: int | None = None,
         tangent_memory_mb: float | None = 256.0,
+        local_losses: bool = False,
     ) -> None:
         if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
             raise ValueError(
@@ -279,4 +462,7 @@ class CNN(Network):
                 (f"relu{len(channels) + 1}", ReLU(inplace=True)),
                 ("fc2", Linear(hidden, num_classes)),
             ]
-        super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb)
+            heads = {f"pool{i}": [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))]
+                     for i, c in enumerate(channels, start=1)}
+        super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
+                         heads=heads if local_losses else None)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fg_lightning.engine.layers import Conv2d, Flatten, Layer, Linear, MaxPool2d, ReLU
-from fg_lightning.engine.network import Network
+from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.network import Head, Network
 
 
 def _stock_layer(layer: Layer) -> nn.Module:
@@ -23,6 +23,8 @@ def _stock_layer(layer: Layer) -> nn.Module:
         return nn.MaxPool2d(layer.kernel_size, layer.stride)
     elif isinstance(layer, Flatten):
         return nn.Flatten()
+    elif isinstance(layer, GlobalAvgPool):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     else:
         raise TypeError(f"no stock torch.nn equivalent for {type(layer).__name__}")
     for name, param in layer.named_parameters():
@@ -30,10 +32,11 @@ def _stock_layer(layer: Layer) -> nn.Module:
     return stock
 
 
-def to_torch(network: Network) -> nn.Sequential:
+def to_torch(network: Network | Head) -> nn.Sequential:
     """An ``nn.Sequential`` with the same layer names, parameter names and weights, on the same device and dtype.
 
-    Its parameters require grad; ``nn.functional.cross_entropy`` on its output is the network's loss.
+    Its parameters require grad; ``nn.functional.cross_entropy`` on its output is the network's loss. A network's
+    local-loss heads are not part of it; ``to_torch(network.get_submodule("head1"))`` gives a head's twin.
     """
     stock = nn.Sequential()
     for name, layer in network.named_layers():

@@ -1,4 +1,5 @@
-"""Gradient estimators: one strategy object per method of the paper (Section III) and the backprop baseline.
+"""Gradient estimators: one strategy object per method of the paper (Section III), the backprop baseline, and the
+field's methods beyond the paper (activity perturbation, local losses, local guesses, orthogonal aggregation).
 
 ``REGISTRY`` maps each estimator's short name to its :class:`EstimatorSpec`."""
 
@@ -9,11 +10,15 @@ from fg_lightning.estimators.base import (
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
 from fg_lightning.estimators.input_generated import InputApprox, InputQR
+from fg_lightning.estimators.local import (
+    ActivityPerturbation, LocalActivityPerturbation, LocalBackprop, LocalGuess, LocalWeightPerturbation,
+)
 from fg_lightning.estimators.momentum import MomentumForwardGradient
 from fg_lightning.estimators.registry import REGISTRY, EstimatorSpec
 
 __all__ = [
-    "REGISTRY", "Backprop", "DivergenceError", "Estimate", "EstimatorSpec", "GradientEstimator", "InputApprox",
+    "REGISTRY", "ActivityPerturbation", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
+    "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "GradientEstimator", "InputApprox",
     "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
     "check_finite", "cosine", "forward_gradient", "parameter_layout",
 ]

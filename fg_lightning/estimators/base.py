@@ -100,7 +100,19 @@ class GradientEstimator:
         raise NotImplementedError
 
     def validate(self, network: Network) -> None:
-        """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts)."""
+        """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts).
+        Subclasses that add checks call ``super().validate(network)``."""
+        if network.has_local_losses != self.needs_local_losses:
+            if self.needs_local_losses:
+                raise ValueError(f"{type(self).__name__} trains each block on its local loss and needs a network with "
+                                 "local-loss heads: MLP(local_losses=True) or CNN(local_losses=True)")
+            raise ValueError(f"{type(self).__name__} trains the network's own loss and would leave the local-loss heads "
+                             "untrained: use a network without them (local_losses=False) or a local estimator")
+
+    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The gradient this estimator estimates, by backprop: the reference of its cosine and of its bias. The
+        network loss's gradient here; each block's local-loss gradient for the local estimators."""
+        return network.loss_and_grad(x, labels)[2]
 
     # -- randomness ----------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:

@@ -52,6 +52,7 @@ class MultiDirection(GradientEstimator):
         self.unbiased = aggregation == "mean"
 
     def validate(self, network: Network) -> None:
+        super().validate(network)
         n = num_parameters(network)
         if self.aggregation == "orthogonal" and self.k > n:
             raise ValueError(f"k={self.k} directions cannot be independent in the network's {n} parameters: "
@@ -114,6 +115,7 @@ class Partition(GradientEstimator):
         self._contiguous_cache: tuple[int, torch.device, Tensor] | None = None
 
     def validate(self, network: Network) -> None:
+        super().validate(network)
         n = num_parameters(network)
         if self.k > n:
             raise ValueError(f"k={self.k} is larger than the number of parameters of the network ({n})")

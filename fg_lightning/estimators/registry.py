@@ -11,6 +11,9 @@ from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import GradientEstimator
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
 from fg_lightning.estimators.input_generated import InputApprox, InputQR
+from fg_lightning.estimators.local import (
+    ActivityPerturbation, LocalActivityPerturbation, LocalBackprop, LocalGuess, LocalWeightPerturbation,
+)
 from fg_lightning.estimators.momentum import MomentumForwardGradient
 
 
@@ -54,5 +57,10 @@ REGISTRY: dict[str, EstimatorSpec] = {
         EstimatorSpec("input_qr", InputQR),
         EstimatorSpec("input_approx", InputApprox),
         EstimatorSpec("momentum", MomentumForwardGradient),
+        EstimatorSpec("activity", ActivityPerturbation),
+        EstimatorSpec("local_activity", LocalActivityPerturbation),
+        EstimatorSpec("local_weight", LocalWeightPerturbation),
+        EstimatorSpec("local_backprop", LocalBackprop),
+        EstimatorSpec("local_guess", LocalGuess),
     )
 }
