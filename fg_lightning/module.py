@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from contextvars import ContextVar
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -18,7 +18,9 @@ from fg_lightning.engine import Network, cross_entropy
 from fg_lightning.estimators import DivergenceError, Estimate, GradientEstimator, apply_estimate
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]  # optimizer -> a torch.optim.lr_scheduler scheduler
+SchedulerFactory = Callable[  # optimizer -> a torch.optim.lr_scheduler scheduler (a return type jsonargparse can resolve)
+    [torch.optim.Optimizer], Union[torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau]
+]
 
 
 class CheckpointMismatchError(ValueError):

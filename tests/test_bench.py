@@ -10,10 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from idx_files import write_idx
+from idx_files import learnable_idx, write_idx
 
+from fg_lightning.bench import common
+from fg_lightning.bench.accuracy import DEFAULT_GRID, LR_GRID, lr_grid, pick
 from fg_lightning.bench.cli import main as fg_bench
-from fg_lightning.bench.common import environment, tangent_flops
+from fg_lightning.bench.common import build_network, environment, tangent_flops, train
 from fg_lightning.bench.memory import forward_bound_mb
 from fg_lightning.bench.suite import Budget, slug
 from fg_lightning.engine import CNN, MLP
@@ -103,6 +105,138 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
     decay_1 = [r for r in momentum if r["run"].startswith("momentum decay=1.0")][0]
     assert decay_1["cosine_checkpoint"] > 0.5 and decay_1["gain_checkpoint"] > 1  # step 0 is a checkpoint
     assert_plot(out, "momentum_mlp")
+
+
+def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
+    root, out = learnable_idx(tmp_path / "idx"), str(tmp_path / "out")
+    data = ["--device", "cpu", "--dataset", "mnist", "--root", root, "--no-download", "--val-size", "32",
+            "--batch-size", "8", "--epochs", "2", "--limit-train-batches", "4"]
+    # 1e-6 barely moves from the initialisation (chance accuracy), 0.1 learns the task with backprop, 1e6 diverges
+    fg_bench(["accuracy", *data, "--models", "mlp", "cnn", "--estimators", "backprop", "naive",
+              "--lrs", "1e-6", "0.1", "1e6", "--out", out])
+    assert "| mlp | backprop |" in capsys.readouterr().out
+    runs = load(out, "accuracy")
+    with open(os.path.join(out, "accuracy.json")) as f:
+        meta = json.load(f)["meta"]
+    assert meta["limit_train_batches"] == 4 and meta["steps_per_epoch"] == 4 and meta["schedule"] == "cosine"
+    assert "not full epochs" in open(os.path.join(out, "accuracy.md")).read()
+    assert_plot(out, "accuracy")
+    assert len(runs) == 2 * 2 * 3 and {r["lr"] for r in runs} == {1e-6, 0.1, 1e6}
+    for model in ("mlp", "cnn"):
+        backprop = {r["lr"]: r for r in runs if r["model"] == model and r["estimator"] == "backprop"}
+        for name in ("backprop", "naive"):
+            grid = [r for r in runs if r["model"] == model and r["estimator"] == name]
+            huge = next(r for r in grid if r["lr"] == 1e6)
+            assert huge["diverged"] and huge["diverged_at"] < 8 and huge["test_acc"] is None and not huge["picked"]
+            assert "1e+06 (step" in next(r for r in grid if r["picked"])["diverged_lrs"]
+            trained = [r for r in grid if not r["diverged"]]
+            for r in trained:
+                assert r["steps"] == 8 and [p["epoch"] for p in r["curve"]] == [1, 2]
+                assert r["test_acc"] == r["curve"][-1]["test_acc"] and r["wall_s"] > 0
+            picked = [r for r in grid if r["picked"]]
+            assert len(picked) == 1 and picked[0]["val_acc"] == max(r["val_acc"] for r in trained)
+            assert picked[0]["gap_vs_backprop"] == pytest.approx(picked[0]["test_acc"] - backprop[0.1]["test_acc"])
+        assert backprop[0.1]["picked"] and not backprop[1e-6]["picked"]  # the learning rate beats the tiny one
+        assert backprop[0.1]["val_acc"] > backprop[1e-6]["val_acc"] + 0.1
+    mlp_backprop = next(r for r in runs if r["model"] == "mlp" and r["estimator"] == "backprop" and r["lr"] == 0.1)
+    assert mlp_backprop["val_acc"] >= 0.6  # it learned
+
+    # Same weights and batches for every run: backprop at 0.1 alone, on a fresh loader, is the run above that came
+    # after the one at 1e-6 (which left the loader at epoch 2).
+    again = str(tmp_path / "again")
+    fg_bench(["accuracy", *data, "--models", "mlp", "--estimators", "backprop", "--lrs", "0.1", "--out", again])
+    (rerun,) = load(again, "accuracy")
+    assert [p["test_acc"] for p in rerun["curve"]] == [p["test_acc"] for p in mlp_backprop["curve"]]
+    assert [p["train_loss"] for p in rerun["curve"]] == [p["train_loss"] for p in mlp_backprop["curve"]]
+
+
+@pytest.mark.parametrize("bad, named", [(["--epochs", "0"], "--epochs: must be >= 1, got 0"),
+                                        (["--epochs", "-2"], "--epochs: must be >= 1, got -2"),
+                                        (["--lrs", "1e-3", "0"], "--lrs: must be a finite number > 0, got 0"),
+                                        (["--lrs", "-0.001"], "--lrs: must be a finite number > 0, got -0.001")])
+def test_accuracy_bad_input_is_refused_before_training(tmp_path, capsys, bad, named):
+    with pytest.raises(SystemExit):
+        fg_bench(["accuracy", "--device", "cpu", "--out", str(tmp_path / "out"), *bad])
+    assert named in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_accuracy_needs_a_validation_split(tmp_path):
+    with pytest.raises(SystemExit, match="--val-size must be >= 1.*got 0"):
+        fg_bench(["accuracy", "--device", "cpu", "--out", str(tmp_path), "--val-size", "0", "--root", str(tmp_path)])
+
+
+def test_accuracy_grids(capsys):
+    assert set(LR_GRID) <= set(REGISTRY)
+    assert all(len(grid) == 3 and all(lr > 0 for lr in grid) for grid in LR_GRID.values())
+    assert lr_grid("naive", None) == LR_GRID["naive"] and lr_grid("naive", [0.5]) == [0.5]
+    assert lr_grid("not_in_the_grid", None) == DEFAULT_GRID
+    assert "no learning-rate grid for 'not_in_the_grid'" in capsys.readouterr().out
+
+
+def test_accuracy_picks_by_validation_not_test():
+    def run(name, lr, val=None, test=None, diverged_at=None):
+        return {"model": "mlp", "estimator": name, "k": None, "lr": lr, "schedule": "cosine", "epochs": 1,
+                "diverged": diverged_at is not None, "diverged_at": diverged_at, "val_acc": val, "test_acc": test,
+                "picked": False}
+
+    runs = [run("backprop", 0.1, 0.9, 0.8), run("backprop", 0.3, 0.8, 0.85), run("backprop", 1.0, diverged_at=3),
+            run("naive", 1e-4, 0.5, 0.6), run("naive", 1e-3, 0.6, 0.55), run("momentum", 1e-6, diverged_at=0)]
+    board = pick(runs, ["mlp"], ["backprop", "naive", "momentum"])
+    assert [r["picked"] for r in runs] == [True, False, False, False, True, False]
+    assert [(r["estimator"], r.get("lr"), r.get("gap_vs_backprop")) for r in board] == [
+        ("backprop", 0.1, 0.0), ("naive", 1e-3, pytest.approx(0.55 - 0.8)), ("momentum", None, None)]
+    assert board[0]["diverged_lrs"] == "1 (step 3)" and board[2]["diverged_lrs"] == "1e-06 (step 0)"
+    # without backprop the gap is blank
+    assert "gap_vs_backprop" not in pick([run("naive", 1e-4, 0.5, 0.6)], ["mlp"], ["naive"])[0]
+
+
+def test_train_epochs_scheduler_and_hook():
+    network = MLP(hidden=(16,), seed=0)
+
+    class Loader(list):  # a loader whose sampler is told the epoch, as MNISTDataModule's training loader is
+        class sampler:
+            epochs: list[int] = []
+
+            @classmethod
+            def set_epoch(cls, epoch):
+                cls.epochs.append(epoch)
+
+    batches = Loader((torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(3))
+    made, ends = [], []
+
+    def cosine(optimizer):
+        made.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6))
+        return made[-1]
+
+    result = train(network, REGISTRY["backprop"].make(), 0.1, batches, 6, torch.device("cpu"), epoch_steps=2,
+                   scheduler=cosine, on_epoch_end=lambda epoch, step, seconds: ends.append((epoch, step, seconds)))
+    assert result["steps"] == 6 and result["train_s"] > 0
+    assert [(epoch, step) for epoch, step, _ in ends] == [(0, 2), (1, 4), (2, 6)]
+    assert made[0].last_epoch == 6 and made[0].get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # stepped per step
+    assert Loader.sampler.epochs == [0, 1, 2]  # each epoch its own shuffle, from epoch 0 in every run
+    # without epoch_steps an epoch is a whole pass over the loader
+    ends.clear()
+    train(network, REGISTRY["backprop"].make(), 0.1, batches, 6, torch.device("cpu"),
+          on_epoch_end=lambda epoch, step, seconds: ends.append((epoch, step)))
+    assert ends == [(0, 3), (1, 6)] and Loader.sampler.epochs == [0, 1, 2]  # one order, as before
+
+
+def test_build_network_adds_local_losses_only_when_the_estimator_needs_them(monkeypatch):
+    made = []
+    monkeypatch.setitem(common.MODELS, "mlp", lambda **kwargs: made.append(kwargs))
+
+    class Local:
+        needs_local_losses = True
+
+    build_network("mlp", Local())
+    build_network("mlp", "stock_autograd")
+    build_network("mlp")
+    assert made == [{"seed": 0, "local_losses": True}, {"seed": 0}, {"seed": 0}]
+    made.clear()
+    for name, spec in REGISTRY.items():
+        build_network("mlp", name)
+        assert made.pop() == ({"seed": 0, "local_losses": True} if spec.needs_local_losses else {"seed": 0}), name
 
 
 def test_missing_data_is_one_clear_error(tmp_path):

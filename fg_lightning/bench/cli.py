@@ -5,6 +5,7 @@
     fg-bench quality --dataset fashion_mnist
     fg-bench stability --lrs 1e-4 1e-3 1e-2
     fg-bench momentum
+    fg-bench accuracy --dataset fashion_mnist --epochs 10 --schedule cosine
     fg-bench all --device cuda
 
 Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
@@ -21,6 +22,7 @@ unless ``--out`` is given, with a README.md naming the command, device, torch ve
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from typing import Sequence
@@ -47,16 +49,24 @@ def _positive(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return number
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fg-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = root.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help: str, batch_sizes: list[int], estimators: list[str]) -> argparse.ArgumentParser:
+    def add(name: str, help: str, batch_sizes: list[int] | None, estimators: list[str]) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
         sub.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
-        sub.add_argument("--batch-sizes", nargs="+", type=_positive, default=batch_sizes)
+        if batch_sizes is not None:
+            sub.add_argument("--batch-sizes", nargs="+", type=_positive, default=batch_sizes)
         sub.add_argument("--estimators", nargs="+", choices=list(REGISTRY), default=estimators)
         return sub
 
@@ -74,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
         ("quality", "cosine to the exact gradient and error per layer on real data (Fig. 7, 12)", [256], all_estimators),
         ("stability", "short trainings across learning rates; largest stable rate (Fig. 5, 6, 8)", [256], all_estimators),
         ("momentum", "training curves of the momentum estimator at lr 1e-6 (Fig. 9-12)", [256], ["momentum"]),
+        ("accuracy", "test-accuracy leaderboard: full trainings, the rate of a grid picked by validation", None,
+         all_estimators),
     ):
         sub = add(name, help, batch, estimators)
         sub.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist")
@@ -96,6 +108,17 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--decrease-gap", type=_positive, default=10)
             sub.add_argument("--steps", type=_positive, default=1000)
             sub.add_argument("--cosine-every", type=_positive, default=1, help="steps between cosine measurements")
+        if name == "accuracy":
+            sub.add_argument("--batch-size", "--batch-sizes", dest="batch_size", type=_positive, default=256,
+                             help="one training batch size")
+            sub.add_argument("--epochs", type=_positive, default=10, help="epochs per run, for every model")
+            sub.add_argument("--lrs", nargs="+", type=_positive_float, default=None,
+                             help="learning rates for every estimator (default: each one's grid, accuracy.LR_GRID)")
+            sub.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                             help="cosine: CosineAnnealingLR over all steps, stepped every step")
+            sub.add_argument("--k", type=_positive, default=10, help="k for the estimators that take one")
+            sub.add_argument("--limit-train-batches", type=_positive, default=None,
+                             help="cut each epoch after this many batches (quick looks; the report says so)")
     suite = commands.add_parser("all", help="speed and memory, every estimator and model, into results/<card>/")
     suite.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu with --device cuda, else cpu")
     suite.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")

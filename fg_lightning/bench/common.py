@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -16,8 +17,22 @@ import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
 from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, apply_estimate, cosine
 
-MODELS: dict[str, Callable[[], Network]] = {"mlp": lambda: MLP(seed=0), "cnn": lambda: CNN(seed=0)}
+MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
 STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled")
+
+
+def build_network(model: str, estimator: str | GradientEstimator | None = None, seed: int = 0,
+                  **kwargs: Any) -> Network:
+    """``MLP`` / ``CNN`` (``model``) from ``seed``, so every case of a model starts from the same weights, with local
+    loss heads (``local_losses=True``) only when ``estimator`` — a registry name, an instance, or a stock baseline's
+    name (never) — needs them."""
+    if isinstance(estimator, str):
+        local = estimator not in STOCK and REGISTRY[estimator].needs_local_losses
+    else:
+        local = estimator is not None and estimator.needs_local_losses
+    if local:
+        kwargs["local_losses"] = True
+    return MODELS[model](seed=seed, **kwargs)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -207,57 +222,103 @@ def tangent_flops(network: Network, batch_size: int) -> tuple[float, float]:
     return primal, tangent
 
 
-def real_batches(args: Any, batch_size: int):
-    """``(train loader, validation set)`` of real MNIST / Fashion-MNIST through :class:`MNISTDataModule`."""
+def real_data(args: Any, batch_size: int):
+    """Real MNIST / Fashion-MNIST (``args.dataset``, ``root``, ``download``, ``val_size``) as a set-up
+    :class:`MNISTDataModule`: ``train_dataloader()``, ``val_set``, ``test_set``."""
     from fg_lightning.data import MNISTDataModule
 
     data = MNISTDataModule(dataset=args.dataset, root=args.root, batch_size=batch_size, download=args.download,
                            val_size=args.val_size, pin_memory=False)
     data.setup("fit")
+    return data
+
+
+def real_batches(args: Any, batch_size: int):
+    """``(train loader, validation set)`` of :func:`real_data`."""
+    data = real_data(args, batch_size)
     return data.train_dataloader(), data.val_set
 
 
+def evaluate(network: Network, dataset, device: torch.device) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` of ``network`` on a whole ``TensorDataset`` of images and labels, 2048 at a time
+    (the engine's forward only)."""
+    from fg_lightning.engine import cross_entropy
+
+    images, labels = dataset.tensors
+    with torch.no_grad():
+        logits = torch.cat([network(images[i : i + 2048].to(device)) for i in range(0, len(images), 2048)])
+    labels = labels.to(device)
+    return float(cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
+
+
+def _epochs(loader, epoch_steps: int | None):
+    """Passes over ``loader``, each cut after ``epoch_steps`` batches; with ``epoch_steps``, pass ``e`` is shuffled as
+    epoch ``e`` (``sampler.set_epoch``, as Lightning does), so every run sees the same batches in the same order."""
+    for epoch in itertools.count():
+        if epoch_steps is not None and hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield itertools.islice(loader, epoch_steps)
+
+
 def train(network: Network, estimator: GradientEstimator, lr: float, loader, steps: int, device: torch.device,
-          validation=None, cosine_every: int = 0) -> dict[str, Any]:
-    """Plain SGD with ``estimator`` for ``steps`` steps (cycling over ``loader``), through the same
+          validation=None, cosine_every: int = 0, epoch_steps: int | None = None,
+          scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+          on_epoch_end: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Plain SGD with ``estimator`` for ``steps`` steps, through the same
     :func:`~fg_lightning.estimators.apply_estimate` as ForwardGradientModule, stopping at the first non-finite loss or
     update. Returns the losses; every ``cosine_every`` steps the cosine to the exact gradient and the gain ĝ·g/|g|²
-    (the step taken along g per unit of learning rate); validation accuracy and loss at the end; and where it
-    diverged."""
-    from fg_lightning.engine import cross_entropy
+    (the step taken along g per unit of learning rate); validation accuracy and loss at the end; where it
+    diverged; and ``train_s``, the seconds spent in the steps (batches included, ``on_epoch_end`` not).
+
+    Without ``epoch_steps`` it cycles over ``loader`` in the loader's one order (as the short runs of ``stability``
+    and ``momentum`` always have). With it, training goes in epochs of ``epoch_steps`` steps (fewer if the loader
+    runs out first), each shuffled as its epoch, and ``on_epoch_end(epoch, steps so far, train_s so far)`` follows
+    every completed epoch. ``scheduler(optimizer)`` builds a learning-rate scheduler, stepped after every step."""
     from fg_lightning.estimators import DivergenceError
 
     optimizer = torch.optim.SGD(network.parameters(), lr=lr)
+    schedule = scheduler(optimizer) if scheduler is not None else None
     losses: list[float] = []
     cosines: list[tuple[int, float, float, bool]] = []  # (step, cosine, gain ĝ·g/|g|², exact gradient computed?)
     diverged_at = None
-    batches = iter(())
-    for index in range(steps):
-        try:
-            x, labels = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, labels = next(batches)
-        x, labels = x.to(device), labels.to(device)
-        exact = network.loss_and_grad(x, labels)[2] if cosine_every and index % cosine_every == 0 else None
-        estimate = estimator.estimate(network, x, labels, index)
-        if exact is not None:
-            projection = sum(float((estimate.grads[n] * g).sum()) for n, g in exact.items())
-            gain = projection / sum(float(g.square().sum()) for g in exact.values())
-            cosines.append((index, cosine(estimate.grads, exact), gain, estimate.exact))
-        try:
-            apply_estimate(estimate, network, optimizer, index, estimator)
-        except DivergenceError:
-            diverged_at = index
-            cosines = [c for c in cosines if c[0] < index]
+    index, seconds, start = 0, 0.0, time.perf_counter()
+    for epoch, batches in enumerate(_epochs(loader, epoch_steps)):
+        taken = index
+        for x, labels in batches:
+            if index == steps:
+                break
+            x, labels = x.to(device), labels.to(device)
+            exact = (estimator.exact_gradient(network, x, labels)  # what it estimates: LocalBackprop's for the local ones
+                     if cosine_every and index % cosine_every == 0 else None)
+            estimate = estimator.estimate(network, x, labels, index)
+            if exact is not None:
+                projection = sum(float((estimate.grads[n] * g).sum()) for n, g in exact.items())
+                gain = projection / sum(float(g.square().sum()) for g in exact.values())
+                cosines.append((index, cosine(estimate.grads, exact), gain, estimate.exact))
+            try:
+                apply_estimate(estimate, network, optimizer, index, estimator)
+            except DivergenceError:
+                diverged_at = index
+                cosines = [c for c in cosines if c[0] < index]
+                break
+            if schedule is not None:
+                schedule.step()
+            losses.append(float(estimate.loss))
+            index += 1
+        else:
+            if index == taken:
+                raise ValueError("the training loader gave no batch")
+            if on_epoch_end is not None:
+                sync(device)
+                seconds += time.perf_counter() - start
+                on_epoch_end(epoch, index, seconds)
+                start = time.perf_counter()
+        if index == steps or diverged_at is not None:
             break
-        losses.append(float(estimate.loss))
+    sync(device)
+    seconds += time.perf_counter() - start
     result: dict[str, Any] = {"losses": losses, "cosines": cosines, "diverged": diverged_at is not None,
-                              "diverged_at": diverged_at, "steps": len(losses)}
+                              "diverged_at": diverged_at, "steps": len(losses), "train_s": seconds}
     if validation is not None and diverged_at is None:
-        images, labels = validation.tensors
-        with torch.no_grad():
-            logits = torch.cat([network(images[i : i + 2048].to(device)) for i in range(0, len(images), 2048)])
-        result["val_loss"] = float(cross_entropy(logits, labels.to(device)))
-        result["val_acc"] = float((logits.argmax(1) == labels.to(device)).float().mean())
+        result["val_loss"], result["val_acc"] = evaluate(network, validation, device)
     return result

@@ -9,7 +9,6 @@ ranking, so the measured step is a forward-mode one, not a checkpoint).
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
@@ -20,8 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from fg_lightning.bench.common import (
-    MODELS, STOCK, activation_sizes, cases, engine_step, environment, make_batch, panels_per_model, stock_step, sync,
-    write_report,
+    STOCK, activation_sizes, build_network, cases, engine_step, environment, make_batch, panels_per_model, stock_step,
+    sync, write_report,
 )
 from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
@@ -43,7 +42,7 @@ def _status_mb(field: str) -> float:
 
 def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None) -> dict[str, float]:
     """Runs in a fresh process (see the module docstring)."""
-    network = MODELS[model]()
+    network = build_network(model, name)
     step = _step_for(network, name, k)
     step(*make_batch(network, 2, torch.device("cpu")), 0)
     x, labels = make_batch(network, batch_size, torch.device("cpu"))
@@ -68,8 +67,8 @@ def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cuda_case(base: torch.nn.Module, batch_size: int, name: str, k: int | None, device: torch.device) -> dict[str, float]:
-    network = copy.deepcopy(base)
+def _cuda_case(model: str, batch_size: int, name: str, k: int | None, device: torch.device) -> dict[str, float]:
+    network = build_network(model, name).to(device)
     step = _step_for(network, name, k)
     step(*make_batch(network, 2, device), 0)
     x, labels = make_batch(network, batch_size, device)
@@ -112,12 +111,12 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
     records: list[dict[str, Any]] = []
     for model in models:
         for batch_size in batch_sizes:
-            base = MODELS[model]().to(device)
+            base = build_network(model).to(device)
             rows = []
             for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions):
                 def case() -> dict[str, float]:
                     if device.type == "cuda":
-                        return _cuda_case(base, batch_size, name, k, device)
+                        return _cuda_case(model, batch_size, name, k, device)
                     if isolate:
                         return _cpu_case(model, batch_size, name, k, torch.get_num_threads())
                     return measure_cpu_case(model, batch_size, name, k)

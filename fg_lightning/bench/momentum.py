@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fg_lightning.bench.common import MODELS, environment, pyplot, real_batches, train, write_report
+from fg_lightning.bench.common import build_network, environment, pyplot, real_batches, train, write_report
 from fg_lightning.estimators import Backprop, MomentumForwardGradient, NaiveForwardGradient
 
 COLUMNS = ["model", "run", "lr", "steps", "diverged", "first_loss", "final_loss", "val_acc", "cosine_checkpoint",
@@ -33,8 +33,8 @@ def run(args: Any) -> list[dict[str, Any]]:
     for model in args.models:
         loader, validation = real_batches(args, args.batch_sizes[0])
         for name, estimator, lr in runs(args.lr, args.reference_lr, args.fix_gap, args.decrease_gap):
-            result = train(MODELS[model]().to(device), estimator, lr, loader, args.steps, device, validation,
-                           cosine_every=args.cosine_every)
+            result = train(build_network(model, estimator).to(device), estimator, lr, loader, args.steps, device,
+                           validation, cosine_every=args.cosine_every)
             losses, measured = result["losses"], result["cosines"]
             record = {"model": model, "run": name, "lr": lr, **result, "first_loss": losses[0] if losses else None,
                       "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None}

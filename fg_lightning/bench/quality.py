@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    MODELS, cases, environment, pyplot, real_batches, train, write_report,
+    build_network, cases, environment, pyplot, real_batches, train, write_report,
 )
 from fg_lightning.estimators import REGISTRY, Backprop, cosine
 
@@ -23,13 +23,22 @@ def run(args: Any) -> list[dict[str, Any]]:
     for model in args.models:
         for batch_size in args.batch_sizes:
             loader, _ = real_batches(args, batch_size)
-            network = MODELS[model]().to(device)
-            if args.pretrain_steps:  # the paper's plots come from networks in training, not only at initialisation
-                train(network, Backprop(), args.pretrain_lr, loader, args.pretrain_steps, device)
             x, labels = (t.to(device) for t in next(iter(loader)))
-            exact = network.loss_and_grad(x, labels)[2]
+            prepared: dict[bool, Any] = {}  # networks by needs_local_losses
+
+            def network_for(name: str) -> Any:
+                local = REGISTRY[name].needs_local_losses
+                if local not in prepared:
+                    network = build_network(model, name).to(device)
+                    if args.pretrain_steps:  # the paper's plots come from networks in training, not only at init
+                        train(network, Backprop(), args.pretrain_lr, loader, args.pretrain_steps, device)
+                    prepared[local] = network
+                return prepared[local]
+
             for name, k in cases(args.estimators, args.directions):
+                network = network_for(name)
                 estimator = REGISTRY[name].make(k)
+                exact = estimator.exact_gradient(network, x, labels)  # LocalBackprop's gradient for the local ones
                 draws = 1 if name == "backprop" else args.draws
                 cosines: dict[str, list[float]] = {"all": []} | {p: [] for p in exact}
                 projections = dict.fromkeys(cosines, 0.0)  # Σ over draws of ĝ·g

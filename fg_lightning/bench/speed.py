@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
 
 from fg_lightning.bench.common import (
-    MODELS, STOCK, cases, engine_step, environment, make_batch, pyplot, stock_step, summary, tangent_flops, time_steps,
-    write_report,
+    STOCK, build_network, cases, engine_step, environment, make_batch, pyplot, stock_step, summary, tangent_flops,
+    time_steps, write_report,
 )
 from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
@@ -30,13 +29,13 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
     records = []
     for model_name in models:
         for batch_size in batch_sizes:
-            base = MODELS[model_name]().to(device)
+            base = build_network(model_name).to(device)
             x, labels = make_batch(base, batch_size, device)
             primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
             rows: list[dict[str, Any]] = []
             for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions):
                 def case() -> list[tuple[float, bool]]:
-                    network = copy.deepcopy(base)
+                    network = build_network(model_name, name).to(device)  # the same weights as base
                     step = stock_step(network, name) if name in STOCK else engine_step(network, REGISTRY[name].make(k))
                     return time_steps(step, x, labels, warmup, repeats, device)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fg_lightning.bench.common import (
-    MODELS, environment, markdown_table, panels_per_model, real_batches, train, write_report,
+    build_network, environment, markdown_table, panels_per_model, real_batches, train, write_report,
 )
 from fg_lightning.estimators import REGISTRY
 
@@ -23,8 +23,8 @@ def run(args: Any) -> list[dict[str, Any]]:
         for name in args.estimators:
             k = args.k if REGISTRY[name].takes_k else None
             for lr in args.lrs:
-                result = train(MODELS[model]().to(device), REGISTRY[name].make(k), lr, loader, args.steps, device,
-                               validation)
+                result = train(build_network(model, name).to(device), REGISTRY[name].make(k), lr, loader, args.steps,
+                               device, validation)
                 losses = result.pop("losses")
                 tail = losses[-20:]
                 records.append({"model": model, "estimator": name, "k": k, "lr": lr, **result,
