@@ -61,6 +61,10 @@ def _by_rows(compute: Callable[[slice], Tensor], batch: int, per_sample: int, ba
 class Layer(nn.Module):
     """One differentiable tensor function with its three passes."""
 
+    @property
+    def has_parameters(self) -> bool:
+        return any(True for _ in self.parameters(recurse=False))
+
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - every layer overrides it
         raise NotImplementedError
 

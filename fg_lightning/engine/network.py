@@ -36,10 +36,6 @@ class JvpResult:
     block_derivs: list[Tensor] | None = None
 
 
-def _has_params(layer: nn.Module) -> bool:
-    return any(True for _ in layer.parameters(recurse=False))
-
-
 class Head(nn.Module):
     """A local-loss head: layers applied in order to a block's output, giving that block's logits (Ren et al. 2023:
     a linear classifier, after a spatial average on feature maps)."""
@@ -137,6 +133,16 @@ class Network(nn.Module):
             blocks[owner[name.split(".")[0]]].append(name)
         return blocks
 
+    def head_layers(self, head: str) -> list[tuple[str, Layer]]:
+        """A head's layers with their full names (``"head1.fc"``)."""
+        return [(f"{head}.{name}", layer) for name, layer in getattr(self, head).named_layers()]
+
+    def logit_layers(self) -> set[str]:
+        """Full names of the layers whose output is the logits of a loss: the network's last parameterised layer and
+        each head's."""
+        bodies = [list(self.named_layers())] + [self.head_layers(head) for _, head in self._blocks if head]
+        return {[name for name, layer in layers if layer.has_parameters][-1] for layers in bodies}
+
     @property
     def num_classes(self) -> int:
         """Width of the logits: the output size of the last layer with parameters."""
@@ -174,7 +180,7 @@ class Network(nn.Module):
                   need_input_grad: bool) -> Tensor | None:
         """VJPs through ``layers`` in reverse, popping ``saved``; parameter gradients go into ``grads`` by full name.
         The input gradient is computed only where a parameterised layer below still needs it."""
-        first_param = next((i for i, (_, layer) in enumerate(layers) if _has_params(layer)), len(layers))
+        first_param = next((i for i, (_, layer) in enumerate(layers) if layer.has_parameters), len(layers))
         stop = 0 if need_input_grad else first_param
         for index in range(len(layers) - 1, stop - 1, -1):
             name, layer = layers[index]
@@ -216,7 +222,7 @@ class Network(nn.Module):
             if head is None:
                 block_loss, d_h = cross_entropy_and_grad(h, labels)
             else:
-                head_layers = [(f"{head}.{name}", layer) for name, layer in getattr(self, head).named_layers()]
+                head_layers = self.head_layers(head)
                 head_logits, head_saved = self._primal(head_layers, h)
                 block_loss, d_logits = cross_entropy_and_grad(head_logits, labels)
                 d_h = self._backward(head_layers, head_saved, d_logits, grads, need_input_grad=True)
@@ -275,36 +281,35 @@ class Network(nn.Module):
         chunk: int | None = None  # directions per pass, decided once K is known
 
         def check_dirs(what: str, shape: tuple[int, ...], expected_rest: tuple[int, ...]) -> None:
-            nonlocal num_dirs
+            nonlocal num_dirs, chunk
             if shape[1:] != expected_rest or (num_dirs is not None and shape[0] != num_dirs):
                 expected = f"(K{'' if num_dirs is None else '=' + str(num_dirs)}, {', '.join(map(str, expected_rest))})"
                 raise ValueError(f"{what} has shape {shape}, expected {expected}")
-            num_dirs = shape[0]
+            if num_dirs is None:  # the first tangent fixes K and so the directions per pass
+                num_dirs, chunk = shape[0], self.directions_per_pass(x, shape[0])
 
         def layer_tangents(name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
             params = dict(layer.named_parameters(recurse=False))
-            if name not in asked:  # tangent_fn is asked once per layer, in the first pass
-                asked.add(name)
+            if start == 0:  # tangent_fn is asked once per layer, in the first pass
                 for param, tangent in tangent_fn(name, layer, layer_input).items():
                     full_name = f"{name}.{param}"
                     if param not in params:
                         raise ValueError(f"tangent_fn returned a tangent for {full_name!r}, which is not a parameter")
                     check_dirs(f"tangent for {full_name!r}", tuple(tangent.shape), tuple(params[param].shape))
                     tangents[full_name] = tangent
-            chosen = {param: tangents[f"{name}.{param}"] for param in params if f"{name}.{param}" in tangents}
-            return self._chunk(chosen, start, chunk)
+            return {param: part(tangents[f"{name}.{param}"]) for param in params if f"{name}.{param}" in tangents}
+
+        def part(tangent: Tangent) -> Tangent:
+            """This pass's directions of a tangent (all of them in a single pass)."""
+            return tangent if chunk >= num_dirs else directions(tangent, start, start + chunk)
 
         def run(layers: Sequence[tuple[str, Layer]], carry: list) -> list:
-            nonlocal chunk
             for name, layer in layers:
-                if not _has_params(layer):
+                if not layer.has_parameters:
                     carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
                     continue
                 chosen = layer_tangents(name, layer, carry[0])
-                if chunk is None and num_dirs is not None:
-                    chunk = self.directions_per_pass(x, num_dirs)
-                    chosen = self._chunk(chosen, start, chunk)
-                ask = activity_fn is not None and first_pass and name not in activities
+                ask = activity_fn is not None and start == 0
                 layer_input = carry[0] if ask else None
                 # Pop both so that only the layer holds them (see the ownership note in engine.layers).
                 carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
@@ -313,11 +318,9 @@ class Network(nn.Module):
                     if activity is not None:
                         check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
                         activities[name] = activity
-                        if chunk is None:
-                            chunk = self.directions_per_pass(x, num_dirs)
                 layer_input = None
                 if name in activities:
-                    activity = self._chunk({"a": activities[name]}, start, chunk)["a"]
+                    activity = part(activities[name])
                     carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
             return carry
 
@@ -327,26 +330,24 @@ class Network(nn.Module):
                 return cross_entropy(logits, labels), logits.new_zeros(grad_shape)
             return cross_entropy_jvp(logits, labels, d_logits, per_example=per_example)
 
-        asked: set[str] = set()
         loss = logits = None
         dir_derivs: list[Tensor] = []
         block_derivs: list[list[Tensor]] = [[] for _ in self._blocks]
-        start, first_pass = 0, True
+        start = 0
         blocks = self._blocks if local else [(self._layer_names, None)]
         while True:  # one pass per chunk of directions; usually a single pass
             carry: list = [x, None]  # (primal, tangent), held only here so a layer can release them early
             for index, (names, head) in enumerate(blocks):
                 carry = run([(name, getattr(self, name)) for name in names], carry)
                 if head is not None:  # the block's local loss; the tangent stops here
-                    head_layers = [(f"{head}.{name}", layer) for name, layer in getattr(self, head).named_layers()]
-                    head_logits, d_head = run(head_layers, [carry[0], carry.pop(1)])
+                    head_logits, d_head = run(self.head_layers(head), [carry[0], carry.pop(1)])
                     carry.append(None)
                     block_derivs[index].append(loss_jvp(head_logits, d_head)[1])
                     del head_logits, d_head
+            if num_dirs is None:
+                raise ValueError("tangent_fn returned no tangent for any parameter: there is no direction to differentiate along")
             pass_logits, d_logits = carry
             del carry
-            if d_logits is None and not local:
-                raise ValueError("tangent_fn returned no tangent for any parameter: there is no direction to differentiate along")
             pass_loss, pass_derivs = loss_jvp(pass_logits, d_logits)
             del d_logits
             if loss is None:
@@ -354,20 +355,11 @@ class Network(nn.Module):
             del pass_logits
             dir_derivs.append(pass_derivs)
             block_derivs[-1].append(pass_derivs)
-            if num_dirs is None:
-                raise ValueError("tangent_fn returned no tangent for any parameter: there is no direction to differentiate along")
             start += chunk
-            first_pass = False
             if start >= num_dirs:
                 break
         return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=tangents,
                          block_derivs=[torch.cat(d) for d in block_derivs] if local else None)
-
-    @staticmethod
-    def _chunk(chosen: dict[str, Tangent], start: int, chunk: int | None) -> dict[str, Tangent]:
-        if chunk is None:
-            return chosen
-        return {param: directions(t, start, start + chunk) if t.shape[0] > chunk else t for param, t in chosen.items()}
 
 
 @contextlib.contextmanager

@@ -111,7 +111,9 @@ class GradientEstimator:
 
     def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The gradient this estimator estimates, by backprop: the reference of its cosine and of its bias. The
-        network loss's gradient here; each block's local-loss gradient for the local estimators."""
+        network loss's gradient, or each block's local-loss gradient for an estimator that ``needs_local_losses``."""
+        if self.needs_local_losses:
+            return network.local_loss_and_grad(x, labels)[2]
         return network.loss_and_grad(x, labels)[2]
 
     # -- randomness ----------------------------------------------------------------------------------------------

@@ -32,17 +32,9 @@ def _followed_by_relu(network: Network) -> set[str]:
     return {name for (name, _), (_, after) in zip(layers, layers[1:]) if isinstance(after, ReLU)}
 
 
-def _output_layers(network: Network) -> set[str]:
-    """Full names of the layers whose output is the logits of a loss: the network's last parameterised layer and the
-    last parameterised layer of each head."""
-    def last(layers, prefix=""):
-        return [prefix + name for name, layer in layers if any(True for _ in layer.parameters(recurse=False))][-1:]
-
-    names = last(network.named_layers())
-    for _, head in network.blocks:
-        if head is not None:
-            names += last(network.get_submodule(head).named_layers(), f"{head}.")
-    return set(names)
+def _block_of_layers(network: Network) -> dict[str, int]:
+    """Block index of every parameterised layer (full name, heads' layers included)."""
+    return {name.rsplit(".", 1)[0]: index for index, names in enumerate(network.block_parameters()) for name in names}
 
 
 class _ActivityPerturbation(GradientEstimator):
@@ -58,7 +50,7 @@ class _ActivityPerturbation(GradientEstimator):
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         masked = _followed_by_relu(network) if self.relu_mask else set()
-        outputs = _output_layers(network) if self.exact_output else set()
+        outputs = network.logit_layers() if self.exact_output else set()
         perturbed: dict[str, tuple[Layer, Tensor, Tensor]] = {}  # layer name -> (layer, its input, u (K, B, ...))
         grads: dict[str, Tensor] = {}
 
@@ -87,15 +79,9 @@ class _ActivityPerturbation(GradientEstimator):
 
     def validate(self, network: Network) -> None:
         super().validate(network)
-        layers = [name for name, layer in network.named_layers() if any(True for _ in layer.parameters(recurse=False))]
-        if self.exact_output and len(layers) < 2:
+        if self.exact_output and sum(layer.has_parameters for _, layer in network.named_layers()) < 2:
             raise ValueError(f"{type(self).__name__}(exact_output=True) has no layer to perturb in a network with one "
                              "parameterised layer: its gradient is exact; use Backprop")
-
-
-def _block_of_layers(network: Network) -> dict[str, int]:
-    """Block index of every parameterised layer (full name, heads' layers included)."""
-    return {name.rsplit(".", 1)[0]: index for index, names in enumerate(network.block_parameters()) for name in names}
 
 
 class ActivityPerturbation(_ActivityPerturbation):
@@ -115,8 +101,8 @@ class ActivityPerturbation(_ActivityPerturbation):
     perturbations share one derivative per example, so a perturbed logit layer, whose gradient is the largest, would
     put its noise into every other layer's estimate: on the paper's MLP (one Fashion-MNIST batch of 256, k = 1) the
     mean cosine to the gradient is 0.064 with it exact and 0.020 with it perturbed (``exact_output=False``, every
-    layer perturbed as in Ren et al.'s FG-A), against naive's 0.00047. The weight step needs each layer's input, kept until the end of the
-    pass (as backprop keeps its activations). Ren et al. report MNIST test error 3.24 % (backprop 2.66 %,
+    layer perturbed as in Ren et al.'s FG-A), against naive's 0.00047. The weight step needs each layer's input,
+    kept until the end of the pass (as backprop keeps its activations). Ren et al. report MNIST test error 3.24 % (backprop 2.66 %,
     weight-perturbed forward gradient 9.25 %).
     """
 
@@ -128,9 +114,6 @@ class LocalActivityPerturbation(_ActivityPerturbation):
     Ren et al. report MNIST test error 2.55 % (local backprop 2.41 %) and CIFAR-10 30.68 % (33.62 %)."""
 
     needs_local_losses: ClassVar[bool] = True
-
-    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return network.local_loss_and_grad(x, labels)[2]
 
 
 class LocalWeightPerturbation(GradientEstimator):
@@ -146,9 +129,6 @@ class LocalWeightPerturbation(GradientEstimator):
     def __init__(self, k: int = 1, seed: int = 0) -> None:
         super().__init__(seed)
         self.k = check_positive_int("k", k)
-
-    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return network.local_loss_and_grad(x, labels)[2]
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         def tangent_fn(name, layer, layer_input):
@@ -168,9 +148,6 @@ class LocalBackprop(GradientEstimator):
     unbiased = True
     needs_local_losses: ClassVar[bool] = True
 
-    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return network.local_loss_and_grad(x, labels)[2]
-
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         loss, logits, grads, _ = network.local_loss_and_grad(x, labels)
         return Estimate(loss, logits, grads)
@@ -181,35 +158,37 @@ class LocalGuess(GradientEstimator):
     of its local loss (a VJP through the block and its head only); one forward-mode pass of the *network's* loss with
     one tangent per block gives :math:`d_B = \nabla L \cdot v_B`, and the block's update is the projection of the
     global gradient on its guess, :math:`\hat g_B = (d_B / |v_B|^2)\, v_B`. The heads follow their local gradient.
-    For the last block the guess is the global gradient itself. Biased (a projection), but far better aligned than a
+    For the last block the guess is the global gradient itself, taken as it is. Biased (a projection), but far better aligned than a
     random direction; Fournier et al. find it closes much of the gap to backprop, with an overhead of a local backward
-    and a forward-mode pass with as many tangents as blocks."""
+    and a forward-mode pass with a tangent per block but the last."""
 
     unbiased = False
     needs_local_losses: ClassVar[bool] = True
 
+    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return network.loss_and_grad(x, labels)[2]  # it projects the network loss's gradient
+
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         _, _, local, _ = network.local_loss_and_grad(x, labels)
-        blocks = network.block_parameters()
         main = {name for name, _ in network.named_layers()}
-        guessed = [[n for n in names if n.split(".")[0] in main] for names in blocks]
+        # The last block's local loss is the network's: its guess is the gradient itself and needs no projection.
+        guessed = [[n for n in names if n.split(".")[0] in main] for names in network.block_parameters()[:-1]]
+        block_of = {name: index for index, names in enumerate(guessed) for name in names}
 
         def tangent_fn(name, layer, layer_input):  # direction i is block i's guess, zero on the other blocks
             tangents = {}
             for param, p in layer.named_parameters():
                 full = f"{name}.{param}"
-                index = next(i for i, names in enumerate(guessed) if full in names)
-                tangent = p.new_zeros(len(guessed), *p.shape)
-                tangent[index] = local[full]
-                tangents[param] = tangent
+                if full in block_of:
+                    tangents[param] = p.new_zeros(len(guessed), *p.shape)
+                    tangents[param][block_of[full]] = local[full]
             return tangents
 
         result = network.jvp(x, labels, tangent_fn)
         sq_norms = torch.stack([sum(local[n].square().sum() for n in names) for names in guessed])
         scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
                             torch.zeros_like(sq_norms))
-        grads = dict(local)  # the heads follow their local gradient
-        for index, names in enumerate(guessed):
-            for name in names:
-                grads[name] = local[name] * scale[index]
+        grads = dict(local)  # the heads and the last block follow their local gradient
+        for name, index in block_of.items():
+            grads[name] = local[name] * scale[index]
         return Estimate(result.loss, result.logits, grads)
