@@ -12,7 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "fg_lightning.callbacks": ["GradientCosine", "PeakMemory", "StepTimer", "UpdateCallback"],
+    "fg_lightning.callbacks": ["CommBytes", "GradientCosine", "PeakMemory", "StepTimer", "UpdateCallback"],
+    "fg_lightning.distributed": ["ForwardGradientDDPStrategy"],
     "fg_lightning.data": ["MNISTDataModule"],
     "fg_lightning.engine": ["CNN", "MLP", "JvpResult", "Network", "OuterTangent", "to_torch"],
     "fg_lightning.estimators": [

@@ -139,6 +139,34 @@ class PeakMemory(UpdateCallback):
             pl_module.log("perf/peak_mem_mb", peak, on_step=True, on_epoch=False)
 
 
+class CommBytes(UpdateCallback):
+    """Bytes the estimator sends from each process into collectives during the update (all-reduces, gathers), as
+    counted by its :attr:`~fg_lightning.estimators.GradientEstimator.collective`.
+
+    Under ``fg_ddp`` that is what each step communicates: K + 2 numbers for the random-direction estimators (their K
+    directional derivatives, the loss and the batch size), the gradient for backprop. In one process nothing is sent
+    and the figure is what the same step would send across processes.
+
+    Logs ``perf/comm_bytes`` every step.
+
+    Example::
+
+        Trainer(strategy="fg_ddp", devices=2, callbacks=[CommBytes(), StepTimer()])
+    """
+
+    def __init__(self) -> None:
+        self._start = 0
+
+    @override
+    def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = pl_module.estimator.collective.bytes
+
+    @override
+    def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
+        sent = pl_module.estimator.collective.bytes - self._start
+        pl_module.log("perf/comm_bytes", float(sent), on_step=True, on_epoch=False)
+
+
 class GradientCosine(UpdateCallback):
     """Cosine between the estimate and the exact gradient at the same parameters, every ``every_n_steps`` steps.
 

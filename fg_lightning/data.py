@@ -21,7 +21,7 @@ import torchvision
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision.datasets.utils import extract_archive
 from typing_extensions import override
 
@@ -75,24 +75,40 @@ def whole_batch(batch: list[Tensor]) -> list[Tensor]:
     return batch
 
 
-class EpochPermutation(Sampler[int]):
+class EpochPermutation(DistributedSampler):
     """A shuffle that depends only on ``(seed, epoch)``: Lightning calls :meth:`set_epoch` before each epoch, so a
     run resumed at epoch ``e`` sees the same order as the run that never stopped. ``start`` skips the first
-    indices of the next iteration (a resumed, half-finished epoch)."""
+    indices of the next iteration (a resumed, half-finished epoch).
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+    Data parallel (``num_replicas`` ranks): the epoch's order is cut into *union batches* of ``num_replicas ×
+    batch_size`` indices, and rank ``r`` takes the ``r``-th ``batch_size`` of each, so that the ranks' batches of a
+    step together are the batch of one process with ``num_replicas × batch_size`` (the estimators combine them so).
+    The last, short union batch is split as evenly as possible; every index is seen once per epoch across the ranks
+    and every rank has the same number of batches, except that a last union batch of fewer than ``num_replicas``
+    indices is left out of that epoch (the next epoch's order differs). A ``DistributedSampler``, so that Lightning
+    keeps it instead of putting its own in its place."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.size, self.batch_size, self.start = size, batch_size, 0
+
+    def _shard(self, order: Tensor) -> Tensor:
+        """This rank's indices of the epoch's ``order``."""
+        union = self.batch_size * self.num_replicas
+        full = len(order) // union * union
+        mine = order[:full].view(-1, self.num_replicas, self.batch_size)[:, self.rank].reshape(-1)
+        rest = order[full:]
+        if len(rest) < self.num_replicas:
+            return mine
+        return torch.cat([mine, rest.tensor_split(self.num_replicas)[self.rank]])
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         start, self.start = self.start, 0
-        return iter(torch.randperm(self.size, generator=generator)[start:].tolist())
+        return iter(self._shard(torch.randperm(self.size, generator=generator))[start:].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return len(self._shard(torch.arange(self.size)))
 
 
 class ResumableDataLoader(DataLoader):
@@ -103,8 +119,9 @@ class ResumableDataLoader(DataLoader):
     written as an exception stops a step (Ctrl-C, a divergence) must not count that batch as consumed."""
 
     def __init__(self, dataset: TensorDataset, seed: int, in_flight: Callable[[], int] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(dataset, sampler=EpochPermutation(len(dataset), seed), **kwargs)
+                 num_replicas: int = 1, rank: int = 0, **kwargs: Any) -> None:
+        sampler = EpochPermutation(len(dataset), seed, kwargs.get("batch_size", 1), num_replicas, rank)
+        super().__init__(dataset, sampler=sampler, **kwargs)
         self._consumed = 0
         self._resume: tuple[int, int] | None = None
         self._in_flight = in_flight
@@ -341,7 +358,11 @@ class MNISTDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
         loader = ResumableDataLoader if shuffle else DataLoader
-        extra = {"seed": self.seed, "in_flight": self._batches_in_flight} if shuffle else {}
+        extra = {}
+        if shuffle:  # data parallel: this rank's share of every union batch (see EpochPermutation)
+            trainer = self.trainer
+            extra = {"seed": self.seed, "in_flight": self._batches_in_flight,
+                     "num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
         return loader(
             dataset,
             batch_size=self.batch_size,

@@ -14,8 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from fg_lightning.callbacks import ExceptionCheckpoint, UpdateCallback
+from fg_lightning.distributed import check_strategy
 from fg_lightning.engine import Network, cross_entropy
 from fg_lightning.estimators import DivergenceError, Estimate, GradientEstimator, apply_estimate
+from fg_lightning.estimators.collective import Collective, TorchCollective
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[  # optimizer -> a torch.optim.lr_scheduler scheduler (a return type jsonargparse can resolve)
@@ -56,6 +58,11 @@ class ForwardGradientModule(LightningModule):
     such). Validation and test are forward passes only; ``predict`` gives class probabilities. The estimator's state
     (its generator, the momentum estimator's ranking) is saved in checkpoints, so resuming continues bit-for-bit; a
     checkpoint of another network or estimator raises :class:`CheckpointMismatchError`.
+
+    Several processes (``Trainer(strategy="fg_ddp", devices=N, num_nodes=M)``, see :mod:`fg_lightning.distributed`):
+    every rank starts from rank 0's parameters and estimator state, the estimator exchanges what its update needs
+    (e.g. K directional derivatives and the loss) and every rank takes the update one process would take on the union
+    of the ranks' batches. Lightning's own ``ddp`` (and FSDP, DeepSpeed) is refused at setup, in one line.
 
     Logs ``train/loss``, ``train/acc`` (every step), ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 
@@ -114,6 +121,24 @@ class ForwardGradientModule(LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.network(x)
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Before the strategy wraps or moves anything: a strategy that cannot train the engine fails here, in one line.
+        if stage != "fit":  # evaluation runs under any strategy (Lightning's ddp only wraps the module to fit)
+            return
+        check_strategy(self.trainer.strategy)
+        if self.trainer.world_size > 1:  # fg_ddp: the estimator exchanges what its update needs
+            self.estimator.collective = TorchCollective()
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.estimator.collective = Collective()
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:  # the same directions on every rank: rank 0's estimator state (seed, generator)
+            self.estimator.load_state_dict(self.trainer.strategy.broadcast(self.estimator.state_dict()))
 
     @override
     def configure_optimizers(self) -> Any:
@@ -202,7 +227,7 @@ class ForwardGradientModule(LightningModule):
         logits = self.network(x)
         loss = cross_entropy(logits, labels)
         accuracy(logits, labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)  # sync: the mean over the ranks
         self.log(f"{stage}/acc", accuracy, prog_bar=stage == "val")
 
     @override

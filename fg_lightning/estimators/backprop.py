@@ -16,4 +16,5 @@ class Backprop(GradientEstimator):
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         loss, logits, grads = network.loss_and_grad(x, labels)
+        loss, grads = self.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)

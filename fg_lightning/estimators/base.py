@@ -6,6 +6,7 @@ An estimator turns one batch into an update direction. It only calls the engine 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fg_lightning.engine import JvpResult, Network, weighted_sum
+from fg_lightning.estimators.collective import Collective
 
 
 @dataclass
@@ -82,6 +84,12 @@ class GradientEstimator:
     Randomness comes from the estimator's own ``torch.Generator`` (seeded with ``seed``, on the parameters'
     device), never from the global RNG, so the same seed gives the same directions whatever else draws numbers.
     ``state_dict()`` holds everything needed to continue bit-for-bit after a resume.
+
+    Data parallel: :attr:`collective` (a :class:`~fg_lightning.estimators.collective.Collective`; one process by
+    default, a ``TorchCollective`` under :class:`~fg_lightning.distributed.ForwardGradientDDPStrategy`) combines what
+    each rank computed, so that every rank takes the update of one process on the union batch. Each estimator calls
+    it where its update needs it: the K directional derivatives and the loss (random directions, the same on every
+    rank), the layer inputs (input-generated directions) or the gradient (backprop, activity perturbation, guesses).
     """
 
     unbiased: bool = False  # a class default; an estimator whose arguments decide it sets it on the instance
@@ -93,6 +101,35 @@ class GradientEstimator:
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
+        self.collective = Collective()
+
+    @property
+    def collective(self) -> Collective:
+        """How this estimator combines per-rank quantities (:class:`Collective`: one process)."""
+        return self._collective
+
+    @collective.setter
+    def collective(self, collective: Collective) -> None:
+        if not isinstance(collective, Collective):
+            raise TypeError(f"collective must be a Collective, got {type(collective).__name__}")
+        self._collective = collective
+
+    def batch_mean(self, batch_size: int, *tensors: Tensor) -> list[Tensor]:
+        """The union batch's mean of per-rank batch means (see :meth:`Collective.batch_mean`), in one call."""
+        return self.collective.batch_mean(tensors, batch_size)
+
+    def mean_derivatives(self, batch_size: int, result: JvpResult) -> JvpResult:
+        """``result`` with its loss and its K directional derivatives (each block's, with local losses) as means over
+        the union batch, in one all-reduce of K + 1 numbers (per block); the tangents are the same on every rank."""
+        blocks = result.block_derivs[:-1] if result.block_derivs is not None else []
+        loss, dir_derivs, *blocks = self.batch_mean(batch_size, result.loss, result.dir_derivs, *blocks)
+        block_derivs = None if result.block_derivs is None else [*blocks, dir_derivs]
+        return dataclasses.replace(result, loss=loss, dir_derivs=dir_derivs, block_derivs=block_derivs)
+
+    def mean_gradient(self, batch_size: int, loss: Tensor, grads: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and a gradient (a dict of per-parameter batch means) over the union batch, in one all-reduce."""
+        loss, *values = self.batch_mean(batch_size, loss, *grads.values())
+        return loss, dict(zip(grads, values))
 
     # -- the strategy ------------------------------------------------------------------------------------------
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
@@ -113,8 +150,10 @@ class GradientEstimator:
         """The gradient this estimator estimates, by backprop: the reference of its cosine and of its bias. The
         network loss's gradient, or each block's local-loss gradient for an estimator that ``needs_local_losses``."""
         if self.needs_local_losses:
-            return network.local_loss_and_grad(x, labels)[2]
-        return network.loss_and_grad(x, labels)[2]
+            loss, _, grads, _ = network.local_loss_and_grad(x, labels)
+        else:
+            loss, _, grads = network.loss_and_grad(x, labels)
+        return self.mean_gradient(len(x), loss, grads)[1]
 
     # -- randomness ----------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:

@@ -62,7 +62,7 @@ class MultiDirection(GradientEstimator):
         def tangent_fn(name, layer, layer_input):
             return {param: self.randn(self.k, *p.shape, like=p) for param, p in layer.named_parameters()}
 
-        result = network.jvp(x, labels, tangent_fn)
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
         if self.aggregation == "mean":
             return Estimate(result.loss, result.logits, forward_gradient(result, 1.0 / self.k))
         # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
@@ -151,7 +151,7 @@ class Partition(GradientEstimator):
                 tangents[param] = padded.scatter_(0, ids.unsqueeze(0), values.unsqueeze(0)).view(self.k, *shape)
             return tangents
 
-        result = network.jvp(x, labels, tangent_fn)
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
         # Parts are disjoint, so Σ_j (∇f·v^j) v^j is v times the derivative of each coordinate's own part.
         flat = source.mul_(result.dir_derivs[part_ids])  # the tangents hold copies: source is free to reuse
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, (shape, offset) in layout.items()}

@@ -30,14 +30,15 @@ class _InputGenerated(GradientEstimator):
             tangents = {}
             for param, p in layer.named_parameters():
                 if isinstance(layer, Linear) and param == "weight":
-                    direction, scale = self.input_direction(layer_input)
+                    # from the union batch's input (gathered across ranks), as one process would draw it
+                    direction, scale = self.input_direction(self.collective.gather_rows(layer_input))
                     noise = self.randn(1, p.shape[0], like=p) * (scale**0.5)
                     tangents[param] = OuterTangent(noise, direction.unsqueeze(0))
                 else:
                     tangents[param] = self.randn(1, *p.shape, like=p)
             return tangents
 
-        result = network.jvp(x, labels, tangent_fn)
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
         return Estimate(result.loss, result.logits, forward_gradient(result))
 
 

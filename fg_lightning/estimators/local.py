@@ -51,6 +51,7 @@ class _ActivityPerturbation(GradientEstimator):
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         masked = _followed_by_relu(network) if self.relu_mask else set()
         outputs = network.logit_layers() if self.exact_output else set()
+        offset, total = self.collective.batch_rows(len(x))  # this rank's rows of the union batch
         perturbed: dict[str, tuple[Layer, Tensor, Tensor]] = {}  # layer name -> (layer, its input, u (K, B, ...))
         grads: dict[str, Tensor] = {}
 
@@ -62,7 +63,10 @@ class _ActivityPerturbation(GradientEstimator):
             if name in outputs:  # logits: the loss's derivative comes with the forward pass, a one-layer local step
                 add_grads(name, layer, layer_input, cross_entropy_and_grad(output, labels)[1])
                 return None
-            u = self.randn(self.k, *output.shape, like=output)
+            # per-example noise drawn for the union batch (the same on every rank), this rank's rows taken
+            u = self.randn(self.k, total, *output.shape[1:], like=output)
+            if total != len(output):
+                u = u.narrow(1, offset, len(output)).clone()
             if name in masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
                 u.mul_(output > 0)
             perturbed[name] = (layer, layer_input, u)
@@ -75,7 +79,10 @@ class _ActivityPerturbation(GradientEstimator):
         for name, (layer, layer_input, u) in perturbed.items():
             d = derivs[block_of.get(name, 0)]  # (K, B): each example's derivative of its block's loss
             add_grads(name, layer, layer_input, torch.einsum("kb,kb...->b...", d, u).div_(self.k))  # ĝ_z, mean of K
-        return Estimate(result.loss, result.logits, {name: grads[name] for name, _ in network.named_parameters()})
+        # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
+        loss, grads = self.mean_gradient(len(x), result.loss,
+                                         {name: grads[name] for name, _ in network.named_parameters()})
+        return Estimate(loss, result.logits, grads)
 
     def validate(self, network: Network) -> None:
         super().validate(network)
@@ -134,7 +141,7 @@ class LocalWeightPerturbation(GradientEstimator):
         def tangent_fn(name, layer, layer_input):
             return {param: self.randn(self.k, *p.shape, like=p) for param, p in layer.named_parameters()}
 
-        result = network.jvp(x, labels, tangent_fn, local=True)
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn, local=True))
         grads = {name: weighted_sum(derivs / self.k, result.tangents[name])
                  for names, derivs in zip(network.block_parameters(), result.block_derivs) for name in names}
         return Estimate(result.loss, result.logits, {name: grads[name] for name, _ in network.named_parameters()})
@@ -150,6 +157,7 @@ class LocalBackprop(GradientEstimator):
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
         loss, logits, grads, _ = network.local_loss_and_grad(x, labels)
+        loss, grads = self.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)
 
 
@@ -166,10 +174,13 @@ class LocalGuess(GradientEstimator):
     needs_local_losses: ClassVar[bool] = True
 
     def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return network.loss_and_grad(x, labels)[2]  # it projects the network loss's gradient
+        loss, _, grads = network.loss_and_grad(x, labels)  # it projects the network loss's gradient
+        return self.mean_gradient(len(x), loss, grads)[1]
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        _, _, local, _ = network.local_loss_and_grad(x, labels)
+        loss, _, local, _ = network.local_loss_and_grad(x, labels)
+        # data parallel: the guesses are the union batch's local gradients (one all-reduce), the same on every rank
+        _, local = self.mean_gradient(len(x), loss, local)
         main = {name for name, _ in network.named_layers()}
         # The last block's local loss is the network's: its guess is the gradient itself and needs no projection.
         guessed = [[n for n in names if n.split(".")[0] in main] for names in network.block_parameters()[:-1]]
@@ -184,7 +195,7 @@ class LocalGuess(GradientEstimator):
                     tangents[param][block_of[full]] = local[full]
             return tangents
 
-        result = network.jvp(x, labels, tangent_fn)
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
         sq_norms = torch.stack([sum(local[n].square().sum() for n in names) for names in guessed])
         scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
                             torch.zeros_like(sq_norms))

@@ -108,8 +108,9 @@ class MomentumForwardGradient(GradientEstimator):
         groups = self._groups(network)
         first = next(network.parameters())
         checkpoint = step % self.fix_gap == 0 or self._sorted_index is None
-        if checkpoint:
+        if checkpoint:  # data parallel: the gradient all-reduced, so that every rank ranks it the same
             loss, logits, grads = network.loss_and_grad(x, labels)
+            loss, grads = self.mean_gradient(len(x), loss, grads)
             exact = torch.cat([grads[name].flatten() for name, _, _ in layout])
             self._sorted_index = self._rank(exact, groups)
         gamma = self.decay_at(step) ** (step % self.fix_gap)
@@ -118,9 +119,9 @@ class MomentumForwardGradient(GradientEstimator):
             dir_deriv = exact @ direction
         else:
             views = {name: direction[offset : offset + shape.numel()].view(1, *shape) for name, shape, offset in layout}
-            result = network.jvp(
+            result = self.mean_derivatives(len(x), network.jvp(
                 x, labels, lambda name, layer, _: {p: views[f"{name}.{p}"] for p, _ in layer.named_parameters()}
-            )
+            ))
             loss, logits, dir_deriv = result.loss, result.logits, result.dir_derivs[0]
         flat = direction * dir_deriv
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, shape, offset in layout}

@@ -1,0 +1,103 @@
+r"""What a data-parallel estimator exchanges between processes: the one small interface an estimator uses to combine
+what each process computed on its part of the batch.
+
+Under data parallelism each of ``W`` processes (ranks) holds the same parameters and the same estimator state (so
+the same random directions, drawn from the same generator) and a part of the *union batch* of ``B = Σ_r B_r``
+examples, rank ``r``'s rows at offset ``Σ_{r' < r} B_{r'}``. Every estimator combines its per-rank quantities so that
+every rank takes the update a single process would take on the union batch:
+
+- quantities that are batch means (the loss, directional derivatives, a gradient) through :meth:`batch_mean`,
+  :math:`\sum_r B_r t_r / \sum_r B_r`, all of a step's tensors in one all-reduce;
+- the rows of a layer input through :meth:`gather_rows` (input-generated directions);
+- per-example noise is drawn for the whole union batch on every rank and each rank takes its own rows
+  (:meth:`batch_rows`).
+
+:class:`Collective` is the single process: nothing to combine, every method returns its input, but :attr:`bytes`
+counts what the same calls would send, so that a single-process run (and ``fg-bench comm``) tells what a
+data-parallel step communicates. :class:`TorchCollective` does it with ``torch.distributed`` (gloo on CPU, NCCL on
+GPUs), in the default process group that Lightning's strategy sets up.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _nbytes(tensors: Sequence[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Collective:
+    """One process. ``bytes`` counts the bytes each call would send from this process (an all-reduce its payload, a
+    gather this rank's rows), plus one element for the batch size that a batch-weighted mean carries."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def batch_mean(self, tensors: Sequence[Tensor], batch_size: int) -> list[Tensor]:
+        """Each tensor, a mean over this rank's ``batch_size`` examples, as the mean over the union batch:
+        :math:`\\sum_r B_r t_r / \\sum_r B_r`, all tensors in one all-reduce."""
+        self.bytes += _nbytes(tensors) + (tensors[0].element_size() if tensors else 0)
+        return list(tensors)
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """The union batch's rows of ``tensor (B_r, ...)``: every rank's rows in rank order, ``(B, ...)``."""
+        self.bytes += _nbytes([tensor]) + 8  # and the batch size
+        return tensor
+
+    def batch_rows(self, batch_size: int) -> tuple[int, int]:
+        """``(offset, total)``: where this rank's ``batch_size`` rows start in the union batch, and its size."""
+        self.bytes += 8
+        return 0, batch_size
+
+
+class TorchCollective(Collective):
+    """``torch.distributed`` in the default process group (or ``group``), which must be initialised: Lightning's
+    :class:`~fg_lightning.distributed.ForwardGradientDDPStrategy` does it. Results are identical on every rank (an
+    all-reduce hands every rank the same sum)."""
+
+    def __init__(self, group: object | None = None) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("TorchCollective needs an initialised torch.distributed process group")
+        self._group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def batch_mean(self, tensors: Sequence[Tensor], batch_size: int) -> list[Tensor]:
+        super().batch_mean(tensors, batch_size)
+        if not tensors:
+            return []
+        # One flat buffer: Σ_r B_r t_r for every tensor, then Σ_r B_r in the last element.
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_ones(1)]).mul_(batch_size)
+        dist.all_reduce(flat, group=self._group)
+        flat = flat[:-1] / flat[-1]
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def _batch_sizes(self, batch_size: int, device: torch.device) -> list[int]:
+        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=device)
+        sizes[self.rank] = batch_size
+        dist.all_reduce(sizes, group=self._group)
+        return sizes.tolist()
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        super().gather_rows(tensor)
+        sizes = self._batch_sizes(len(tensor), tensor.device)
+        padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])  # all_gather wants equal shapes
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous(), group=self._group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    def batch_rows(self, batch_size: int) -> tuple[int, int]:
+        super().batch_rows(batch_size)
+        nccl = dist.get_backend(self._group) == "nccl"  # NCCL reduces CUDA tensors only
+        sizes = self._batch_sizes(batch_size, torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+        return sum(sizes[: self.rank]), sum(sizes)
