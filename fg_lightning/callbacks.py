@@ -112,8 +112,8 @@ class StepTimer(UpdateCallback):
             ("perf/step_ms_median_exact", [ms for ms, exact in timed if exact]),
             ("perf/step_ms_median_forward", [ms for ms, exact in timed if not exact]),
         ):
-            if times:
-                pl_module.log(tag, statistics.median(times))
+            if times:  # several processes: the mean of their medians
+                pl_module.log(tag, statistics.median(times), sync_dist=True)
 
 
 class PeakMemory(UpdateCallback):

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from fg_lightning.data import DatasetNotFoundError, MNISTDataModule
+from fg_lightning.distributed import check_strategy, wraps_in_ddp
 from fg_lightning.module import (
     CheckpointMismatchError,
     DivergenceError,
@@ -332,16 +333,30 @@ class ForwardGradientCLI(LightningCLI):
             raise
         except ValueError as err:
             raise DataError(str(err)) from err
-        try:
-            trainer = super().instantiate_trainer(**kwargs)
-        except ImportError as err:  # e.g. --trainer.accelerator tpu without torch_xla
-            raise ConfigError(f"the trainer settings need a package that is not installed: {err}") from err
+        trainer = self._build_trainer(**kwargs)
+        if self.subcommand == "fit" and wraps_in_ddp(trainer.strategy) \
+                and self.config_init[self.subcommand]["trainer"].get("strategy") == "auto":
+            # Several devices and no strategy asked for: Lightning picks its ddp, which cannot train the engine; the
+            # same processes with fg_ddp can.
+            self.config_init[self.subcommand]["trainer"]["strategy"] = "fg_ddp"
+            trainer = self._build_trainer(**kwargs)
+        if self.subcommand == "fit":
+            try:
+                check_strategy(trainer.strategy)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         # The log folders this run will create, so that a failure can take them away again (cleanup_after).
         folders = [logger.log_dir for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))]
         self._new_folders = {folder: self._first_missing(folder) for folder in folders
                              if re.fullmatch(r"version_\d+", os.path.basename(folder)) and not os.path.exists(folder)}
         _RUNNING.set(self)
         return trainer
+
+    def _build_trainer(self, **kwargs: Any) -> Any:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except ImportError as err:  # e.g. --trainer.accelerator tpu without torch_xla
+            raise ConfigError(f"the trainer settings need a package that is not installed: {err}") from err
 
     def cleanup_after(self, err: BaseException) -> BaseException:
         """After the run failed with `err`: remove the run's new log folder if it holds nothing from training, and

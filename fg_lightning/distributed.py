@@ -49,6 +49,12 @@ class ForwardGradientDDPStrategy(DDPStrategy):
             dist.broadcast(tensor.data, src=0)
 
 
+def wraps_in_ddp(strategy: Strategy) -> bool:
+    """Whether ``strategy`` is one of Lightning's own DDP strategies, which wrap the module in
+    DistributedDataParallel."""
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, ForwardGradientDDPStrategy)
+
+
 def check_strategy(strategy: Strategy) -> None:
     """Raise ``ValueError`` (one line) for a multi-process strategy other than :class:`ForwardGradientDDPStrategy`:
     Lightning's ``ddp`` family wraps the module in DistributedDataParallel, which refuses parameters that autograd
@@ -58,7 +64,7 @@ def check_strategy(strategy: Strategy) -> None:
             and strategy.world_size > 1:
         name = type(strategy).__name__
         raise ValueError(f"strategy {name} cannot train the engine's networks across {strategy.world_size} processes"
-                         f"{' (DistributedDataParallel needs autograd gradients)' if isinstance(strategy, DDPStrategy) else ''}"
+                         f"{' (DistributedDataParallel needs autograd gradients)' if wraps_in_ddp(strategy) else ''}"
                          ": use --trainer.strategy fg_ddp (Trainer(strategy='fg_ddp')), which all-reduces what each "
                          "estimator needs")
 

@@ -293,3 +293,18 @@ def test_budget_skips_what_does_not_fit_and_records_failures(capsys):
     assert budget.run("oom", oom, cpu) == (None, "OutOfMemoryError: CUDA out of memory. Tried to allocate 26.00 GiB")
     assert "fg-bench speed: huge: skipped: would need at least" in capsys.readouterr().out
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_comm_reports_bytes_per_step_beside_the_gradient(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    fg_bench(["comm", "--device", "cpu", "--out", out, "--models", "mlp", "--batch-sizes", "4", "--estimators",
+              "backprop", "naive", "multi_direction", "input_qr", "momentum", "--directions", "1", "5"])
+    records = {(r["estimator"], r["k"]): r for r in load(out, "comm")}
+    n = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
+    assert records["backprop", None]["gradient_bytes"] == 4 * n
+    assert records["backprop", None]["bytes_per_step"] == 4 * (n + 2)  # the gradient, the loss, the batch size
+    assert records["naive", None]["bytes_per_step"] == 4 * 3
+    assert records["multi_direction", 5]["bytes_per_step"] == 4 * (5 + 2) <= (5 + 1) * 8  # the target
+    assert records["momentum", None]["bytes_each_step"] == [4 * (n + 2), 4 * 3]  # a checkpoint, then forward mode
+    assert records["input_qr", None]["bytes_per_step"] == 4 * 4 * (784 + 1024 + 1024) + 3 * 8 + 4 * 3
+    assert "| mlp | naive |" in capsys.readouterr().out

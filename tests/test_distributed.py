@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from ddp_worker import K, MODELS, make, train
+from idx_files import learnable_idx
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fg_lightning.cli import main as fg_cli
 from fg_lightning.data import EpochPermutation
 from fg_lightning.estimators import REGISTRY
 from fg_lightning.estimators.collective import Collective
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "..", "configs")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def run_ranks(argv: list[str], world_size: int = 2, timeout: int = 600, cwd: str = HERE) -> list[str]:
-    """Run ``argv`` once per rank with torch.distributed's environment; fail with every rank's output."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": HERE}
-        procs.append(subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
-    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +115,97 @@ def test_sharded_order_is_the_union_batches_of_one_process(size, batch_size, wor
 def test_one_process_order_is_unchanged_by_sharding():
     generator = torch.Generator().manual_seed(5 * 1_000_003 + 2)
     assert shards(50, 7, 1, seed=5, epoch=2)[0] == torch.randperm(50, generator=generator).tolist()
+
+
+# ------------------------------------------------------------------------------- fg-cli on two processes (Lightning)
+
+FG_CLI = shutil.which("fg-cli")
+needs_script = pytest.mark.skipif(FG_CLI is None, reason="fg-cli is not installed (pip install -e .)")
+
+
+@pytest.fixture(scope="module")
+def idx_root(tmp_path_factory):
+    return learnable_idx(tmp_path_factory.mktemp("idx"))
+
+
+def fit_args(config, idx_root, save_dir, batch_size, *extra):
+    return ["fit", "--config", os.path.join(CONFIGS, f"{config}.yaml"), "--data.root", idx_root,
+            "--data.download", "false", "--data.batch_size", str(batch_size), "--data.val_size", "16",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(save_dir),
+            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu",
+            *extra]
+
+
+def two_processes(argv, cwd):
+    """fg-cli on two CPU processes: Lightning's launcher starts the second one by running the same command."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FG_CLI_TRACEBACK", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["MASTER_PORT"] = str(free_port())
+    return subprocess.run([FG_CLI, *argv, "--trainer.devices", "2"], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
+def checkpoint(save_dir, config, version=0, name="last.ckpt"):
+    return torch.load(os.path.join(str(save_dir), config, f"version_{version}", "checkpoints", name),
+                      weights_only=False)
+
+
+def scalars(save_dir, config, tag, version=0):
+    values = {}
+    for path in glob.glob(os.path.join(str(save_dir), config, f"version_{version}", "events.out.tfevents.*")):
+        events = EventAccumulator(path)
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            values.update({e.step: e.value for e in events.Scalars(tag)})
+    return values
+
+
+@needs_script
+@pytest.mark.parametrize("config, strategy", [("mlp_naive", None), ("mlp_backprop", "fg_ddp")],
+                         ids=["naive-no-strategy", "backprop-fg_ddp"])
+def test_fg_cli_on_two_processes_is_one_process_on_the_union_batch(config, strategy, idx_root, tmp_path):
+    """Two processes with batch 4 each end where one process with batch 8 ends (float32 tolerance); without
+    --trainer.strategy fg-cli picks fg_ddp. perf/comm_bytes: K + 2 numbers for naive, the gradient for backprop."""
+    extra = ["--trainer.max_steps", "4"] + (["--trainer.strategy", strategy] if strategy else [])
+    done = two_processes(fit_args(config, idx_root, tmp_path / "ddp", 4, *extra), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fg_cli(fit_args(config, idx_root, tmp_path / "one", 8, "--trainer.max_steps", "4"))
+    ddp, one = checkpoint(tmp_path / "ddp", config), checkpoint(tmp_path / "one", config)
+    assert ddp["global_step"] == one["global_step"] == 4
+    for name, value in one["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    losses = scalars(tmp_path / "ddp", config, "train/loss")
+    assert sorted(losses) == [0, 1, 2, 3]
+    for step, loss in scalars(tmp_path / "one", config, "train/loss").items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5)
+    n = sum(v.numel() for v in one["state_dict"].values())
+    expected = 3 * 4 if config == "mlp_naive" else (n + 2) * 4
+    assert set(scalars(tmp_path / "ddp", config, "perf/comm_bytes").values()) == {expected}
+
+
+@needs_script
+def test_resumed_two_process_run_continues_exactly(idx_root, tmp_path):
+    """Momentum (its ranking state and generator in the checkpoint) on two processes: resumed from the checkpoint of
+    step 3, in the middle of an epoch, to step 6, it ends bit-for-bit where the uninterrupted run ends."""
+    config, run = "mlp_momentum", tmp_path / "tb"
+    extra = ["--model.estimator.init_args.fix_gap", "2", "--trainer.strategy", "fg_ddp", "--trainer.max_steps", "6"]
+    every_3 = ('--trainer.callbacks+={"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+               '{"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}')
+    done = two_processes(fit_args(config, idx_root, run, 4, *extra, every_3), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    step_3 = os.path.join(str(run), config, "version_0", "checkpoints", "step=3.ckpt")
+    done = two_processes(fit_args(config, idx_root, run, 4, *extra, "--ckpt_path", step_3), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight, resumed = checkpoint(run, config), checkpoint(run, config, 1)
+    assert resumed["global_step"] == 6
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+
+
+@needs_script
+def test_lightning_ddp_is_refused_in_one_line(idx_root, tmp_path):
+    done = two_processes(fit_args("mlp_naive", idx_root, tmp_path / "tb", 4, "--trainer.strategy", "ddp"), tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("fg-cli: ConfigError: strategy DDPStrategy cannot train") and "fg_ddp" in lines[-1]
+    assert "Traceback" not in done.stderr

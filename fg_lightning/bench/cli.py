@@ -6,6 +6,7 @@
     fg-bench stability --lrs 1e-4 1e-3 1e-2
     fg-bench momentum
     fg-bench accuracy --dataset fashion_mnist --epochs 10 --schedule cosine
+    fg-bench comm --batch-sizes 256
     fg-bench all --device cuda
 
 Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
@@ -80,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
     memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
     memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    comm = add("comm", "bytes each process sends per data-parallel step, beside the gradient's", [256],
+               all_estimators)
+    comm.add_argument("--directions", nargs="+", type=_positive, default=[1, 10])
+    comm.add_argument("--steps", type=_positive, default=2, help="steps counted (momentum: a checkpoint, then not)")
     for name, help, batch, estimators in (
         ("quality", "cosine to the exact gradient and error per layer on real data (Fig. 7, 12)", [256], all_estimators),
         ("stability", "short trainings across learning rates; largest stable rate (Fig. 5, 6, 8)", [256], all_estimators),

@@ -6,7 +6,7 @@ field's methods beyond the paper (activity perturbation, local losses, local gue
 from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import (
     DivergenceError, Estimate, GradientEstimator, apply_estimate, check_finite, cosine, forward_gradient,
-    parameter_layout,
+    num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
 from fg_lightning.estimators.input_generated import InputApprox, InputQR
@@ -20,5 +20,5 @@ __all__ = [
     "REGISTRY", "ActivityPerturbation", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
     "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "GradientEstimator", "InputApprox",
     "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
-    "check_finite", "cosine", "forward_gradient", "parameter_layout",
+    "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout",
 ]
