@@ -345,6 +345,9 @@ class ForwardGradientCLI(LightningCLI):
                 check_strategy(trainer.strategy)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if self.subcommand == "predict" and trainer.world_size > 1:
+            raise ConfigError(f"predict writes the test set's probabilities in order to one file: run it on one "
+                              f"device (--trainer.devices 1), not {trainer.world_size} processes")
         # The log folders this run will create, so that a failure can take them away again (cleanup_after).
         folders = [logger.log_dir for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))]
         self._new_folders = {folder: self._first_missing(folder) for folder in folders

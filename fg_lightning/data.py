@@ -166,7 +166,8 @@ class MNISTDataModule(LightningDataModule):
     Args:
         dataset: ``"mnist"`` or ``"fashion_mnist"``.
         root: folder searched for the files; ``root/<Name>/raw`` must be writable unless it already holds them.
-        batch_size: samples per batch of every loader (the last batch may be smaller).
+        batch_size: samples per batch of every loader (the last batch may be smaller); per process under
+            ``fg_ddp``, whose processes share union batches of ``world_size × batch_size`` (:class:`EpochPermutation`).
         val_size: training images held out for validation (0 for none).
         download: let torchvision download missing files (needs internet).
         num_workers: DataLoader worker processes (persistent when > 0).

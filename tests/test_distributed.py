@@ -209,3 +209,12 @@ def test_lightning_ddp_is_refused_in_one_line(idx_root, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("fg-cli: ConfigError: strategy DDPStrategy cannot train") and "fg_ddp" in lines[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_predict_on_several_processes_is_refused(idx_root, tmp_path, capsys):
+    argv = ["predict", "--config", os.path.join(CONFIGS, "mlp_backprop.yaml"), "--data.root", idx_root,
+            "--data.download", "false", "--data.val_size", "16", "--trainer.accelerator", "cpu", "--trainer.devices",
+            "2", "--trainer.strategy", "fg_ddp", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        fg_cli(argv)
+    assert "ConfigError: predict writes the test set's probabilities in order to one file" in capsys.readouterr().err
