@@ -76,6 +76,8 @@ QUIET_WARNINGS = [
     (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", UserWarning),
     # A resumed run writes its own version_N folder, so its ModelCheckpoint starts a new top-k, as it should.
     (r"The dirpath has changed from .* won't be reloaded", UserWarning),
+    # torch's forward-mode AD loads its decompositions through torch.jit.script on first use (the torch backend).
+    (r"`torch.jit.script` is deprecated", FutureWarning),
     # main(args) from Python (tests, notebooks) while sys.argv holds the caller's own arguments.
     (r"LightningCLI's args parameter is intended to run from within Python", UserWarning),
 ]

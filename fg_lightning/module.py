@@ -15,9 +15,10 @@ from typing_extensions import override
 
 from fg_lightning.callbacks import ExceptionCheckpoint, UpdateCallback
 from fg_lightning.distributed import check_strategy
-from fg_lightning.engine import Network, cross_entropy
+from fg_lightning.engine import Network
 from fg_lightning.estimators import DivergenceError, Estimate, GradientEstimator, apply_estimate
 from fg_lightning.estimators.collective import Collective, TorchCollective
+from fg_lightning.torch_network import Loss, TorchNetwork
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[  # optimizer -> a torch.optim.lr_scheduler scheduler (a return type jsonargparse can resolve)
@@ -67,13 +68,17 @@ class ForwardGradientModule(LightningModule):
     Logs ``train/loss``, ``train/acc`` (every step), ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 
     Args:
-        network: an engine :class:`~fg_lightning.engine.Network`, e.g. ``MLP()`` or ``CNN()``.
+        network: an engine :class:`~fg_lightning.engine.Network` (``MLP()``, ``CNN()``: hand-written passes), or any
+            ``torch.nn.Module`` classifier, which runs on the torch backend
+            (:class:`~fg_lightning.torch_network.TorchNetwork`: ``torch.autograd.forward_ad``).
         estimator: a :class:`~fg_lightning.estimators.GradientEstimator`.
         optimizer: a factory ``params -> torch.optim.Optimizer``; default ``torch.optim.SGD`` with ``lr=1e-3``.
         lr_scheduler: a factory ``optimizer -> scheduler`` (any ``torch.optim.lr_scheduler``), or None.
         lr_scheduler_interval: step the scheduler after every ``"epoch"`` or every optimizer ``"step"``.
         gradient_clip_val: clip the estimate before the optimizer step (None: no clipping).
         gradient_clip_algorithm: ``"norm"`` (the total norm over all parameters) or ``"value"`` (each entry).
+        loss: torch backend only: ``loss(logits, labels)``, a batch mean (default ``torch.nn.functional.cross_entropy``).
+        num_classes: torch backend only: for the accuracy metrics (default: the last ``nn.Linear``'s out_features).
 
     Example::
 
@@ -84,17 +89,26 @@ class ForwardGradientModule(LightningModule):
 
     def __init__(
         self,
-        network: Network,
+        network: torch.nn.Module,
         estimator: GradientEstimator,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
         lr_scheduler_interval: str = "epoch",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        loss: Loss | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(network, Network):
-            raise TypeError(f"network must be an fg_lightning.engine.Network, got {type(network).__name__}")
+        if not isinstance(network, torch.nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module (an engine Network or any classifier), got "
+                            f"{type(network).__name__}")
+        if isinstance(network, Network):
+            if loss is not None or num_classes is not None:
+                raise ValueError(f"{type(network).__name__} has its loss (softmax cross-entropy) and its classes built "
+                                 "in: leave loss and num_classes out")
+        elif not isinstance(network, TorchNetwork):  # any other nn.Module: the torch backend
+            network = TorchNetwork(network, loss=loss, num_classes=num_classes)
         if not isinstance(estimator, GradientEstimator):
             raise TypeError(f"estimator must be a GradientEstimator, got {type(estimator).__name__}")
         if lr_scheduler_interval not in ("epoch", "step"):
@@ -113,7 +127,7 @@ class ForwardGradientModule(LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self._state_before_update: dict[str, Any] | None = None  # set while a step has not applied its update
-        objects = ["network", "estimator", "optimizer", "lr_scheduler"]
+        objects = ["network", "estimator", "optimizer", "lr_scheduler", "loss"]
         self.save_hyperparameters(ignore=None if _FROM_CONFIG.get() else objects)
         self.train_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=network.num_classes)
@@ -225,7 +239,7 @@ class ForwardGradientModule(LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
         x, labels = batch
         logits = self.network(x)
-        loss = cross_entropy(logits, labels)
+        loss = self.network.logits_loss(logits, labels)
         accuracy(logits, labels)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)  # sync: the mean over the ranks
         self.log(f"{stage}/acc", accuracy, prog_bar=stage == "val")
@@ -245,7 +259,8 @@ class ForwardGradientModule(LightningModule):
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match: the network's class and parameter shapes, the estimator's class."""
-        return {"network": type(self.network).__name__, "estimator": type(self.estimator).__name__,
+        return {"network": type(getattr(self.network, "module", self.network)).__name__,
+                "estimator": type(self.estimator).__name__,
                 "shapes": {name: tuple(p.shape) for name, p in self.network.named_parameters()}}
 
     @override

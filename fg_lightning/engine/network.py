@@ -172,6 +172,10 @@ class Network(nn.Module):
             x = layer(x)
         return x
 
+    def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The network's loss of given logits: mean softmax cross-entropy."""
+        return cross_entropy(logits, labels)
+
     def loss(self, x: Tensor, labels: Tensor) -> Tensor:
         return cross_entropy(self(x), labels)
 

@@ -140,6 +140,10 @@ class GradientEstimator:
         """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts).
         Subclasses that add checks call ``super().validate(network)``."""
         if network.has_local_losses != self.needs_local_losses:
+            if self.needs_local_losses and not isinstance(network, Network):
+                raise ValueError(f"{type(self).__name__} trains each block on its local loss, which the engine's "
+                                 "MLP(local_losses=True) / CNN(local_losses=True) have; the torch backend's "
+                                 f"{type(getattr(network, 'module', network)).__name__} has no local-loss heads")
             if self.needs_local_losses:
                 raise ValueError(f"{type(self).__name__} trains each block on its local loss and needs a network with "
                                  "local-loss heads: MLP(local_losses=True) or CNN(local_losses=True)")

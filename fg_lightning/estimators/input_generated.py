@@ -6,6 +6,8 @@ wastes no variance on the rest of ``R^in``. The tangent is rank one, so the engi
 :class:`~fg_lightning.engine.OuterTangent` and its tangent product costs one matrix–vector product. Biases and
 convolution kernels get Gaussian directions as in the naive method.
 
+The same holds for the weight of a ``torch.nn.Linear`` on the torch backend (its input rows: all leading axes).
+
 Scaling: the direction is ``sqrt(s) n xᵀ`` and the estimate ``(∇f·v) v``, so the weight's estimate carries the
 factor ``s`` (split evenly between the derivative and the direction; the paper multiplies the estimate alone by
 ``β``, which also multiplies the noise from every other layer by ``β``).
@@ -29,9 +31,10 @@ class _InputGenerated(GradientEstimator):
         def tangent_fn(name, layer, layer_input):
             tangents = {}
             for param, p in layer.named_parameters():
-                if isinstance(layer, Linear) and param == "weight":
-                    # from the union batch's input (gathered across ranks), as one process would draw it
-                    direction, scale = self.input_direction(self.collective.gather_rows(layer_input))
+                if isinstance(layer, (Linear, torch.nn.Linear)) and param == "weight":
+                    # (B, ..., in) -> rows (B·…, in), from the union batch (gathered across ranks) as one process
+                    rows = layer_input.reshape(-1, layer_input.shape[-1])
+                    direction, scale = self.input_direction(self.collective.gather_rows(rows))
                     noise = self.randn(1, p.shape[0], like=p) * (scale**0.5)
                     tangents[param] = OuterTangent(noise, direction.unsqueeze(0))
                 else:

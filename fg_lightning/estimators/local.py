@@ -86,6 +86,10 @@ class _ActivityPerturbation(GradientEstimator):
 
     def validate(self, network: Network) -> None:
         super().validate(network)
+        if not isinstance(network, Network):
+            raise ValueError(f"{type(self).__name__} runs on the engine's networks (MLP, CNN) only: it needs each "
+                             f"layer's hand-written VJP, which {type(getattr(network, 'module', network)).__name__} "
+                             "(torch backend) does not have")
         if self.exact_output and sum(layer.has_parameters for _, layer in network.named_layers()) < 2:
             raise ValueError(f"{type(self).__name__}(exact_output=True) has no layer to perturb in a network with one "
                              "parameterised layer: its gradient is exact; use Backprop")

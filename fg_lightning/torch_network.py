@@ -1,0 +1,222 @@
+r"""The torch backend: any ``torch.nn.Module`` classifier behind the protocol the estimators call, so that every
+estimator written for the hand-written engine's :class:`~fg_lightning.engine.Network` runs on it unchanged.
+
+The protocol (what an estimator may call on a network):
+
+- ``named_parameters()`` / ``parameters()``: the parameters it trains;
+- ``loss_and_grad(x, labels) -> (loss, logits, grads)``: the exact gradient (here ``torch.autograd``, the baseline);
+- ``jvp(x, labels, tangent_fn) -> JvpResult``: the loss and its K directional derivatives from forward mode, with
+  ``tangent_fn(name, layer, layer_input)`` asked, as the pass reaches each module that holds parameters, for that
+  module's tangents (``(K, *param.shape)`` each, or an :class:`~fg_lightning.engine.OuterTangent`);
+- ``loss(x, labels)``, ``logits_loss(logits, labels)``, ``num_classes``, ``has_local_losses``.
+
+Forward mode here is ``torch.autograd.forward_ad``: when a module's forward starts, its parameters are replaced by
+dual tensors carrying their tangents, so a tangent may depend on the module's input (Section III-D) and no tangent
+exists before its layer is reached. No backward pass runs. One pass carries one direction: K directions take K passes,
+each from the same random state and buffers (dropout draws the same mask, batch-norm statistics are updated once), so
+every direction differentiates the same function. The hand-written engine carries all K through one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from fg_lightning.engine import JvpResult, OuterTangent
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+def _last_linear_out_features(module: nn.Module) -> int | None:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+class TorchNetwork(nn.Module):
+    """Wraps ``module`` (any ``torch.nn.Module`` mapping a batch ``x`` to logits ``(B, C)``) and ``loss`` (default
+    ``torch.nn.functional.cross_entropy``, a batch mean) for the estimators.
+
+    The trained parameters are the module's parameters that require grad (frozen ones, integer ones among them, stay
+    as they are), under the module's own names (``"0.weight"``, ``"fc.bias"``). Each must be owned by one module (no
+    shared weights) and used inside the forward of the module that owns it, as every ``torch.nn`` layer does; buffers
+    (batch-norm statistics) are updated as in an ordinary training step.
+
+    Args:
+        module: the classifier.
+        loss: ``loss(logits, labels) -> scalar``, the mean over the batch.
+        num_classes: for the accuracy metrics; default the ``out_features`` of the module's last ``nn.Linear``.
+        input_shape: the shape of one example, for benchmarks (optional).
+    """
+
+    has_local_losses = False
+
+    def __init__(self, module: nn.Module, loss: Loss | None = None, num_classes: int | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.loss_fn: Loss = nn.functional.cross_entropy if loss is None else loss
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        num_classes = _last_linear_out_features(module) if num_classes is None else num_classes
+        if num_classes is None:
+            raise ValueError(f"{type(module).__name__} has no nn.Linear to take the number of classes from: "
+                             "pass num_classes")
+        self.num_classes = num_classes
+        self._check_parameters()
+
+    def _check_parameters(self) -> None:
+        name = type(self.module).__name__
+        seen: dict[int, str] = {}
+        for full, param in self.module.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                raise ValueError(f"{name}: {full} and {seen[id(param)]} are one shared parameter; the torch backend "
+                                 "gives each parameter the tangent of the one module that owns it: untie them")
+            seen[id(param)] = full
+        if not any(True for _ in self.named_parameters()):
+            raise ValueError(f"{name} has no parameter that requires grad: nothing to train")
+
+    # -- the protocol --------------------------------------------------------------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,  # type: ignore[override]
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trained parameters, under the module's own names."""
+        for name, param in self.module.named_parameters(prefix=prefix, recurse=recurse):
+            if param.requires_grad:
+                yield name, param
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # type: ignore[override]
+        for _, param in self.named_parameters(recurse=recurse):
+            yield param
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def loss(self, x: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(self.module(x), labels)
+
+    def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(logits, labels)
+
+    def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The loss, the logits and the exact gradient of every trained parameter, by ``torch.autograd``."""
+        names, params = zip(*self.named_parameters())
+        with torch.enable_grad():
+            logits = self.module(x)
+            loss = self.loss_fn(logits, labels)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return loss.detach(), logits.detach(), dict(zip(names, grads))
+
+    def _layers(self) -> dict[nn.Module, tuple[str, list[str]]]:
+        """Every module that owns trained parameters: its name and its own parameters' names."""
+        layers = {}
+        for name, module in self.module.named_modules():
+            own = [p for p, param in module.named_parameters(recurse=False) if param.requires_grad]
+            if own:
+                layers[module] = (name, own)
+        return layers
+
+    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]], activity_fn: Any = None,
+            local: bool = False, per_example: bool = False) -> JvpResult:
+        """The loss and its directional derivative along each of the K directions ``tangent_fn`` gives, one
+        forward-mode pass per direction (see the module docstring). ``tangent_fn`` is asked once per module."""
+        if activity_fn is not None or local or per_example:
+            raise ValueError("the torch backend's jvp takes parameter tangents only (no activity tangents, local "
+                             "losses or per-example derivatives)")
+        layers = self._layers()
+        tangents: dict[str, Any] = {}  # full parameter name -> as tangent_fn gave it
+        dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
+        asked: set[str] = set()
+        num_dirs: list[int] = []
+        direction = 0
+        swapped: dict[nn.Module, dict[str, Any]] = {}
+
+        def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+            name, own = layers[module]
+            if name not in asked:  # the first pass asks, with the module's input
+                asked.add(name)
+                layer_input = fwAD.unpack_dual(args[0]).primal if args and isinstance(args[0], Tensor) else None
+                params = dict(module.named_parameters(recurse=False))
+                for param, tangent in tangent_fn(name, module, layer_input).items():
+                    full = f"{name}.{param}" if name else param
+                    if param not in own:
+                        raise ValueError(f"tangent_fn returned a tangent for {full!r}, which is not a trained parameter")
+                    shape = tuple(tangent.shape)
+                    if shape[1:] != tuple(params[param].shape) or (num_dirs and shape[0] != num_dirs[0]):
+                        raise ValueError(f"tangent for {full!r} has shape {shape}, expected (K, "
+                                         f"{', '.join(map(str, params[param].shape))})")
+                    num_dirs[:] = [shape[0]]
+                    tangents[full] = tangent
+                    dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
+            swapped[module] = dict(module._parameters)
+            for param in own:
+                full = f"{name}.{param}" if name else param
+                value = module._parameters[param].detach()
+                if full in dense:
+                    value = fwAD.make_dual(value, dense[full][direction].to(value.dtype))
+                module._parameters[param] = value  # a plain (dual) tensor for this forward only
+
+        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            module._parameters.update(swapped.pop(module))
+
+        hooks = [h for module in layers for h in (module.register_forward_pre_hook(before),
+                                                   module.register_forward_hook(after))]
+        rng = _RandomState(x.device)
+        buffers_before = [b.clone() for b in self.module.buffers()]
+        buffers_after: list[Tensor] = []
+        derivs: list[Tensor] = []
+        try:
+            while True:
+                with torch.no_grad(), fwAD.dual_level():
+                    logits_dual = self.module(x)
+                    loss_dual = self.loss_fn(logits_dual, labels)
+                    primal, tangent = fwAD.unpack_dual(loss_dual)
+                    if direction == 0:
+                        loss, logits = primal, fwAD.unpack_dual(logits_dual).primal
+                        self._check_reached(layers, asked)
+                        if not num_dirs:
+                            raise ValueError("tangent_fn gave no tangent: nothing to differentiate along")
+                        buffers_after = [b.clone() for b in self.module.buffers()]
+                    derivs.append(torch.zeros_like(primal) if tangent is None else tangent)
+                direction += 1
+                if direction >= num_dirs[0]:
+                    break
+                rng.restore()  # the same dropout masks, the same batch statistics from the same buffers
+                for buffer, saved in zip(self.module.buffers(), buffers_before):
+                    buffer.copy_(saved)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, params in swapped.items():
+                module._parameters.update(params)
+        for buffer, saved in zip(self.module.buffers(), buffers_after):  # as after one training forward
+            buffer.copy_(saved)
+        return JvpResult(loss, logits, torch.stack(derivs), tangents)
+
+    def _check_reached(self, layers: dict[nn.Module, tuple[str, list[str]]], asked: set[str]) -> None:
+        missed = [name for name, _ in layers.values() if name not in asked]
+        if missed:
+            raise ValueError(f"{type(self.module).__name__}: the forward pass never ran the forward of "
+                             f"{', '.join(repr(m) for m in missed)}, whose parameters are trained; the torch backend "
+                             "gives a parameter its tangent as its own module's forward runs (freeze unused "
+                             "parameters with requires_grad=False)")
+
+    def directions_per_pass(self, x: Tensor, num_dirs: int) -> int:
+        return 1
+
+
+class _RandomState:
+    """The global generators' state (CPU, and the device's on CUDA), to replay the same draws in each pass."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
