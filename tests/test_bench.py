@@ -56,6 +56,8 @@ def test_speed(tmp_path, capsys):
     for model in ("mlp", "cnn"):
         names = {r["estimator"] for r in records if r["model"] == model}
         assert {"stock_autograd", "stock_func_jvp", *REGISTRY} <= names
+        on_torch = {name[len("torch:"):] for name in names if name.startswith("torch:")}
+        assert on_torch == {n for n, s in REGISTRY.items() if not s.needs_local_losses and n != "activity"}
         autograd = [r for r in records if r["model"] == model and r["estimator"] == "stock_autograd"]
         assert len(autograd) == 1 and autograd[0]["ratio_vs_autograd"] == 1.0
     for record in records:
@@ -71,7 +73,8 @@ def test_memory(tmp_path):
     fg_bench(["memory", "--device", "cpu", "--out", out, "--models", "mlp", "--batch-sizes", "64",
               "--estimators", "backprop", "naive", "--directions", "1", "--no-compile"])
     records = load(out, "memory")
-    assert [r["estimator"] for r in records] == ["stock_autograd", "stock_func_jvp", "backprop", "naive"]
+    assert [r["estimator"] for r in records] == ["stock_autograd", "stock_func_jvp", "backprop", "naive",
+                                                 "torch:backprop", "torch:naive"]
     for record in records:
         assert "error" not in record, record
         assert {"peak_mb", "ratio_vs_autograd", "method"} <= set(record) and record["peak_mb"] > 0

@@ -51,7 +51,9 @@ def test_there_is_a_config_per_network_and_registered_estimator():
     import yaml
 
     names = {os.path.basename(c)[:-5] for c in CONFIGS}
-    assert names == {f"{net}_{name}" for net in ("mlp", "cnn") for name in REGISTRY}
+    engine = {name for name in names if not name.startswith("torch_")}  # torch_*: torch.nn models (torch backend)
+    assert engine == {f"{net}_{name}" for net in ("mlp", "cnn") for name in REGISTRY}
+    assert "torch_resnet_multi_direction" in names
     for net in ("mlp", "cnn"):
         for name, spec in REGISTRY.items():
             with open(os.path.join(os.path.dirname(CONFIGS[0]), f"{net}_{name}.yaml")) as f:

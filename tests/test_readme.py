@@ -1,4 +1,4 @@
-"""The README's reuse example runs as written (on Fashion-MNIST from Debian's package)."""
+"""The README's examples run as written (on Fashion-MNIST from Debian's package)."""
 
 import os
 import re
@@ -19,6 +19,19 @@ def test_readme_reuse_example_runs(tmp_path, monkeypatch):
     exec(compile(example[0], "README.md", "exec"), namespace)
     assert namespace["trainer"].global_step == 20
     assert os.path.isdir(tmp_path / "tb_logs" / "readme")
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_readme_own_model_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
+    example = [b for b in blocks if b.startswith("# README own-model example")]
+    assert len(example) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example[0], "README.md", "exec"), namespace)
+    assert namespace["trainer"].global_step == 20
+    assert type(namespace["module"].network).__name__ == "TorchNetwork"
 
 
 def test_readme_engine_example_runs():

@@ -14,7 +14,7 @@ from user_models import UserCNN
 
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.engine import CNN, MLP, to_torch
-from fg_lightning.estimators import REGISTRY, MultiDirection, NaiveForwardGradient, apply_estimate
+from fg_lightning.estimators import REGISTRY, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate
 from fg_lightning.module import ForwardGradientModule
 from fg_lightning.torch_network import TorchNetwork
 
@@ -148,6 +148,12 @@ def test_unsupported_models_are_refused_clearly_and_buffers_and_frozen_integers_
     assert [n for n, _ in net.named_parameters()] == ["fc.weight", "fc.bias"]
     estimate = MultiDirection(k=3).estimate(net, torch.randn(4, 3), torch.randint(0, 3, (4,)), 0)
     assert set(estimate.grads) == {"fc.weight", "fc.bias"} and int(model.count) == 1
+
+
+def test_both_backends_implement_the_one_protocol():
+    engine, twin = engine_and_twin("mlp")
+    assert isinstance(engine, ForwardModel) and isinstance(twin, ForwardModel)
+    assert not isinstance(nn.Linear(2, 2), ForwardModel)
 
 
 def test_the_module_wraps_any_nn_module_and_refuses_a_loss_for_the_engine():

@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
     memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
     memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    for sub in (speed, memory):
+        sub.add_argument("--no-torch-backend", dest="torch_backend", action="store_false",
+                         help="skip the torch:<estimator> cases (the estimators on the torch backend, on the twin)")
     comm = add("comm", "bytes each process sends per data-parallel step, beside the gradient's", [256],
                all_estimators)
     comm.add_argument("--directions", nargs="+", type=_positive, default=[1, 10])

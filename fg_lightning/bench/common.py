@@ -16,9 +16,11 @@ import torch.nn.functional as F
 import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
 from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, apply_estimate, cosine
+from fg_lightning.torch_network import TorchNetwork
 
 MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
 STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled")
+TORCH = "torch:"  # a case on the torch backend: "torch:naive"
 
 
 def build_network(model: str, estimator: str | GradientEstimator | None = None, seed: int = 0,
@@ -27,7 +29,7 @@ def build_network(model: str, estimator: str | GradientEstimator | None = None, 
     loss heads (``local_losses=True``) only when ``estimator`` — a registry name, an instance, or a stock baseline's
     name (never) — needs them."""
     if isinstance(estimator, str):
-        local = estimator not in STOCK and REGISTRY[estimator].needs_local_losses
+        local = estimator not in STOCK and REGISTRY[estimator.removeprefix(TORCH)].needs_local_losses
     else:
         local = estimator is not None and estimator.needs_local_losses
     if local:
@@ -49,9 +51,31 @@ def make_batch(network: Network, batch_size: int, device: torch.device, seed: in
     return x.to(device), labels.to(device)
 
 
-def cases(estimators: Sequence[str], directions: Sequence[int]) -> list[tuple[str, int | None]]:
-    """``(name, k)`` for every estimator, once per ``k`` in ``directions`` for those that take one."""
-    return [(name, k) for name in estimators for k in (directions if REGISTRY[name].takes_k else [None])]
+def torch_backend_runs(name: str) -> bool:
+    """Whether the registered estimator ``name`` runs on the torch backend (its ``validate`` says so)."""
+    probe = TorchNetwork(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2)))
+    try:
+        REGISTRY[name].make(1).validate(probe)
+    except ValueError:
+        return False
+    return True
+
+
+def cases(estimators: Sequence[str], directions: Sequence[int], torch_backend: bool = False) -> list[tuple[str, int | None]]:
+    """``(name, k)`` for every estimator, once per ``k`` in ``directions`` for those that take one; with
+    ``torch_backend``, then ``("torch:<name>", k)`` for those that run on the torch backend."""
+    engine = [(name, k) for name in estimators for k in (directions if REGISTRY[name].takes_k else [None])]
+    return engine + [(TORCH + name, k) for name, k in engine if torch_backend and torch_backend_runs(name)]
+
+
+def estimator_step(network: Network, name: str, k: int | None) -> Callable[[torch.Tensor, torch.Tensor, int], Any]:
+    """The training step of case ``name``: a stock baseline, an estimator on the engine, or (``torch:<name>``) an
+    estimator on the torch backend, i.e. on :func:`to_torch`'s twin wrapped in a TorchNetwork."""
+    if name in STOCK:
+        return stock_step(network, name)
+    if name.startswith(TORCH):
+        return engine_step(TorchNetwork(to_torch(network)), REGISTRY[name.removeprefix(TORCH)].make(k))
+    return engine_step(network, REGISTRY[name].make(k))
 
 
 def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Estimate]:

@@ -19,19 +19,14 @@ from typing import Any, Sequence
 import torch
 
 from fg_lightning.bench.common import (
-    STOCK, activation_sizes, build_network, cases, engine_step, environment, make_batch, panels_per_model, stock_step,
-    sync, write_report,
+    STOCK, TORCH, activation_sizes, build_network, cases, environment, estimator_step, make_batch, panels_per_model, sync,
+    write_report,
 )
 from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
-from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
            "method", "error"]
 MIB = 2**20
-
-
-def _step_for(network: torch.nn.Module, name: str, k: int | None):
-    return stock_step(network, name) if name in STOCK else engine_step(network, REGISTRY[name].make(k))
 
 
 def _status_mb(field: str) -> float:
@@ -43,7 +38,7 @@ def _status_mb(field: str) -> float:
 def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None) -> dict[str, float]:
     """Runs in a fresh process (see the module docstring)."""
     network = build_network(model, name)
-    step = _step_for(network, name, k)
+    step = estimator_step(network, name, k)
     step(*make_batch(network, 2, torch.device("cpu")), 0)
     x, labels = make_batch(network, batch_size, torch.device("cpu"))
     gc.collect()
@@ -69,7 +64,7 @@ def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: in
 
 def _cuda_case(model: str, batch_size: int, name: str, k: int | None, device: torch.device) -> dict[str, float]:
     network = build_network(model, name).to(device)
-    step = _step_for(network, name, k)
+    step = estimator_step(network, name, k)
     step(*make_batch(network, 2, device), 0)
     x, labels = make_batch(network, batch_size, device)
     gc.collect()
@@ -100,20 +95,20 @@ def method(device: torch.device, isolate: bool = True) -> str:
 
 def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequence[int], estimators: Sequence[str],
             directions: Sequence[int], compile_at: Sequence[int] = (), budget: Budget | None = None,
-            isolate: bool = True) -> list[dict[str, Any]]:
+            isolate: bool = True, torch_backend: bool = True) -> list[dict[str, Any]]:
     """One row per model, batch size and case, as in :func:`fg_lightning.bench.speed.measure`. On the CPU each case
     runs in a fresh process unless ``isolate`` is False."""
     device = torch.device(device)
     budget = budget or Budget()
     how = method(device, isolate)
     stock = {b: [s for s in STOCK if s != "stock_compiled" or b in compile_at] for b in batch_sizes}
-    budget.phase("memory", len(models) * sum(len(stock[b]) + len(cases(estimators, directions)) for b in batch_sizes))
+    budget.phase("memory", len(models) * sum(len(stock[b]) + len(cases(estimators, directions, torch_backend)) for b in batch_sizes))
     records: list[dict[str, Any]] = []
     for model in models:
         for batch_size in batch_sizes:
             base = build_network(model).to(device)
             rows = []
-            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions):
+            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions, torch_backend):
                 def case() -> dict[str, float]:
                     if device.type == "cuda":
                         return _cuda_case(model, batch_size, name, k, device)
@@ -127,7 +122,7 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
                     rows.append({"model": model, "batch_size": batch_size, "estimator": name, "k": k, "error": error})
                     continue
                 row = {"model": model, "batch_size": batch_size, "estimator": name, "k": k, "method": how, **measured}
-                if name not in ("backprop", "stock_autograd", "stock_compiled"):
+                if name.removeprefix(TORCH) not in ("backprop", "stock_autograd", "stock_compiled"):
                     row["fwd_bound_mb"] = forward_bound_mb(base, batch_size, k or 1)
                     row["ratio_vs_bound"] = row["peak_mb"] / row["fwd_bound_mb"]
                 rows.append(row)
@@ -152,7 +147,7 @@ def report(records: list[dict[str, Any]], out: str, device: str | torch.device, 
 
 def run(args: Any) -> list[dict[str, Any]]:
     records = measure(args.device, args.models, args.batch_sizes, args.estimators, args.directions,
-                      args.batch_sizes if args.compile else [])
+                      args.batch_sizes if args.compile else [], torch_backend=args.torch_backend)
     report(records, args.out, args.device)
     return records
 

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import torch
 
 from fg_lightning.bench.common import (
-    STOCK, build_network, cases, engine_step, environment, make_batch, pyplot, stock_step, summary, tangent_flops,
-    time_steps, write_report,
+    STOCK, build_network, cases, environment, estimator_step, make_batch, pyplot, summary, tangent_flops, time_steps,
+    write_report,
 )
 from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
@@ -19,13 +19,13 @@ COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_m
 
 def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequence[int], estimators: Sequence[str],
             directions: Sequence[int], warmup: int, repeats: int, compile_at: Sequence[int] = (),
-            budget: Budget | None = None) -> list[dict[str, Any]]:
+            budget: Budget | None = None, torch_backend: bool = True) -> list[dict[str, Any]]:
     """One row per model, batch size and case: the stock baselines (``stock_compiled`` only at the batch sizes in
     ``compile_at``), then every estimator, once per ``k`` in ``directions`` for those that take one."""
     device = torch.device(device)
     budget = budget or Budget()
     stock = {b: [s for s in STOCK if s != "stock_compiled" or b in compile_at] for b in batch_sizes}
-    budget.phase("speed", len(models) * sum(len(stock[b]) + len(cases(estimators, directions)) for b in batch_sizes))
+    budget.phase("speed", len(models) * sum(len(stock[b]) + len(cases(estimators, directions, torch_backend)) for b in batch_sizes))
     records = []
     for model_name in models:
         for batch_size in batch_sizes:
@@ -33,10 +33,10 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
             x, labels = make_batch(base, batch_size, device)
             primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
             rows: list[dict[str, Any]] = []
-            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions):
+            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions, torch_backend):
                 def case() -> list[tuple[float, bool]]:
                     network = build_network(model_name, name).to(device)  # the same weights as base
-                    step = stock_step(network, name) if name in STOCK else engine_step(network, REGISTRY[name].make(k))
+                    step = estimator_step(network, name, k)
                     return time_steps(step, x, labels, warmup, repeats, device)
 
                 timed, error = budget.run(case_label(model_name, batch_size, name, k), case, device,
@@ -106,6 +106,6 @@ def report(records: list[dict[str, Any]], out: str, device: str | torch.device, 
 
 def run(args: Any) -> list[dict[str, Any]]:
     records = measure(args.device, args.models, args.batch_sizes, args.estimators, args.directions, args.warmup,
-                      args.repeats, args.batch_sizes if args.compile else [])
+                      args.repeats, args.batch_sizes if args.compile else [], torch_backend=args.torch_backend)
     report(records, args.out, args.device, args.warmup, args.repeats)
     return records

@@ -5,7 +5,7 @@ field's methods beyond the paper (activity perturbation, local losses, local gue
 
 from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import (
-    DivergenceError, Estimate, GradientEstimator, apply_estimate, check_finite, cosine, forward_gradient,
+    DivergenceError, Estimate, ForwardModel, GradientEstimator, apply_estimate, check_finite, cosine, forward_gradient,
     num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
@@ -18,7 +18,7 @@ from fg_lightning.estimators.registry import REGISTRY, EstimatorSpec
 
 __all__ = [
     "REGISTRY", "ActivityPerturbation", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
-    "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "GradientEstimator", "InputApprox",
+    "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "ForwardModel", "GradientEstimator", "InputApprox",
     "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
     "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout",
 ]

@@ -8,13 +8,41 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from fg_lightning.engine import JvpResult, Network, weighted_sum
 from fg_lightning.estimators.collective import Collective
+
+
+@runtime_checkable
+class ForwardModel(Protocol):
+    """What an estimator may call on a network: the protocol both backends implement, so that every estimator is
+    written once. The hand-written engine's :class:`~fg_lightning.engine.Network` (``MLP``, ``CNN``) and the torch
+    backend's :class:`~fg_lightning.torch_network.TorchNetwork` (any ``torch.nn`` classifier) implement it; the
+    activity and local-loss estimators also use the engine's layers and heads and refuse anything else in
+    ``validate()``.
+
+    - ``named_parameters()``: the trained parameters, by full name;
+    - ``loss_and_grad(x, labels) -> (loss, logits, grads)``: the exact gradient, a tensor per parameter name;
+    - ``jvp(x, labels, tangent_fn) -> JvpResult``: the loss and its K directional derivatives from forward mode;
+      ``tangent_fn(name, layer, layer_input)`` is asked for a layer's tangents ``(K, *param.shape)`` (keyed by the
+      layer's own parameter names) as the pass reaches that layer, with the layer's input;
+    - ``has_local_losses``, ``num_classes``, ``logits_loss(logits, labels)``.
+    """
+
+    has_local_losses: bool
+    num_classes: int
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]: ...
+
+    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]]) -> JvpResult: ...
+
+    def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor: ...
 
 
 @dataclass
