@@ -66,6 +66,7 @@ class TorchNetwork(nn.Module):
             raise ValueError(f"{type(module).__name__} has no nn.Linear to take the number of classes from: "
                              "pass num_classes")
         self.num_classes = num_classes
+        self._paused = False  # jvp's hooks stand aside while layer_grads runs a module within the pass
         self._check_parameters()
 
     def _check_parameters(self) -> None:
@@ -119,36 +120,44 @@ class TorchNetwork(nn.Module):
                 layers[module] = (name, own)
         return layers
 
-    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]], activity_fn: Any = None,
-            local: bool = False, per_example: bool = False) -> JvpResult:
-        """The loss and its directional derivative along each of the K directions ``tangent_fn`` gives, one
-        forward-mode pass per direction (see the module docstring). ``tangent_fn`` is asked once per module."""
-        if activity_fn is not None or local or per_example:
-            raise ValueError("the torch backend's jvp takes parameter tangents only (no activity tangents, local "
-                             "losses or per-example derivatives)")
+    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]],
+            activity_fn: Callable[..., Tensor | None] | None = None, local: bool = False,
+            per_example: bool = False) -> JvpResult:
+        """The loss and its directional derivative along each of the K directions, one forward-mode pass per direction
+        (see the module docstring). ``tangent_fn(name, module, module_input)`` is asked once per module that owns
+        trained parameters, for their tangents; ``activity_fn(name, module, module_input, output)``, if given, once
+        per such module after its forward, for a ``(K, *output.shape)`` tangent added to its output (activity
+        perturbation). ``per_example=True``: ``dir_derivs[k, b]`` is example ``b``'s term,
+        ``∂L/∂logits_b · ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result."""
+        if local:
+            raise ValueError("the torch backend has no local-loss heads: jvp(local=True) needs the engine's networks")
         layers = self._layers()
         tangents: dict[str, Any] = {}  # full parameter name -> as tangent_fn gave it
         dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
+        activities: dict[str, Tensor] = {}  # module name -> (K, *output.shape)
         asked: set[str] = set()
         num_dirs: list[int] = []
         direction = 0
         swapped: dict[nn.Module, dict[str, Any]] = {}
 
+        def check_dirs(what: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+            if shape[1:] != expected or (num_dirs and shape[0] != num_dirs[0]):
+                raise ValueError(f"{what} has shape {shape}, expected (K{'=' + str(num_dirs[0]) if num_dirs else ''}, "
+                                 f"{', '.join(map(str, expected))})")
+            num_dirs[:] = [shape[0]]
+
         def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._paused:  # layer_grads runs a module inside the pass
+                return
             name, own = layers[module]
             if name not in asked:  # the first pass asks, with the module's input
                 asked.add(name)
-                layer_input = fwAD.unpack_dual(args[0]).primal if args and isinstance(args[0], Tensor) else None
                 params = dict(module.named_parameters(recurse=False))
-                for param, tangent in tangent_fn(name, module, layer_input).items():
+                for param, tangent in tangent_fn(name, module, _primal(args)).items():
                     full = f"{name}.{param}" if name else param
                     if param not in own:
                         raise ValueError(f"tangent_fn returned a tangent for {full!r}, which is not a trained parameter")
-                    shape = tuple(tangent.shape)
-                    if shape[1:] != tuple(params[param].shape) or (num_dirs and shape[0] != num_dirs[0]):
-                        raise ValueError(f"tangent for {full!r} has shape {shape}, expected (K, "
-                                         f"{', '.join(map(str, params[param].shape))})")
-                    num_dirs[:] = [shape[0]]
+                    check_dirs(f"tangent for {full!r}", tuple(tangent.shape), tuple(params[param].shape))
                     tangents[full] = tangent
                     dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
             swapped[module] = dict(module._parameters)
@@ -159,8 +168,22 @@ class TorchNetwork(nn.Module):
                     value = fwAD.make_dual(value, dense[full][direction].to(value.dtype))
                 module._parameters[param] = value  # a plain (dual) tensor for this forward only
 
-        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._paused:
+                return None
             module._parameters.update(swapped.pop(module))
+            if activity_fn is None or not isinstance(output, Tensor):
+                return None
+            name = layers[module][0]
+            primal = fwAD.unpack_dual(output).primal
+            if direction == 0 and name not in activities:
+                activity = activity_fn(name, module, _primal(args), primal)
+                if activity is None:
+                    return None
+                check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
+                activities[name] = activity
+            activity = activities.get(name)
+            return None if activity is None else output + fwAD.make_dual(torch.zeros_like(primal), activity[direction])
 
         hooks = [h for module in layers for h in (module.register_forward_pre_hook(before),
                                                    module.register_forward_hook(after))]
@@ -173,14 +196,20 @@ class TorchNetwork(nn.Module):
                 with torch.no_grad(), fwAD.dual_level():
                     logits_dual = self.module(x)
                     loss_dual = self.loss_fn(logits_dual, labels)
+                    logits_primal, logits_tangent = fwAD.unpack_dual(logits_dual)
                     primal, tangent = fwAD.unpack_dual(loss_dual)
                     if direction == 0:
-                        loss, logits = primal, fwAD.unpack_dual(logits_dual).primal
+                        loss, logits = primal, logits_primal
                         self._check_reached(layers, asked)
                         if not num_dirs:
-                            raise ValueError("tangent_fn gave no tangent: nothing to differentiate along")
+                            raise ValueError("tangent_fn and activity_fn gave no tangent: nothing to differentiate along")
                         buffers_after = [b.clone() for b in self.module.buffers()]
-                    derivs.append(torch.zeros_like(primal) if tangent is None else tangent)
+                        logits_grad = self.logits_grad(logits, labels) if per_example else None
+                    if per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
+                        derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
+                                      if logits_tangent is None else (logits_grad * logits_tangent).flatten(1).sum(1))
+                    else:
+                        derivs.append(torch.zeros_like(primal) if tangent is None else tangent)
                 direction += 1
                 if direction >= num_dirs[0]:
                     break
@@ -196,6 +225,46 @@ class TorchNetwork(nn.Module):
             buffer.copy_(saved)
         return JvpResult(loss, logits, torch.stack(derivs), tangents)
 
+    # -- what activity perturbation asks besides jvp ---------------------------------------------------------------
+    def relu_followed(self) -> set[str]:
+        """Modules that own trained parameters and are followed by an ``nn.ReLU`` in an ``nn.Sequential`` (a ReLU
+        called as a function is not seen: no mask there, which costs variance, not correctness)."""
+        names = {module: name for module, (name, _) in self._layers().items()}
+        followed = set()
+        for parent in self.module.modules():
+            if isinstance(parent, nn.Sequential):
+                children = list(parent.children())
+                followed |= {names[a] for a, b in zip(children, children[1:]) if a in names and isinstance(b, nn.ReLU)}
+        return followed
+
+    def logit_layers(self) -> set[str]:
+        """The module taken to give the logits: the last, in registration order, that owns trained parameters
+        (``jvp`` checks that its output is the logits when an activity tangent is asked for)."""
+        return {list(self._layers().values())[-1][0]}
+
+    def layer_grads(self, name: str, layer: nn.Module, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:
+        """One module's parameter gradients for the output gradient ``d_output``: the VJP of that module alone at its
+        input (autograd through this one module; its buffers are copies, so batch-norm statistics do not move
+        again)."""
+        params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters(recurse=False)
+                  if v.requires_grad}
+        state = {**{n: v.detach() for n, v in layer.named_parameters()},
+                 **{n: v.clone() for n, v in layer.named_buffers()}, **params}
+        self._paused = True
+        try:
+            with torch.enable_grad():
+                output = torch.func.functional_call(layer, state, (layer_input,))
+                grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
+        finally:
+            self._paused = False
+        return {p: torch.zeros_like(v) if g is None else g for (p, v), g in zip(params.items(), grads)}
+
+    def logits_grad(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """∂L/∂logits of the loss, ``(B, C)`` (a VJP through the loss function alone)."""
+        with torch.enable_grad():
+            z = logits.detach().requires_grad_(True)
+            return torch.autograd.grad(self.loss_fn(z, labels), z)[0]
+
     def _check_reached(self, layers: dict[nn.Module, tuple[str, list[str]]], asked: set[str]) -> None:
         missed = [name for name, _ in layers.values() if name not in asked]
         if missed:
@@ -206,6 +275,11 @@ class TorchNetwork(nn.Module):
 
     def directions_per_pass(self, x: Tensor, num_dirs: int) -> int:
         return 1
+
+
+def _primal(args: tuple[Any, ...]) -> Tensor | None:
+    """A module's first input, without its tangent."""
+    return fwAD.unpack_dual(args[0]).primal if args and isinstance(args[0], Tensor) else None
 
 
 class _RandomState:

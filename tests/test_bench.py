@@ -57,7 +57,7 @@ def test_speed(tmp_path, capsys):
         names = {r["estimator"] for r in records if r["model"] == model}
         assert {"stock_autograd", "stock_func_jvp", *REGISTRY} <= names
         on_torch = {name[len("torch:"):] for name in names if name.startswith("torch:")}
-        assert on_torch == {n for n, s in REGISTRY.items() if not s.needs_local_losses and n != "activity"}
+        assert on_torch == {n for n, s in REGISTRY.items() if not s.needs_local_losses}
         autograd = [r for r in records if r["model"] == model and r["estimator"] == "stock_autograd"]
         assert len(autograd) == 1 and autograd[0]["ratio_vs_autograd"] == 1.0
     for record in records:

@@ -19,7 +19,7 @@ from fg_lightning.module import ForwardGradientModule
 from fg_lightning.torch_network import TorchNetwork
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-SUPPORTED = [name for name, spec in REGISTRY.items() if not spec.needs_local_losses and name != "activity"]
+SUPPORTED = [name for name, spec in REGISTRY.items() if not spec.needs_local_losses]
 
 
 def engine_and_twin(model):
@@ -161,8 +161,49 @@ def test_the_module_wraps_any_nn_module_and_refuses_a_loss_for_the_engine():
     assert isinstance(module.network, TorchNetwork) and module.network.num_classes == 10
     with pytest.raises(ValueError, match="leave loss and num_classes out"):
         ForwardGradientModule(MLP(hidden=(8,)), MultiDirection(k=2), loss=nn.CrossEntropyLoss())
-    with pytest.raises(ValueError, match="ActivityPerturbation runs on the engine's networks"):
-        ForwardGradientModule(UserCNN(), REGISTRY["activity"].make())
+    with pytest.raises(ValueError, match="LocalBackprop trains each block on its local loss"):
+        ForwardGradientModule(UserCNN(), REGISTRY["local_backprop"].make())
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.fc = nn.Sequential(nn.Linear(3, 4), nn.ReLU()), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return 2 * self.fc(self.body(x))
+
+
+def test_activity_perturbation_on_a_users_model():
+    """On UserCNN (batch norm, dropout) the estimate is unbiased for the gradient at the step's dropout mask: its
+    mean over draws (same mask: the global generator is reset) approaches autograd's gradient; an output layer whose
+    output is changed before the loss is refused with exact_output=True and fine without it."""
+    torch.manual_seed(0)
+    net = TorchNetwork(UserCNN(dropout=0.3).double())
+    x, labels = torch.randn(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    state, buffers = torch.get_rng_state(), [b.clone() for b in net.module.buffers()]
+
+    def rewind():
+        torch.set_rng_state(state)
+        for buffer, saved in zip(net.module.buffers(), buffers):
+            buffer.copy_(saved)
+
+    rewind()
+    _, _, exact = net.loss_and_grad(x, labels)
+    estimator, total = REGISTRY["activity"].make(k=50, seed=1), None
+    for _ in range(40):
+        rewind()
+        grads = estimator.estimate(net, x, labels, 0).grads
+        total = grads if total is None else {n: total[n] + g for n, g in grads.items()}
+    flat_mean = torch.cat([total[n].flatten() / 40 for n in exact])
+    flat_exact = torch.cat([g.flatten() for g in exact.values()])
+    assert torch.nn.functional.cosine_similarity(flat_mean, flat_exact, dim=0) > 0.9
+    assert abs(float(flat_mean @ flat_exact / (flat_exact @ flat_exact)) - 1) < 0.05  # the gain: 1.00 ± 0.003 at seeds 0-3
+    torch.testing.assert_close(total["6.weight"] / 40, exact["6.weight"])  # the output layer: exact
+    scaled = TorchNetwork(Scaled())
+    with pytest.raises(ValueError, match="changes its output before the loss"):
+        REGISTRY["activity"].make().estimate(scaled, torch.randn(5, 3), torch.randint(0, 2, (5,)), 0)
+    REGISTRY["activity"].make(exact_output=False).estimate(scaled, torch.randn(5, 3), torch.randint(0, 2, (5,)), 0)
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,22 @@ class Network(nn.Module):
         bodies = [list(self.named_layers())] + [self.head_layers(head) for _, head in self._blocks if head]
         return {[name for name, layer in layers if layer.has_parameters][-1] for layers in bodies}
 
+    def relu_followed(self) -> set[str]:
+        """Names of the body's layers whose output goes straight into a ReLU."""
+        layers = list(self.named_layers())
+        return {name for (name, _), (_, after) in zip(layers, layers[1:]) if isinstance(after, ReLU)}
+
+    @staticmethod
+    def layer_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:
+        """One layer's parameter gradients for the output gradient ``d_output``, from its hand-written VJP and its
+        input: a one-layer local step, not a backward pass through the network."""
+        return layer.vjp(layer_input, d_output, need_input_grad=False)[1]  # Linear and Conv2d save their input
+
+    @staticmethod
+    def logits_grad(logits: Tensor, labels: Tensor) -> Tensor:
+        """∂L/∂logits of the network's loss, ``(B, C)``."""
+        return cross_entropy_and_grad(logits, labels)[1]
+
     @property
     def num_classes(self) -> int:
         """Width of the logits: the output size of the last layer with parameters."""

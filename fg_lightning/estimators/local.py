@@ -22,14 +22,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import Layer, Network, ReLU, cross_entropy_and_grad, weighted_sum
+from fg_lightning.engine import Layer, Network, weighted_sum
 from fg_lightning.estimators.base import Estimate, GradientEstimator, check_positive_int
-
-
-def _followed_by_relu(network: Network) -> set[str]:
-    """Names of the layers whose output goes straight into a ReLU."""
-    layers = list(network.named_layers())
-    return {name for (name, _), (_, after) in zip(layers, layers[1:]) if isinstance(after, ReLU)}
 
 
 def _block_of_layers(network: Network) -> dict[str, int]:
@@ -49,19 +43,21 @@ class _ActivityPerturbation(GradientEstimator):
         self.relu_mask, self.exact_output = relu_mask, exact_output
 
     def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        masked = _followed_by_relu(network) if self.relu_mask else set()
+        masked = network.relu_followed() if self.relu_mask else set()
         outputs = network.logit_layers() if self.exact_output else set()
         offset, total = self.collective.batch_rows(len(x))  # this rank's rows of the union batch
         perturbed: dict[str, tuple[Layer, Tensor, Tensor]] = {}  # layer name -> (layer, its input, u (K, B, ...))
+        exact_outputs: list[Tensor] = []
         grads: dict[str, Tensor] = {}
 
         def add_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> None:
-            _, layer_grads = layer.vjp(layer_input, d_output, need_input_grad=False)  # Linear, Conv2d save their input
+            layer_grads = network.layer_grads(name, layer, layer_input, d_output)  # one layer's VJP, a local step
             grads.update({f"{name}.{param}": grad for param, grad in layer_grads.items()})
 
         def activity_fn(name: str, layer: Layer, layer_input: Tensor, output: Tensor) -> Tensor | None:
             if name in outputs:  # logits: the loss's derivative comes with the forward pass, a one-layer local step
-                add_grads(name, layer, layer_input, cross_entropy_and_grad(output, labels)[1])
+                add_grads(name, layer, layer_input, network.logits_grad(output, labels))
+                exact_outputs.append(output)
                 return None
             # per-example noise drawn for the union batch (the same on every rank), this rank's rows taken
             u = self.randn(self.k, total, *output.shape[1:], like=output)
@@ -74,6 +70,9 @@ class _ActivityPerturbation(GradientEstimator):
 
         result = network.jvp(x, labels, lambda *_: {}, activity_fn=activity_fn, local=self.needs_local_losses,
                              per_example=True)
+        if exact_outputs and not any(o.data_ptr() == result.logits.data_ptr() for o in exact_outputs):
+            raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(outputs)} for the output layer, "
+                             "but the network changes its output before the loss: use exact_output=False")
         derivs = result.block_derivs if self.needs_local_losses else [result.dir_derivs]
         block_of = _block_of_layers(network) if self.needs_local_losses else {}
         for name, (layer, layer_input, u) in perturbed.items():
@@ -86,11 +85,11 @@ class _ActivityPerturbation(GradientEstimator):
 
     def validate(self, network: Network) -> None:
         super().validate(network)
-        if not isinstance(network, Network):
-            raise ValueError(f"{type(self).__name__} runs on the engine's networks (MLP, CNN) only: it needs each "
-                             f"layer's hand-written VJP, which {type(getattr(network, 'module', network)).__name__} "
-                             "(torch backend) does not have")
-        if self.exact_output and sum(layer.has_parameters for _, layer in network.named_layers()) < 2:
+        if isinstance(network, Network):
+            layers = sum(layer.has_parameters for _, layer in network.named_layers())
+        else:  # the torch backend: the modules that own parameters
+            layers = len({name.rpartition(".")[0] for name, _ in network.named_parameters()})
+        if self.exact_output and layers < 2:
             raise ValueError(f"{type(self).__name__}(exact_output=True) has no layer to perturb in a network with one "
                              "parameterised layer: its gradient is exact; use Backprop")
 
