@@ -11,12 +11,13 @@ import sys
 
 import torch
 
-from fg_lightning.engine import CNN, MLP
+from fg_lightning.engine import CNN, MLP, to_torch
 from fg_lightning.estimators import REGISTRY, apply_estimate
 from fg_lightning.estimators.collective import Collective, TorchCollective
+from fg_lightning.torch_network import TorchNetwork
 
 UNION_SIZES = (12, 12, 9)  # the last union batch splits 5 + 4: unequal shares, weighted means
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "torch_cnn")  # torch_cnn: the CNN's to_torch twin on the torch backend
 K = 3
 
 
@@ -29,12 +30,19 @@ def make(name: str, model: str):
         network = CNN(image_size=8, channels=(2, 3, 3), hidden=6, num_classes=4, seed=1, local_losses=local)
     kwargs = {"fix_gap": 2, "decrease_gap": 2} if name == "momentum" else {}
     estimator = spec.make(k=K, seed=7, **kwargs)
-    return network.double(), estimator
+    network = network.double()
+    return (TorchNetwork(to_torch(network)) if model == "torch_cnn" else network), estimator
+
+
+def cases() -> list[tuple[str, str]]:
+    """Every estimator on both engine networks, and those that run on the torch backend on the CNN's twin."""
+    return [(name, model) for name, spec in REGISTRY.items() for model in MODELS
+            if model != "torch_cnn" or not spec.needs_local_losses]
 
 
 def union_batches(model: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(3)
-    shape = (12,) if model == "mlp" else (1, 8, 8)
+    shape = (12,) if model == "mlp" else (1, 8, 8)  # the CNN and its twin
     return [(torch.randn(size, *shape, generator=generator, dtype=torch.float64),
              torch.randint(0, 4, (size,), generator=generator)) for size in UNION_SIZES]
 
@@ -63,7 +71,7 @@ def main(out: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     collective = TorchCollective()
-    results = {(name, model): train(name, model, collective, rank, world_size) for name in REGISTRY for model in MODELS}
+    results = {(name, model): train(name, model, collective, rank, world_size) for name, model in cases()}
     torch.save(results, out)
     torch.distributed.destroy_process_group()
 
