@@ -6,7 +6,6 @@ communicated; ``test_distributed.py`` runs the same :func:`train` in one process
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch

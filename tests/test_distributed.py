@@ -17,7 +17,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.data import EpochPermutation
-from fg_lightning.estimators import REGISTRY
 from fg_lightning.estimators.collective import Collective
 
 HERE = os.path.dirname(os.path.abspath(__file__))
