@@ -22,6 +22,7 @@ _EXPORTS = {
         "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
     ],
     "fg_lightning.module": ["ForwardGradientModule"],
+    "fg_lightning.torch_network": ["TorchNetwork"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -1,18 +1,12 @@
-r"""The torch backend: any ``torch.nn.Module`` classifier behind the protocol the estimators call, so that every
-estimator written for the hand-written engine's :class:`~fg_lightning.engine.Network` runs on it unchanged.
-
-The protocol (what an estimator may call on a network):
-
-- ``named_parameters()`` / ``parameters()``: the parameters it trains;
-- ``loss_and_grad(x, labels) -> (loss, logits, grads)``: the exact gradient (here ``torch.autograd``, the baseline);
-- ``jvp(x, labels, tangent_fn) -> JvpResult``: the loss and its K directional derivatives from forward mode, with
-  ``tangent_fn(name, layer, layer_input)`` asked, as the pass reaches each module that holds parameters, for that
-  module's tangents (``(K, *param.shape)`` each, or an :class:`~fg_lightning.engine.OuterTangent`);
-- ``loss(x, labels)``, ``logits_loss(logits, labels)``, ``num_classes``, ``has_local_losses``.
+r"""The torch backend: any ``torch.nn.Module`` classifier behind the protocol the estimators call
+(:class:`~fg_lightning.estimators.ForwardModel`: ``named_parameters``, ``loss_and_grad``, ``jvp`` with a per-layer
+tangent callback that sees the layer input, activity tangents), so that every estimator written for the hand-written
+engine's :class:`~fg_lightning.engine.Network` runs on it unchanged.
 
 Forward mode here is ``torch.autograd.forward_ad``: when a module's forward starts, its parameters are replaced by
 dual tensors carrying their tangents, so a tangent may depend on the module's input (Section III-D) and no tangent
-exists before its layer is reached. No backward pass runs. One pass carries one direction: K directions take K passes,
+exists before its layer is reached. No backward pass through the network runs (activity perturbation's weight step is
+the VJP of one module at its input). One pass carries one direction: K directions take K passes,
 each from the same random state and buffers (dropout draws the same mask, batch-norm statistics are updated once), so
 every direction differentiates the same function. The hand-written engine carries all K through one pass.
 """
@@ -48,19 +42,16 @@ class TorchNetwork(nn.Module):
         module: the classifier.
         loss: ``loss(logits, labels) -> scalar``, the mean over the batch.
         num_classes: for the accuracy metrics; default the ``out_features`` of the module's last ``nn.Linear``.
-        input_shape: the shape of one example, for benchmarks (optional).
     """
 
     has_local_losses = False
 
-    def __init__(self, module: nn.Module, loss: Loss | None = None, num_classes: int | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, module: nn.Module, loss: Loss | None = None, num_classes: int | None = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
         self.loss_fn: Loss = nn.functional.cross_entropy if loss is None else loss
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
         num_classes = _last_linear_out_features(module) if num_classes is None else num_classes
         if num_classes is None:
             raise ValueError(f"{type(module).__name__} has no nn.Linear to take the number of classes from: "
