@@ -21,8 +21,10 @@ from fg_lightning.estimators.collective import Collective
 class ForwardModel(Protocol):
     """What an estimator may call on a network: the protocol both backends implement, so that every estimator is
     written once. The hand-written engine's :class:`~fg_lightning.engine.Network` (``MLP``, ``CNN``) and the torch
-    backend's :class:`~fg_lightning.torch_network.TorchNetwork` (any ``torch.nn`` classifier) implement it; the
-    activity and local-loss estimators also use the engine's layers and heads and refuse anything else in
+    backend's :class:`~fg_lightning.torch_network.TorchNetwork` (any ``torch.nn`` classifier) implement it.
+    Activity perturbation also asks ``jvp(..., activity_fn=, per_example=True)``, ``relu_followed()``,
+    ``logit_layers()``, ``layer_grads(...)`` and ``logits_grad(...)``, which both implement; the local-loss
+    estimators need the engine's heads (``local_loss_and_grad``, ``jvp(local=True)``) and refuse anything else in
     ``validate()``.
 
     - ``named_parameters()``: the trained parameters, by full name;
@@ -160,11 +162,11 @@ class GradientEstimator:
         return loss, dict(zip(grads, values))
 
     # -- the strategy ------------------------------------------------------------------------------------------
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         """The update direction for this batch at optimizer step ``step`` (0-based)."""
         raise NotImplementedError
 
-    def validate(self, network: Network) -> None:
+    def validate(self, network: ForwardModel) -> None:
         """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts).
         Subclasses that add checks call ``super().validate(network)``."""
         if network.has_local_losses != self.needs_local_losses:
@@ -178,7 +180,7 @@ class GradientEstimator:
             raise ValueError(f"{type(self).__name__} trains the network's own loss and would leave the local-loss heads "
                              "untrained: use a network without them (local_losses=False) or a local estimator")
 
-    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def exact_gradient(self, network: ForwardModel, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The gradient this estimator estimates, by backprop: the reference of its cosine and of its bias. The
         network loss's gradient, or each block's local-loss gradient for an estimator that ``needs_local_losses``."""
         if self.needs_local_losses:
