@@ -86,9 +86,6 @@ class TorchNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.module(x)
 
-    def loss(self, x: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_fn(self.module(x), labels)
-
     def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels)
 
@@ -180,7 +177,6 @@ class TorchNetwork(nn.Module):
                                                    module.register_forward_hook(after))]
         rng = _RandomState(x.device)
         buffers_before = [b.clone() for b in self.module.buffers()]
-        buffers_after: list[Tensor] = []
         derivs: list[Tensor] = []
         try:
             while True:
@@ -194,7 +190,6 @@ class TorchNetwork(nn.Module):
                         self._check_reached(layers, asked)
                         if not num_dirs:
                             raise ValueError("tangent_fn and activity_fn gave no tangent: nothing to differentiate along")
-                        buffers_after = [b.clone() for b in self.module.buffers()]
                         logits_grad = self.logits_grad(logits, labels) if per_example else None
                     if per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
                         derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
@@ -204,7 +199,9 @@ class TorchNetwork(nn.Module):
                 direction += 1
                 if direction >= num_dirs[0]:
                     break
-                rng.restore()  # the same dropout masks, the same batch statistics from the same buffers
+                # the same dropout masks, the same batch statistics from the same buffers: each pass leaves the
+                # buffers as one training forward does
+                rng.restore()
                 for buffer, saved in zip(self.module.buffers(), buffers_before):
                     buffer.copy_(saved)
         finally:
@@ -212,8 +209,6 @@ class TorchNetwork(nn.Module):
                 hook.remove()
             for module, params in swapped.items():
                 module._parameters.update(params)
-        for buffer, saved in zip(self.module.buffers(), buffers_after):  # as after one training forward
-            buffer.copy_(saved)
         return JvpResult(loss, logits, torch.stack(derivs), tangents)
 
     # -- what activity perturbation asks besides jvp ---------------------------------------------------------------
@@ -230,7 +225,7 @@ class TorchNetwork(nn.Module):
 
     def logit_layers(self) -> set[str]:
         """The module taken to give the logits: the last, in registration order, that owns trained parameters
-        (``jvp`` checks that its output is the logits when an activity tangent is asked for)."""
+        (ActivityPerturbation with ``exact_output`` checks that its output is the logits)."""
         return {list(self._layers().values())[-1][0]}
 
     def layer_grads(self, name: str, layer: nn.Module, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:

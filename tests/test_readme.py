@@ -6,38 +6,36 @@ import re
 import pytest
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+NEEDS_DATA = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
-def test_readme_reuse_example_runs(tmp_path, monkeypatch):
+def run_example(marker, folder=None, monkeypatch=None) -> dict:
+    """Run the README's one Python block that holds ``marker``; return its namespace."""
     blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
-    example = [b for b in blocks if b.startswith("# README example")]
+    example = [b for b in blocks if marker in b]
     assert len(example) == 1
-    monkeypatch.chdir(tmp_path)
+    if monkeypatch is not None:
+        monkeypatch.chdir(folder)
     namespace: dict = {}
     exec(compile(example[0], "README.md", "exec"), namespace)
+    return namespace
+
+
+@NEEDS_DATA
+def test_readme_reuse_example_runs(tmp_path, monkeypatch):
+    namespace = run_example("# README example", tmp_path, monkeypatch)
     assert namespace["trainer"].global_step == 20
     assert os.path.isdir(tmp_path / "tb_logs" / "readme")
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+@NEEDS_DATA
 def test_readme_own_model_example_runs(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
-    example = [b for b in blocks if b.startswith("# README own-model example")]
-    assert len(example) == 1
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(example[0], "README.md", "exec"), namespace)
+    namespace = run_example("# README own-model example", tmp_path, monkeypatch)
     assert namespace["trainer"].global_step == 20
     assert type(namespace["module"].network).__name__ == "TorchNetwork"
 
 
 def test_readme_engine_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
-    engine = [b for b in blocks if "from fg_lightning.engine import MLP" in b]
-    assert len(engine) == 1
-    namespace: dict = {}
-    exec(compile(engine[0], "README.md", "exec"), namespace)
+    namespace = run_example("from fg_lightning.engine import MLP")
     assert namespace["result"].dir_derivs.shape == (8,)
