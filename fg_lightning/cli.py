@@ -41,6 +41,7 @@ from fg_lightning.module import (
     ForwardGradientModule,
     building_from_config,
 )
+from fg_lightning.torch_network import TorchBackendError
 
 
 class ConfigError(ValueError):
@@ -62,7 +63,7 @@ class Terminated(Exception):
 
 # Errors a user causes with a setting, a file or the machine's memory: one line, not a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DataError, DatasetNotFoundError, DivergenceError, CheckpointMismatchError,
-               MisconfigurationException, MemoryError, torch.OutOfMemoryError)
+               MisconfigurationException, MemoryError, torch.OutOfMemoryError, TorchBackendError)
 
 # Precisions the engine has been checked under: its hand-written passes use the parameters' dtype, so float64 works;
 # nobody has checked them under autocast or half precision.

@@ -9,19 +9,33 @@ exists before its layer is reached. No backward pass through the network runs (a
 the VJP of one module at its input). One pass carries one direction: K directions take K passes,
 each from the same random state and buffers (dropout draws the same mask, batch-norm statistics are updated once), so
 every direction differentiates the same function. The hand-written engine carries all K through one pass.
+
+What could make a derivative silently wrong is refused instead, raising :class:`TorchBackendError` at the first
+pass, before any update: a trained parameter used outside its own module's forward (a ``TorchFunctionMode`` sees every
+use in the first of the K passes, about 5 µs per torch call), a model whose forward-mode derivative differs from
+autograd's on the first batch, an input-generated direction for a module called more than once, and activity
+perturbation on a module whose output is not one tensor (an LSTM's tuple).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from fg_lightning.engine import JvpResult, OuterTangent
 
 Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+class TorchBackendError(ValueError):
+    """The torch backend cannot give this model's forward-mode derivative as asked; raised during the first pass,
+    before any update."""
 
 
 def _last_linear_out_features(module: nn.Module) -> int | None:
@@ -35,8 +49,11 @@ class TorchNetwork(nn.Module):
 
     The trained parameters are the module's parameters that require grad (frozen ones, integer ones among them, stay
     as they are), under the module's own names (``"0.weight"``, ``"fc.bias"``). Each must be owned by one module (no
-    shared weights) and used inside the forward of the module that owns it, as every ``torch.nn`` layer does; buffers
-    (batch-norm statistics) are updated as in an ordinary training step.
+    shared weights) and used inside the forward of the module that owns it, as every ``torch.nn`` layer does; a
+    module may be called several times. A use anywhere else would get no tangent, so the forward-mode pass watches
+    every use and refuses the model naming the parameter and the use, and the first pass of each kind is compared
+    with autograd (:meth:`check_forward_mode`) to catch what the watch cannot see. Buffers (batch-norm statistics) are
+    updated as in an ordinary training step.
 
     Args:
         module: the classifier.
@@ -58,6 +75,7 @@ class TorchNetwork(nn.Module):
                              "pass num_classes")
         self.num_classes = num_classes
         self._paused = False  # jvp's hooks stand aside while layer_grads runs a module within the pass
+        self._checked: set[bool] = set()  # the kinds of pass (activity tangents or not) compared with autograd
         self._check_parameters()
 
     def _check_parameters(self) -> None:
@@ -113,103 +131,86 @@ class TorchNetwork(nn.Module):
             per_example: bool = False) -> JvpResult:
         """The loss and its directional derivative along each of the K directions, one forward-mode pass per direction
         (see the module docstring). ``tangent_fn(name, module, module_input)`` is asked once per module that owns
-        trained parameters, for their tangents; ``activity_fn(name, module, module_input, output)``, if given, once
-        per such module after its forward, for a ``(K, *output.shape)`` tangent added to its output (activity
-        perturbation). ``per_example=True``: ``dir_derivs[k, b]`` is example ``b``'s term,
-        ``∂L/∂logits_b · ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result."""
+        trained parameters, at its first call, for their tangents; ``activity_fn(name, module, module_input,
+        output)``, if given, once per *call* of such a module after its forward, for a ``(K, *output.shape)`` tangent
+        added to that call's output (activity perturbation: a module called twice gets two independent tangents).
+        ``per_example=True``: ``dir_derivs[k, b]`` is example ``b``'s term, ``∂L/∂logits_b · ∂logits_b``, so that
+        ``dir_derivs.sum(1)`` is the ``(K,)`` result.
+
+        Every use of a trained parameter gets its tangent or the pass raises :class:`TorchBackendError` naming the
+        parameter and the use (:class:`_ParameterUses`); the first call of each kind (weight tangents, activity
+        tangents) also compares forward mode with autograd on this batch (:meth:`check_forward_mode`)."""
         if local:
             raise ValueError("the torch backend has no local-loss heads: jvp(local=True) needs the engine's networks")
-        layers = self._layers()
-        tangents: dict[str, Any] = {}  # full parameter name -> as tangent_fn gave it
-        dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
-        activities: dict[str, Tensor] = {}  # module name -> (K, *output.shape)
-        asked: set[str] = set()
-        num_dirs: list[int] = []
-        direction = 0
-        swapped: dict[nn.Module, dict[str, Any]] = {}
+        activities = activity_fn is not None
+        if activities not in self._checked:
+            self.check_forward_mode(x, labels, activities)
+        return self._jvp(x, labels, tangent_fn, activity_fn, per_example)
 
-        def check_dirs(what: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
-            if shape[1:] != expected or (num_dirs and shape[0] != num_dirs[0]):
-                raise ValueError(f"{what} has shape {shape}, expected (K{'=' + str(num_dirs[0]) if num_dirs else ''}, "
-                                 f"{', '.join(map(str, expected))})")
-            num_dirs[:] = [shape[0]]
-
-        def before(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if self._paused:  # layer_grads runs a module inside the pass
-                return
-            name, own = layers[module]
-            if name not in asked:  # the first pass asks, with the module's input
-                asked.add(name)
-                params = dict(module.named_parameters(recurse=False))
-                for param, tangent in tangent_fn(name, module, _primal(args)).items():
-                    full = f"{name}.{param}" if name else param
-                    if param not in own:
-                        raise ValueError(f"tangent_fn returned a tangent for {full!r}, which is not a trained parameter")
-                    check_dirs(f"tangent for {full!r}", tuple(tangent.shape), tuple(params[param].shape))
-                    tangents[full] = tangent
-                    dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
-            swapped[module] = dict(module._parameters)
-            for param in own:
-                full = f"{name}.{param}" if name else param
-                value = module._parameters[param].detach()
-                if full in dense:
-                    value = fwAD.make_dual(value, dense[full][direction].to(value.dtype))
-                module._parameters[param] = value  # a plain (dual) tensor for this forward only
-
-        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if self._paused:
-                return None
-            module._parameters.update(swapped.pop(module))
-            if activity_fn is None or not isinstance(output, Tensor):
-                return None
-            name = layers[module][0]
-            primal = fwAD.unpack_dual(output).primal
-            if direction == 0 and name not in activities:
-                activity = activity_fn(name, module, _primal(args), primal)
-                if activity is None:
-                    return None
-                check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
-                activities[name] = activity
-            activity = activities.get(name)
-            return None if activity is None else output + fwAD.make_dual(torch.zeros_like(primal), activity[direction])
-
-        hooks = [h for module in layers for h in (module.register_forward_pre_hook(before),
-                                                   module.register_forward_hook(after))]
-        rng = _RandomState(x.device)
-        buffers_before = [b.clone() for b in self.module.buffers()]
+    def _jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]],
+             activity_fn: Callable[..., Tensor | None] | None, per_example: bool) -> JvpResult:
+        tangents = _Tangents(self, tangent_fn, activity_fn)
+        rewind = _Rewind(self.module, x.device)
         derivs: list[Tensor] = []
-        try:
+        with tangents.hooked():
             while True:
                 with torch.no_grad(), fwAD.dual_level():
-                    logits_dual = self.module(x)
-                    loss_dual = self.loss_fn(logits_dual, labels)
+                    with tangents.uses if tangents.direction == 0 else contextlib.nullcontext():
+                        logits_dual = self.module(x)
+                        loss_dual = self.loss_fn(logits_dual, labels)
                     logits_primal, logits_tangent = fwAD.unpack_dual(logits_dual)
                     primal, tangent = fwAD.unpack_dual(loss_dual)
-                    if direction == 0:
+                    if tangents.direction == 0:
                         loss, logits = primal, logits_primal
-                        self._check_reached(layers, asked)
-                        if not num_dirs:
-                            raise ValueError("tangent_fn and activity_fn gave no tangent: nothing to differentiate along")
+                        tangents.check_first_pass()
                         logits_grad = self.logits_grad(logits, labels) if per_example else None
                     if per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
                         derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
                                       if logits_tangent is None else (logits_grad * logits_tangent).flatten(1).sum(1))
                     else:
                         derivs.append(torch.zeros_like(primal) if tangent is None else tangent)
-                direction += 1
-                if direction >= num_dirs[0]:
+                if not tangents.next_direction():
                     break
                 # the same dropout masks, the same batch statistics from the same buffers: each pass leaves the
                 # buffers as one training forward does
-                rng.restore()
-                for buffer, saved in zip(self.module.buffers(), buffers_before):
-                    buffer.copy_(saved)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for module, params in swapped.items():
-                module._parameters.update(params)
-        return JvpResult(loss, logits, torch.stack(derivs), tangents)
+                rewind()
+        return JvpResult(loss, logits, torch.stack(derivs), tangents.given)
+
+    def check_forward_mode(self, x: Tensor, labels: Tensor, activities: bool = False, directions: int = 2) -> None:
+        """Raise :class:`TorchBackendError` unless forward mode's derivative of the loss on this batch equals
+        autograd's, ``∇L·v`` (and ``Σ ∂L/∂z_c·u_c`` over every call's output ``z_c`` with ``activities``), along
+        ``directions`` random directions. :meth:`jvp` runs it once per kind on its first batch, so that a use of a
+        parameter the tracking cannot see (e.g. through a view taken before the pass) refuses the model before
+        the first update instead of training on a wrong gradient. The random state and buffers are put back: the
+        run's numbers are the same with and without it. Costs one backward and ``directions`` forward passes."""
+        rewind = _Rewind(self.module, x.device)
+        params = dict(self.named_parameters())
+        with _outputs_of(self._layers() if activities else {}) as outputs, torch.enable_grad():
+            loss = self.loss_fn(self.module(x), labels)
+        wrt = [*params.values(), *outputs]
+        grads = [torch.zeros_like(t) if g is None else g
+                 for t, g in zip(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))]
+        rewind()
+        generator = torch.Generator(x.device).manual_seed(0)
+        draws = [torch.randn((directions, *t.shape), generator=generator, device=t.device, dtype=t.dtype) for t in wrt]
+        by_name, layers = dict(zip(params, draws)), self._layers()
+        activity_draws = iter(draws[len(params):])
+        result = self._jvp(x, labels, lambda name, module, _: {p: by_name[f"{name}.{p}" if name else p]
+                                                               for p in layers[module][1]},
+                           (lambda *_: next(activity_draws)) if activities else None, per_example=False)
+        rewind()
+        expected = sum((g.double().unsqueeze(0) * d.double()).flatten(1).sum(1) for g, d in zip(grads, draws))
+        scale = float(sum(g.double().square().sum() for g in grads).sqrt())
+        error = float((result.dir_derivs.double() - expected).abs().max())
+        tolerance = 1e-3 if loss.dtype != torch.float64 else 1e-8
+        if error > tolerance * scale:
+            raise TorchBackendError(
+                f"{type(self.module).__name__}: forward mode's derivative of the loss along random "
+                f"{'activity and ' if activities else ''}weight directions differs from autograd's (by {error:.3g}, "
+                f"the gradient's norm is {scale:.3g}): the model uses a trained parameter where the forward-mode pass "
+                "does not give it its tangent (e.g. through a tensor derived from it before the pass). Use each "
+                "parameter inside the forward of the module that owns it")
+        self._checked.add(activities)
 
     # -- what activity perturbation asks besides jvp ---------------------------------------------------------------
     def relu_followed(self) -> set[str]:
@@ -251,14 +252,6 @@ class TorchNetwork(nn.Module):
             z = logits.detach().requires_grad_(True)
             return torch.autograd.grad(self.loss_fn(z, labels), z)[0]
 
-    def _check_reached(self, layers: dict[nn.Module, tuple[str, list[str]]], asked: set[str]) -> None:
-        missed = [name for name, _ in layers.values() if name not in asked]
-        if missed:
-            raise ValueError(f"{type(self.module).__name__}: the forward pass never ran the forward of "
-                             f"{', '.join(repr(m) for m in missed)}, whose parameters are trained; the torch backend "
-                             "gives a parameter its tangent as its own module's forward runs (freeze unused "
-                             "parameters with requires_grad=False)")
-
     def directions_per_pass(self, x: Tensor, num_dirs: int) -> int:
         return 1
 
@@ -268,15 +261,206 @@ def _primal(args: tuple[Any, ...]) -> Tensor | None:
     return fwAD.unpack_dual(args[0]).primal if args and isinstance(args[0], Tensor) else None
 
 
-class _RandomState:
-    """The global generators' state (CPU, and the device's on CUDA), to replay the same draws in each pass."""
+class _ParameterUses(TorchFunctionMode):
+    """Refuses, during a forward-mode pass, any use of a trained parameter object itself. Inside the forward of the
+    module that owns it the pass has put a dual tensor (the value with its tangent) in the parameter's place, so the
+    parameter object met anywhere else (``F.linear(h, self.fc.weight)`` outside ``fc``'s forward) enters the
+    computation without a tangent, and the directional derivative would silently miss that use. Reading metadata
+    (shape, dtype) and explicit stop-gradients (``detach()``, ``.data``), whose results carry no gradient in autograd
+    either, are not uses."""
 
-    def __init__(self, device: torch.device) -> None:
+    STOP_GRADIENT = (torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.data.__get__)  # type: ignore[attr-defined]
+
+    def __init__(self, model: str, params: dict[str, nn.Parameter]) -> None:
+        super().__init__()
+        self.model = model
+        self.params = {id(param): (name, param) for name, param in params.items()}
+        self.running: list[str] = []  # the modules owning parameters whose forward is running, innermost last
+        self.paused = 0  # > 0 while the estimator's own code (tangent_fn, activity_fn) runs
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.paused or any(func == stop for stop in self.STOP_GRADIENT):
+            return result
+        for value in tree_leaves((args, kwargs)):
+            found = self.params.get(id(value))
+            if found is not None and found[1] is value and any(isinstance(r, Tensor) for r in tree_leaves(result)):
+                self.refuse(found[0], func)
+        return result
+
+    def refuse(self, name: str, func: Any) -> None:
+        owner = name.rpartition(".")[0]
+        what = getattr(func, "__name__", repr(func))
+        if what == "__get__":  # a property, e.g. Tensor.T
+            what = f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}"
+        inside = f" (within the forward of {self.running[-1]!r})" if self.running else ""
+        raise TorchBackendError(
+            f"{self.model}: parameter {name!r} is used by {what} outside the forward of {owner!r}, the module that "
+            f"owns it{inside}; the torch backend gives a parameter its tangent only inside its own module's forward, "
+            f"so this use would get none and the forward gradient would be wrong. Call the module instead of reading "
+            f"its parameter, or freeze the parameter (requires_grad=False)")
+
+
+class _Tangents:
+    """What one :meth:`TorchNetwork.jvp` call gives the model, pass after pass (one direction per pass): as each
+    module that owns trained parameters starts its forward, its parameters become dual tensors carrying this
+    direction's tangent (asked from ``tangent_fn`` at the module's first call, with its input); after each call of
+    such a module, ``activity_fn``'s tangent for that call is added to its output. The first pass also watches every
+    use of a parameter (:class:`_ParameterUses`)."""
+
+    def __init__(self, network: TorchNetwork, tangent_fn: Callable[..., dict[str, Any]],
+                 activity_fn: Callable[..., Tensor | None] | None) -> None:
+        self.network, self.tangent_fn, self.activity_fn = network, tangent_fn, activity_fn
+        self.model = type(network.module).__name__
+        self.layers = network._layers()
+        self.uses = _ParameterUses(self.model, dict(network.named_parameters()))
+        self.given: dict[str, Any] = {}  # full parameter name -> as tangent_fn gave it
+        self.dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
+        self.activities: dict[tuple[str, int], Tensor] = {}  # (module name, call) -> (K, *output.shape)
+        self.calls: dict[str, int] = {}  # module name -> calls so far in this pass
+        self.num_dirs: int | None = None
+        self.direction = 0
+        self.swapped: dict[nn.Module, dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        hooks = [h for module in self.layers for h in (module.register_forward_pre_hook(self.before),
+                                                        module.register_forward_hook(self.after))]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, params in self.swapped.items():
+                module._parameters.update(params)
+
+    def next_direction(self) -> bool:
+        """Move to the next direction; False when all K are done."""
+        self.direction += 1
+        self.calls = {}
+        return self.direction < (self.num_dirs or 0)
+
+    def check_dirs(self, what: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+        if shape[1:] != expected or (self.num_dirs is not None and shape[0] != self.num_dirs):
+            k = "" if self.num_dirs is None else f"={self.num_dirs}"
+            raise ValueError(f"{what} has shape {shape}, expected (K{k}, {', '.join(map(str, expected))})")
+        self.num_dirs = shape[0]
+
+    def full(self, name: str, param: str) -> str:
+        return f"{name}.{param}" if name else param
+
+    def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.network._paused:  # layer_grads runs a module inside the pass
+            return
+        name, own = self.layers[module]
+        self.calls[name] = call = self.calls.get(name, 0) + 1
+        if self.direction == 0 and call == 1:
+            self.ask(name, module, own, args)
+        elif call == 2 and any(isinstance(self.given.get(self.full(name, p)), OuterTangent) for p in own):
+            raise TorchBackendError(
+                f"{self.model}: {name!r} is called more than once in one forward, and its weight's direction was drawn "
+                f"from the input of its first call (input_qr, input_approx), which does not span the gradient of its "
+                f"other calls: use an estimator with Gaussian directions (naive, multi_direction, ...)")
+        self.swapped[module] = dict(module._parameters)
+        for param in own:
+            value = module._parameters[param].detach()
+            dense = self.dense.get(self.full(name, param))
+            if dense is not None:
+                value = fwAD.make_dual(value, dense[self.direction].to(value.dtype))
+            module._parameters[param] = value  # a plain (dual) tensor for this forward only
+        self.uses.running.append(name)
+
+    def ask(self, name: str, module: nn.Module, own: list[str], args: tuple[Any, ...]) -> None:
+        params = dict(module.named_parameters(recurse=False))
+        with self.uses.pause():
+            given = self.tangent_fn(name, module, _primal(args))
+        for param, tangent in given.items():
+            full = self.full(name, param)
+            if param not in own:
+                raise ValueError(f"tangent_fn returned a tangent for {full!r}, which is not a trained parameter")
+            self.check_dirs(f"tangent for {full!r}", tuple(tangent.shape), tuple(params[param].shape))
+            self.given[full] = tangent
+            self.dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if self.network._paused:
+            return None
+        module._parameters.update(self.swapped.pop(module))
+        self.uses.running.pop()
+        if self.activity_fn is None:
+            return None
+        name = self.layers[module][0]
+        if not isinstance(output, Tensor):
+            raise TorchBackendError(
+                f"{self.model}: activity perturbation adds a tangent to the output of every module that owns trained "
+                f"parameters, but {name!r} ({type(module).__name__}) returns a {type(output).__name__}, not one "
+                "tensor: train this model with a weight-perturbation estimator (naive, multi_direction, ...)")
+        key = (name, self.calls[name])
+        primal = fwAD.unpack_dual(output).primal
+        if self.direction == 0:
+            with self.uses.pause():
+                activity = self.activity_fn(name, module, _primal(args), primal)
+            if activity is None:
+                return None
+            self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
+            self.activities[key] = activity
+        activity = self.activities.get(key)
+        return None if activity is None else output + fwAD.make_dual(torch.zeros_like(primal), activity[self.direction])
+
+    def check_first_pass(self) -> None:
+        missed = [name for name, _ in self.layers.values() if name not in self.calls]
+        if missed:
+            raise TorchBackendError(
+                f"{self.model}: the forward pass never ran the forward of {', '.join(repr(m) for m in missed)}, whose "
+                "parameters are trained; the torch backend gives a parameter its tangent as its own module's forward "
+                "runs (freeze unused parameters with requires_grad=False)")
+        if self.num_dirs is None:
+            raise ValueError("tangent_fn and activity_fn gave no tangent: nothing to differentiate along")
+
+
+class _Rewind:
+    """Puts the global generators' state (CPU, and the device's on CUDA) and the module's buffers back as they are
+    now, to replay a pass as if the one before had not run: the same dropout masks, the same batch statistics."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.module, self.device = module, device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.device = device
+        self.buffers = [b.clone() for b in module.buffers()]
 
-    def restore(self) -> None:
+    def __call__(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
+        for buffer, saved in zip(self.module.buffers(), self.buffers):
+            buffer.copy_(saved)
+
+
+@contextlib.contextmanager
+def _outputs_of(layers: dict[nn.Module, tuple[str, list[str]]]) -> Iterator[list[Tensor]]:
+    """Collects the tensor output of every call of ``layers``, in call order. The model goes on with a copy, so that
+    an in-place op after the module (``nn.ReLU(inplace=True)``) leaves the collected output as the module gave it,
+    the tensor activity perturbation perturbs."""
+    outputs: list[Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> Any:
+        if not isinstance(output, Tensor):
+            return None
+        outputs.append(output)
+        return output.clone()
+
+    hooks = [module.register_forward_hook(keep) for module in layers]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -10,7 +10,7 @@ import yaml
 from idx_files import learnable_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from user_models import UserCNN
+from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside, TiedThroughAView, UserCNN
 
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.engine import CNN, MLP, to_torch
@@ -234,3 +234,95 @@ def test_a_users_sequential_cnn_trains_with_multi_direction_through_fg_cli(idx_r
     assert sum(last) / 5 < 0.7 * sum(first) / 5, losses
     checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 40 and checkpoint["fg_lightning"]["network"] == "UserCNN"
+
+
+# -- models the forward-mode pass could get wrong: every use of a parameter gets its tangent, or the model is refused
+
+def _exact_and_forward_mode_gradient(net, x, labels):
+    """Autograd's gradient, and forward mode's own: MultiDirection(k=n, orthogonal) projects the gradient forward mode
+    sees on n independent directions, i.e. it is that gradient."""
+    torch.manual_seed(0)
+    _, _, exact = net.loss_and_grad(x, labels)
+    n = sum(p.numel() for p in net.parameters())
+    estimate = MultiDirection(k=n, aggregation="orthogonal", seed=3).estimate(net, x, labels, 0)
+    flat = torch.cat([g.flatten() for g in exact.values()])
+    error = torch.cat([(estimate.grads[name] - g).flatten() for name, g in exact.items()])
+    return float(error.norm() / flat.norm())
+
+
+def test_a_parameter_used_outside_its_modules_forward_is_refused_naming_it_and_the_use():
+    net = TorchNetwork(ReusedOutside().double())
+    x, labels = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for name in ("naive", "multi_direction", "orthogonal", "input_qr", "momentum"):
+        estimator = REGISTRY[name].make(k=2)
+        if name == "momentum":
+            estimator.estimate(net, x, labels, 0)  # a backprop checkpoint: exact, autograd
+        with pytest.raises(ValueError, match=r"fc1\.weight.*linear.*outside the forward of 'fc1'"):
+            estimator.estimate(net, x, labels, 1)
+    assert all(isinstance(p, nn.Parameter) for p in net.module.parameters())  # the pass left the model as it was
+
+
+def test_a_module_called_twice_gets_its_tangent_at_every_call():
+    """fc1 runs twice per forward: weight perturbation carries the same tangent into both calls (forward mode's own
+    gradient equals autograd's); activity perturbation perturbs each call with its own tangent and takes each call's
+    own input for the weight step: with k = 10 tangents that form a scaled basis of both calls' outputs (5 + 5
+    coordinates per example), Σ_k u_k u_kᵀ = k·I and its estimate is the exact gradient. Input-generated directions,
+    drawn from one call's input, are refused."""
+    torch.manual_seed(0)
+    net = TorchNetwork(CalledTwice().double())
+    x, labels = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert _exact_and_forward_mode_gradient(net, x, labels) < 1e-6
+    _, _, exact = net.loss_and_grad(x, labels)
+    basis = (10**0.5 * torch.eye(10, dtype=torch.float64)).unsqueeze(1).expand(10, 6, 10)
+    draws = iter([basis[..., :5], basis[..., 5:]])  # fc1's first call, its second (fc2, the output, is exact)
+    estimator = REGISTRY["activity"].make(k=10)
+    estimator.randn = lambda *shape, like: next(draws)
+    grads = estimator.estimate(net, x, labels, 0).grads
+    for name, grad in exact.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="'fc1' is called more than once"):
+        REGISTRY["input_qr"].make().estimate(net, x, labels, 0)
+    twice_at_the_end = TorchNetwork(OutputLayerTwice().double())  # the output layer's exact step takes one call
+    with pytest.raises(ValueError, match="output layer 'fc2' is called more than once"):
+        REGISTRY["activity"].make().estimate(twice_at_the_end, x, labels, 0)
+    REGISTRY["activity"].make(exact_output=False).estimate(twice_at_the_end, x, labels, 0)
+
+
+def test_a_module_whose_output_is_a_tuple_works_with_weight_perturbation_and_is_refused_by_activity():
+    net = TorchNetwork(Recurrent().double())
+    x, labels = torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert _exact_and_forward_mode_gradient(net, x, labels) < 1e-6
+    with pytest.raises(ValueError, match=r"'lstm' \(LSTM\) returns a tuple"):
+        REGISTRY["activity"].make().estimate(net, x, labels, 0)
+
+
+def test_a_use_the_tracking_cannot_see_is_caught_by_the_first_pass_check():
+    """A weight read through a view made at construction escapes the tracking of parameter uses; the one-time check
+    on the first batch (forward mode's derivative against autograd's along random directions) refuses the model."""
+    net = TorchNetwork(TiedThroughAView(dtype=torch.float64))
+    x, labels = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="differs from autograd's"):
+        NaiveForwardGradient().estimate(net, x, labels, 0)
+    control = TorchNetwork(CalledTwice().double())
+    state = torch.get_rng_state()
+    NaiveForwardGradient().estimate(control, torch.randn(6, 5, dtype=torch.float64), labels % 3, 0)
+
+
+def test_fg_cli_refuses_a_model_with_an_untracked_use_in_one_line(idx_root, tmp_path, capsys):
+    """The model that trained silently with exit 0: refused at its first step, before any update, in one line."""
+    config = yaml.safe_load(open(os.path.join(CONFIGS, "torch_resnet_multi_direction.yaml")))
+    config["model"]["network"] = {"class_path": "user_models.ReusedOutside",
+                                  "init_args": {"features": 784, "classes": 10}}
+    config["model"]["estimator"]["init_args"]["k"] = 2
+    path = tmp_path / "reused.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(["fit", "--config", str(path), "--data.root", idx_root, "--data.download", "false",
+                "--data.batch_size", "8", "--data.val_size", "16", "--trainer.max_steps", "3",
+                "--trainer.enable_progress_bar", "false",
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "tb")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fg-cli:")]
+    assert exit_info.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "TorchBackendError" in lines[0] and "'fc1.weight' is used by linear" in lines[0]
+    assert not list(tmp_path.glob("tb/**/*.ckpt"))

@@ -46,18 +46,25 @@ class _ActivityPerturbation(GradientEstimator):
         masked = network.relu_followed() if self.relu_mask else set()
         outputs = network.logit_layers() if self.exact_output else set()
         offset, total = self.collective.batch_rows(len(x))  # this rank's rows of the union batch
-        perturbed: dict[str, tuple[Layer, Tensor, Tensor]] = {}  # layer name -> (layer, its input, u (K, B, ...))
-        exact_outputs: list[Tensor] = []
+        # one entry per call of a layer (a torch model may call a module twice): (name, layer, its input, u (K, B, ...))
+        perturbed: list[tuple[str, Layer, Tensor, Tensor]] = []
+        exact_outputs: dict[str, Tensor] = {}  # output layer name -> its output
         grads: dict[str, Tensor] = {}
 
         def add_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> None:
             layer_grads = network.layer_grads(name, layer, layer_input, d_output)  # one layer's VJP, a local step
-            grads.update({f"{name}.{param}": grad for param, grad in layer_grads.items()})
+            for param, grad in layer_grads.items():  # summed over the layer's calls
+                key = f"{name}.{param}"
+                grads[key] = grad if key not in grads else grads[key] + grad
 
         def activity_fn(name: str, layer: Layer, layer_input: Tensor, output: Tensor) -> Tensor | None:
             if name in outputs:  # logits: the loss's derivative comes with the forward pass, a one-layer local step
+                if name in exact_outputs:
+                    raise ValueError(f"{type(self).__name__}(exact_output=True): the output layer {name!r} is called "
+                                     "more than once in one forward, so its output is not only the logits: use "
+                                     "exact_output=False")
                 add_grads(name, layer, layer_input, network.logits_grad(output, labels))
-                exact_outputs.append(output)
+                exact_outputs[name] = output
                 return None
             # per-example noise drawn for the union batch (the same on every rank), this rank's rows taken
             u = self.randn(self.k, total, *output.shape[1:], like=output)
@@ -65,17 +72,17 @@ class _ActivityPerturbation(GradientEstimator):
                 u = u.narrow(1, offset, len(output)).clone()
             if name in masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
                 u.mul_(output > 0)
-            perturbed[name] = (layer, layer_input, u)
+            perturbed.append((name, layer, layer_input, u))
             return u
 
         result = network.jvp(x, labels, lambda *_: {}, activity_fn=activity_fn, local=self.needs_local_losses,
                              per_example=True)
-        if exact_outputs and not any(o.data_ptr() == result.logits.data_ptr() for o in exact_outputs):
+        if exact_outputs and not any(o.data_ptr() == result.logits.data_ptr() for o in exact_outputs.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(outputs)} for the output layer, "
                              "but the network changes its output before the loss: use exact_output=False")
         derivs = result.block_derivs if self.needs_local_losses else [result.dir_derivs]
         block_of = _block_of_layers(network) if self.needs_local_losses else {}
-        for name, (layer, layer_input, u) in perturbed.items():
+        for name, layer, layer_input, u in perturbed:
             d = derivs[block_of.get(name, 0)]  # (K, B): each example's derivative of its block's loss
             add_grads(name, layer, layer_input, torch.einsum("kb,kb...->b...", d, u).div_(self.k))  # ĝ_z, mean of K
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
