@@ -116,7 +116,8 @@ class ResumableDataLoader(DataLoader):
     ``state_dict`` / ``load_state_dict`` protocol (the checkpoint records the epoch and the batches consumed).
 
     ``in_flight()`` tells how many of the batches handed out have not finished their training step: a checkpoint
-    written as an exception stops a step (Ctrl-C, a divergence) must not count that batch as consumed."""
+    written as an exception stops a step (Ctrl-C, a divergence) must not count that batch as consumed (unless its
+    update was applied: ``ForwardGradientModule`` then counts it, see ``fg_lightning.module.resumable_loops``)."""
 
     def __init__(self, dataset: TensorDataset, seed: int, in_flight: Callable[[], int] | None = None,
                  num_replicas: int = 1, rank: int = 0, **kwargs: Any) -> None:

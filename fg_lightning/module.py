@@ -45,6 +45,60 @@ def building_from_config() -> Iterator[None]:
         _FROM_CONFIG.reset(token)
 
 
+def _epoch_cut_short(trainer: Any) -> bool:
+    """Whether training stopped (``max_steps``, ``trainer.should_stop``) before the epoch's last batch: Lightning still
+    ends the epoch then (its ``on_train_epoch_end`` hooks run), but a resumed run goes on with the same epoch."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    return not batches.is_last_batch and 0 < batches.current.ready < trainer.num_training_batches
+
+
+def resumable_loops(loops: dict[str, Any], trainer: Any, update_applied: bool) -> None:
+    """Rewrite the fit loop's progress counters in a checkpoint's ``loops`` so that Lightning resumes where the run is.
+
+    Lightning reads the counters as a checkpoint written at a batch's end (``on_train_batch_end``, where the
+    step-interval checkpoints are written) or at an epoch's end. Two other moments leave counters it misreads:
+
+    - Training stopped before the epoch's last batch (``max_steps``): the epoch is marked processed (and completed, by
+      ``on_train_end``), so the epoch-end checkpoint and the ``last.ckpt`` written as training ends would resume at
+      the next epoch, skipping the rest of this one and its validation. They are saved as the checkpoint written at
+      that last batch's end: the epoch started but not processed, the batch processed but not completed, one batch
+      fewer counted for the loggers (Lightning counts it again as it resumes). The training loader's own state
+      (:class:`~fg_lightning.data.ResumableDataLoader`: the epoch and the batches consumed) then matches the epoch
+      the fit loop resumes, and the loader skips the consumed batches.
+    - An exception stopped a step in flight (Ctrl-C, a peer's death: ``ExceptionCheckpoint``): its batch is fetched
+      but not processed, and the loader does not count it consumed. Before the step's update (``update_applied``
+      False) the resumed run takes that batch again, but Lightning adds one to the loggers' step count as it resumes
+      (right only after a batch's end), so every later step would be logged one step late: the count is saved one
+      lower. After the update (a callback's exception, Ctrl-C while the step logs) the parameters hold it: the batch
+      is saved as processed and consumed, as at its end, so that it is not taken twice.
+
+    Lightning decides how to resume from the ``total`` batch counters but, resuming mid-batch, resets only the
+    ``current`` ones: ``total`` stays a batch ahead, and the next checkpoint of that run would resume as if the batch
+    were unfinished (one batch short of the epoch's end: its validation skipped). ``total`` is saved as far ahead of
+    its processed count as ``current`` is.
+    """
+    fit = loops["fit_loop"]
+    epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
+    stepped = fit["epoch_loop.state_dict"]
+    current = batches["current"]
+    for field in ("ready", "started"):
+        batches["total"][field] = batches["total"]["processed"] + current[field] - current["processed"]
+    if current["ready"] > current["processed"]:  # a step in flight
+        if not (update_applied and current["started"] == current["ready"]):
+            stepped["_batches_that_stepped"] -= 1
+            return
+        for key in ("total", "current"):
+            batches[key]["processed"] += 1
+        for state in fit["state_dict"].get("combined_loader", []):
+            if isinstance(state, dict) and "consumed" in state:
+                state["consumed"] += 1
+    elif epochs["total"]["processed"] == epochs["total"]["started"] > 0 and _epoch_cut_short(trainer):
+        for key in ("total", "current"):
+            epochs[key]["processed"] = epochs[key]["completed"] = epochs[key]["started"] - 1
+            batches[key]["completed"] = batches[key]["processed"] - 1
+        stepped["_batches_that_stepped"] -= 1
+
+
 class ForwardGradientModule(LightningModule):
     """Trains ``network`` with the updates that ``estimator`` produces (``automatic_optimization = False``).
 
@@ -202,13 +256,17 @@ class ForwardGradientModule(LightningModule):
         return DivergenceError(str(err) + where)
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # What a checkpoint written while this batch's step is interrupted before its update must hold: the estimator
+        # as the step found it, so that the resumed run draws the same directions for the same batch. Set before
+        # Lightning starts the step, so that until the update a checkpoint never takes the step for done.
+        self._state_before_update = self.estimator.state_dict()
+
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, labels = batch
         optimizer = self.optimizers()
         step = self.global_step
-        # What a checkpoint written while this step is interrupted before its update must hold: the estimator as
-        # the step found it, so that the resumed run draws the same directions for the same batch.
-        self._state_before_update = self.estimator.state_dict()
         callbacks = self._update_callbacks()
         for callback in callbacks:
             callback.on_before_update(self.trainer, self, batch)
@@ -221,12 +279,14 @@ class ForwardGradientModule(LightningModule):
             apply_estimate(estimate, self.network, optimizer, step, self.estimator, before_step=clip)
         except DivergenceError as err:
             raise self._divergence(err, x, step) from None
+        self._step_schedulers("step")
+        # The update is applied: a checkpoint written from here on (an exception in a callback, Ctrl-C) holds this
+        # step as done, so its schedule is stepped first (see resumable_loops).
         self._state_before_update = None
         for callback in callbacks:
             callback.on_update_end(self.trainer, self, estimate)
         for callback in callbacks:
             callback.on_after_update(self.trainer, self, estimate)
-        self._step_schedulers("step")
         self.train_acc(estimate.logits, labels)
         self.log("train/loss", estimate.loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
@@ -234,7 +294,8 @@ class ForwardGradientModule(LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
-        self._step_schedulers("epoch")
+        if not _epoch_cut_short(self.trainer):  # max_steps mid-epoch: the resumed run finishes this epoch
+            self._step_schedulers("epoch")
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
         x, labels = batch
@@ -268,6 +329,8 @@ class ForwardGradientModule(LightningModule):
         interrupted = self._state_before_update
         checkpoint["estimator_state"] = interrupted if interrupted is not None else self.estimator.state_dict()
         checkpoint["fg_lightning"] = self._fingerprint()
+        if "loops" in checkpoint and self._trainer is not None:
+            resumable_loops(checkpoint["loops"], self.trainer, update_applied=self._state_before_update is None)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
