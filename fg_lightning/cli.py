@@ -251,9 +251,11 @@ class ForwardGradientCLI(LightningCLI):
             self.compare_model(path, saved, subcommand, resuming=subcommand == "fit")
 
     def resolve_last(self, config: Any) -> str:
-        """The newest checkpoint of this config's runs: ``last.ckpt`` or ``interrupted.ckpt`` (written by
-        ExceptionCheckpoint on Ctrl-C or a crash) in ``<save_dir>/<name>/version_*/checkpoints/``, newest by version
-        number, then by modification time. Lightning's own "last" only looks in the new run's empty folder."""
+        """The newest checkpoint of this config's runs: of the ``*.ckpt`` files in
+        ``<save_dir>/<name>/version_*/checkpoints/``, the newest version's, then the one of the highest global step,
+        then by modification time. Not ``last.ckpt`` by name: it is written every n steps, so a run that stops
+        between two (``max_steps``) has its newest state only in its epoch-end checkpoint, and one stopped by an
+        exception in ``interrupted.ckpt``. Lightning's own "last" only looks in the new run's empty folder."""
         logger = config.trainer.get("logger")
         logger = logger[0] if isinstance(logger, list) and logger else logger
         init = getattr(logger, "init_args", None)
@@ -262,12 +264,17 @@ class ForwardGradientCLI(LightningCLI):
                                   "save_dir (TensorBoardLogger or CSVLogger): give the checkpoint file")
         root = os.path.join(str(init.save_dir), str(init.get("name") or ""))
 
-        def newest_first(path: str) -> tuple[int, float]:
-            version = os.path.basename(os.path.dirname(os.path.dirname(path)))[len("version_"):]
-            return (int(version) if version.isdigit() else -1, os.path.getmtime(path))
+        def global_step(path: str) -> int:
+            try:  # mmap: only the few bytes of the step are read
+                return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+            except Exception:  # unreadable: ranked last of its version; if picked, the check after names the file
+                return -1
 
-        found = [path for name in ("last.ckpt", "interrupted.ckpt")
-                 for path in glob.glob(os.path.join(glob.escape(root), "version_*", "checkpoints", name))]
+        def newest_first(path: str) -> tuple[int, int, float]:
+            version = os.path.basename(os.path.dirname(os.path.dirname(path)))[len("version_"):]
+            return (int(version) if version.isdigit() else -1, global_step(path), os.path.getmtime(path))
+
+        found = glob.glob(os.path.join(glob.escape(root), "version_*", "checkpoints", "*.ckpt"))
         if not found:
             where = os.path.join(root, "version_*", "checkpoints")
             raise CheckpointError(f"no checkpoint to resume: none under {where}/")
