@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from fg_lightning.data import DatasetNotFoundError, MNISTDataModule
-from fg_lightning.distributed import check_strategy, wraps_in_ddp
+from fg_lightning.distributed import ForwardGradientDDPStrategy, PeerLostError, check_strategy, wraps_in_ddp
 from fg_lightning.module import (
     CheckpointMismatchError,
     DivergenceError,
@@ -63,7 +63,8 @@ class Terminated(Exception):
 
 # Errors a user causes with a setting, a file or the machine's memory: one line, not a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DataError, DatasetNotFoundError, DivergenceError, CheckpointMismatchError,
-               MisconfigurationException, MemoryError, torch.OutOfMemoryError, TorchBackendError)
+               MisconfigurationException, MemoryError, torch.OutOfMemoryError, TorchBackendError,
+               PeerLostError)
 
 # Precisions the engine has been checked under: its hand-written passes use the parameters' dtype, so float64 works;
 # nobody has checked them under autocast or half precision.
@@ -381,6 +382,10 @@ class ForwardGradientCLI(LightningCLI):
                 self._remove(folder, top)
         if isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt):
             return KeyboardInterrupt(self._interrupted())
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        lost = strategy.as_peer_lost(err) if isinstance(strategy, ForwardGradientDDPStrategy) else None
+        if lost is not None:  # a peer died or hangs: this rank's line, where it stopped and what to resume from
+            return PeerLostError(f"{lost}; {self._interrupted()}")
         if isinstance(err, SIGTERMException) or (isinstance(err, SystemExit) and
                                                  isinstance(err.__context__, SIGTERMException)):
             return Terminated(self._interrupted())

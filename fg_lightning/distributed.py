@@ -15,31 +15,100 @@ guesses — and every rank takes the update one process would take on the union 
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+import re
+import signal
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
 
 STRATEGY_NAMES = {"fg_ddp": "popen", "fg_ddp_spawn": "spawn", "fg_ddp_fork": "fork"}
-WRAPPER_ARGUMENTS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period", "kwargs")
+
+# How long a collective waits for the other processes before the run ends. A training step's all-reduce waits for
+# the slowest process's forward pass, seconds at most; five minutes leave room for a slow first step, a long
+# validation on one rank or a checkpoint written to a slow disk, and end a run whose peer hangs long before
+# Lightning's default of 30 minutes would.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run died, or did not answer a collective within the strategy's ``timeout``."""
 
 
 class ForwardGradientDDPStrategy(DDPStrategy):
     """:class:`~lightning.pytorch.strategies.DDPStrategy` without ``DistributedDataParallel``: the parameters (and
     buffers) of rank 0 are broadcast once at setup, and the estimator's collective keeps the ranks in step after
-    that. Takes DDPStrategy's arguments (``process_group_backend``, ``timeout``, ``start_method``, …); the ones that
-    configure the wrapper (``find_unused_parameters``, communication hooks, model averaging) have nothing to act on
-    and are refused."""
+    that. Takes DDPStrategy's own arguments; the ones that configure the wrapper (``find_unused_parameters``,
+    communication hooks, model averaging) have nothing to act on and are refused.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        own = set(inspect.signature(DDPStrategy).parameters) - set(WRAPPER_ARGUMENTS)
-        wrapper_only = sorted(key for key in kwargs if key not in own)  # the rest of DDPStrategy's go to the wrapper
-        if wrapper_only:
+    ``timeout`` (default :data:`DEFAULT_TIMEOUT`, 5 minutes; DDPStrategy's is 30) bounds how long any collective
+    waits for the other processes: gloo's all-reduce raises after it (NCCL's watchdog aborts the process instead;
+    not tried here). When a peer dies (its connection closes at once) or hangs (the timeout runs out), the training
+    step raises :class:`PeerLostError` naming this rank; from then on the strategy's barriers are skipped, so that
+    ``ExceptionCheckpoint`` still writes ``interrupted.ckpt`` on rank 0 instead of waiting for the lost peer again
+    (``Trainer.save_checkpoint`` ends with a barrier), and rank 0 kills the processes it launched (``fg-cli
+    --trainer.devices N``) rather than leave a hung one holding its device; under torchrun its agent ends them.
+    From fg-cli::
+
+        --trainer.strategy fg_lightning.ForwardGradientDDPStrategy --trainer.strategy.timeout 0:01:00
+    """
+
+    def __init__(self, accelerator: Accelerator | None = None, parallel_devices: list | None = None,
+                 cluster_environment: ClusterEnvironment | None = None, checkpoint_io: CheckpointIO | None = None,
+                 precision_plugin: Precision | None = None, process_group_backend: str | None = None,
+                 timeout: timedelta | None = DEFAULT_TIMEOUT,
+                 start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen", **kwargs: Any) -> None:
+        # Named arguments, not DDPStrategy's **kwargs, so that LightningCLI offers only these.
+        if kwargs:
             raise ValueError(f"ForwardGradientDDPStrategy does not wrap the module in DistributedDataParallel, so "
-                             f"{', '.join(wrapper_only)} would do nothing: leave them out")
-        super().__init__(*args, **kwargs)
+                             f"{', '.join(sorted(kwargs))} would do nothing: leave them out")
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method)
+        self.peer_lost = False
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().training_step(*args, **kwargs)
+        except Exception as err:
+            lost = self.as_peer_lost(err)
+            if lost is None:
+                raise
+            raise lost from err
+
+    def as_peer_lost(self, err: BaseException) -> PeerLostError | None:
+        """`err` as a :class:`PeerLostError` if it is a collective's failure (None otherwise), and remember that the
+        peers are gone. Gloo raises a plain RuntimeError whose message names its source file; NCCL a DistError."""
+        message = str(err)
+        if isinstance(err, PeerLostError):
+            return err
+        if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in message)):
+            return None
+        self.peer_lost = True
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", message).split(". ")[0]  # gloo's source location and advice dropped
+        what = (f"another process did not answer within {self._timeout} (it hangs or was stopped; "
+                f"ForwardGradientDDPStrategy(timeout=...) sets the wait)" if "timed out" in message.lower()
+                else "another process died")
+        return PeerLostError(f"rank {self.global_rank} of {self.world_size}: {what} ({cause})")
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not self.peer_lost:  # a barrier now would wait for the lost peer (or fail) again
+            super().barrier(*args, **kwargs)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if self.peer_lost and isinstance(self.launcher, _SubprocessScriptLauncher):
+            self.launcher.kill(signal.SIGKILL)  # a hung process this one started would hold its device forever
 
     @override
     def configure_ddp(self) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -140,6 +144,7 @@ def two_processes(argv, cwd):
     env = {k: v for k, v in os.environ.items()
            if k not in ("FG_CLI_TRACEBACK", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["MASTER_PORT"] = str(free_port())
+    env["PYTHONPATH"] = os.pathsep.join([HERE, *filter(None, [env.get("PYTHONPATH")])])  # faults.SignalAt
     return subprocess.run([FG_CLI, *argv, "--trainer.devices", "2"], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
 
@@ -217,3 +222,76 @@ def test_predict_on_several_processes_is_refused(idx_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         fg_cli(argv)
     assert "ConfigError: predict writes the test set's probabilities in order to one file" in capsys.readouterr().err
+
+
+def test_fg_ddp_waits_minutes_not_half_an_hour_and_refuses_wrapper_arguments():
+    from lightning.pytorch import Trainer
+
+    from fg_lightning.distributed import DEFAULT_TIMEOUT, ForwardGradientDDPStrategy
+
+    assert DEFAULT_TIMEOUT == timedelta(minutes=5)
+    assert Trainer(strategy="fg_ddp", accelerator="cpu", devices=2).strategy._timeout == DEFAULT_TIMEOUT
+    assert ForwardGradientDDPStrategy(timeout=timedelta(seconds=20))._timeout == timedelta(seconds=20)
+    with pytest.raises(ValueError, match="find_unused_parameters would do nothing"):
+        ForwardGradientDDPStrategy(find_unused_parameters=True)
+
+
+@needs_script
+@pytest.mark.parametrize("signal_name, what", [("SIGKILL", "another process died"),
+                                               ("SIGSTOP", "another process did not answer within 0:00:10")])
+def test_a_dead_or_stopped_peer_ends_the_run_in_one_line_naming_the_checkpoint(signal_name, what, idx_root,
+                                                                                   tmp_path):
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at the start of step 5: rank 0 ends with one line naming its rank,
+    the step and interrupted.ckpt (written, at step 5), within the 10 s timeout (plus shutdown) for the hung peer,
+    whose process it kills."""
+    pid_file, run = tmp_path / "rank1.pid", tmp_path / "tb"
+    signal_at = ('--trainer.callbacks+={"class_path": "faults.SignalAt", "init_args": {"step": 5, '
+                 f'"signal_name": "{signal_name}", "pid_file": "{pid_file}"}}}}')
+    strategy = ["--trainer.strategy", "fg_lightning.ForwardGradientDDPStrategy", "--trainer.strategy.timeout",
+                "0:00:10"]
+    try:
+        done = two_processes(fit_args("mlp_naive", idx_root, run, 4, "--trainer.max_steps", "20", signal_at,
+                                      *strategy), tmp_path)
+        ended = time.time()
+        assert done.returncode == 1, done.stderr[-3000:]
+        lines = [line for line in done.stderr.splitlines() if "fg-cli:" in line]
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        ckpt = os.path.join(str(run), "mlp_naive", "version_0", "checkpoints", "interrupted.ckpt")
+        assert lines[0].startswith(f"fg-cli: PeerLostError: rank 0 of 2: {what}"), lines[0]
+        assert f"stopped at step 5; resume with --ckpt_path {ckpt}" in lines[0]
+        assert torch.load(ckpt, weights_only=False)["global_step"] == 5
+        if signal_name == "SIGSTOP":
+            assert ended - os.path.getmtime(pid_file) < 10 + 8  # the timeout, then the checkpoint and the exit
+            state = subprocess.run(["ps", "-o", "stat=", "-p", pid_file.read_text()], capture_output=True, text=True)
+            assert state.stdout.strip() in ("", "Z"), "the stopped rank was left behind"
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+TORCHRUN = shutil.which("torchrun")
+
+
+@needs_script
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_nodes_through_torchrun_take_the_union_batch_update(idx_root, tmp_path):
+    """Two "machines" on this one: two torchrun commands of one process each, meeting through a c10d rendezvous on
+    localhost (as two hosts would at node 0's address), end where one process with the doubled batch ends."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                  f"localhost:{free_port()}", "--rdzv-id", "two-nodes"]
+    argv = fit_args("mlp_naive", idx_root, tmp_path / "nodes", 4, "--trainer.max_steps", "4", "--trainer.devices",
+                    "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fg_ddp")
+    nodes = [subprocess.Popen([TORCHRUN, *rendezvous, "-m", "fg_lightning.cli", *argv], cwd=tmp_path,
+                              env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    for node in nodes:
+        output = node.communicate(timeout=300)[0]
+        assert node.returncode == 0, output[-3000:]
+    fg_cli(fit_args("mlp_naive", idx_root, tmp_path / "one", 8, "--trainer.max_steps", "4"))
+    two, one = checkpoint(tmp_path / "nodes", "mlp_naive"), checkpoint(tmp_path / "one", "mlp_naive")
+    assert two["global_step"] == one["global_step"] == 4
+    for name, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=1e-4, atol=1e-6, msg=name)
