@@ -14,10 +14,12 @@ programming errors keep their traceback; Ctrl-C (SIGTERM) prints where the last 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import inspect
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -90,6 +93,10 @@ QUIET_LOG_PREFIXES = ("💡 Tip: For seamless cloud logging", "Seed set to ",
                       "Trainer already configured with model summary callbacks")
 QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning.fabric.utilities.seed")
+
+# Options the parser keeps so that they are refused in one line saying why (ForwardGradientCLI.check_trainer,
+# refuse_top_level_optimizer), but that --help does not list: they cannot work under manual optimisation.
+HIDDEN_OPTIONS = ("optimizer", "optimizer.help", "lr_scheduler", "lr_scheduler.help", "trainer.accumulate_grad_batches")
 
 # --ckpt_path values Lightning resolves itself ("last" is resolved by fg-cli, see ForwardGradientCLI.resolve_last).
 LIGHTNING_CKPT_KEYWORDS = ("hpc", "registry")
@@ -169,18 +176,45 @@ class ForwardGradientCLI(LightningCLI):
 
     # ---------------------------------------------------------------- checks on the parsed config (before anything)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # A parse error raises ArgumentError instead of printing a 70-line usage block and exiting with 2:
+        # parse_arguments turns it into a ConfigError, which main() prints in one line.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def setup_parser(self, *args: Any, **kwargs: Any) -> None:
+        """``--help`` lists what works: not the options that are refused (:data:`HIDDEN_OPTIONS`, still parsed so
+        that they are refused saying why), and for ``--model.network`` the project's networks rather than every
+        ``torch.nn`` class (about 680 lines)."""
+        super().setup_parser(*args, **kwargs)
+        for parser in [self.parser, *getattr(self, "_subcommand_parsers", {}).values()]:
+            for action in parser._actions:
+                if action.dest in HIDDEN_OPTIONS:
+                    action.help = argparse.SUPPRESS
+                elif action.dest == "model.network" and hasattr(action, "extra_help"):
+                    action.extra_help = lambda: (", known subclasses: fg_lightning.MLP, fg_lightning.CNN, or any "
+                                                 "torch.nn.Module classifier")
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then refuse what would be ignored or silently changed, before Lightning applies ``--ckpt_path``:
         LightningCLI replaces the config's ``model`` section with the checkpoint's hyperparameters right after this
         method, so a different network or an override given on resume would otherwise be dropped without a word."""
         if isinstance(args, (list, tuple)) or args is None:
-            self.refuse_top_level_optimizer(sys.argv[1:] if args is None else list(args))
-        super().parse_arguments(parser, args)
+            raw = sys.argv[1:] if args is None else list(args)
+            self.refuse_top_level_optimizer(raw)
+            for key, value in zip(raw, raw[1:] + [None]):  # `--...lr nan`: jsonargparse's float refuses nan first
+                if isinstance(key, str) and re.fullmatch(r"--model\.optimizer(\.init_args)?\.lr(=.*)?", key):
+                    self.check_learning_rate(key.partition("=")[2] if "=" in key else value)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(str(err)) from None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         self.refuse_top_level_optimizer([f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key)])
+        self.check_learning_rate(config.get("model.optimizer.init_args.lr"))
         self.check_trainer(config)
         if config.get("ckpt_path"):
             self.check_checkpoint(subcommand, config)
@@ -196,6 +230,20 @@ class ForwardGradientCLI(LightningCLI):
                 if isinstance(arg, str) and re.fullmatch(rf"--{key}([.=].*)?", arg):
                     raise ConfigError(f"--{key} is LightningCLI's, which fg-cli does not use: set --model.{key} "
                                       f"(e.g. --model.{key}.class_path ... --model.{key}.init_args.<arg> ...)")
+
+    @staticmethod
+    def check_learning_rate(value: Any) -> None:
+        """Refuse a learning rate that is not a finite positive number, by name: torch.optim accepts nan, inf and 0
+        (only a negative rate is refused), and the run would then diverge at its first step or never move."""
+        if value is None:
+            return
+        try:
+            lr = float(value)
+        except (TypeError, ValueError):
+            return  # not a number at all: jsonargparse names it
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"model.optimizer.init_args.lr {value} is not a finite positive number: the learning "
+                              "rate scales every update (e.g. --model.optimizer.init_args.lr 1e-3)")
 
     @staticmethod
     def check_trainer(config: Any) -> None:

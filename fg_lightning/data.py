@@ -40,7 +40,19 @@ DATASETS = {
 
 class DatasetNotFoundError(FileNotFoundError):
     """The four IDX files of a dataset were found in none of the folders searched (and could not be downloaded or
-    put where torchvision reads them)."""
+    put where torchvision reads them). The message names fg-cli's flags; :meth:`naming` gives it with another
+    tool's (fg-bench has ``--root``, not ``--data.root``)."""
+
+    FG_CLI_FLAGS = {"download": "--data.download true", "root": "--data.root <folder>",
+                    "dataset": "--data.dataset fashion_mnist"}
+
+    def __init__(self, template: str) -> None:
+        super().__init__(template.format(**self.FG_CLI_FLAGS))
+        self.template = template
+
+    def naming(self, download: str, root: str, dataset: str) -> str:
+        """The message with these flags in place of fg-cli's."""
+        return self.template.format(download=download, root=root, dataset=dataset)
 
 
 def _one_line(err: BaseException) -> str:
@@ -248,11 +260,12 @@ class MNISTDataModule(LightningDataModule):
         if reason is None:
             return raw
         folders = "\n".join(f"  - {folder}" for folder in self.search_folders())
-        debian = "" if self.dataset == "fashion_mnist" else "offline, `--data.dataset fashion_mnist` after "
+        debian = "" if self.dataset == "fashion_mnist" else "offline, `{dataset}` after "
+        found = f"{self.dataset} not found ({reason}). Looked in:\n{folders}".replace("{", "{{").replace("}", "}}")
         raise DatasetNotFoundError(
-            f"{self.dataset} not found ({reason}). Looked in:\n{folders}\nfor the four IDX files "
-            f"{', '.join(name + '[.gz]' for name in IDX_NAMES)}.\nTo get them: download=True (`--data.download true`) "
-            "with internet access; or put the four files (or their .gz) in root; or point `--data.root <folder>` / "
+            f"{found}\nfor the four IDX files "
+            f"{', '.join(name + '[.gz]' for name in IDX_NAMES)}.\nTo get them: download=True (`{{download}}`) "
+            "with internet access; or put the four files (or their .gz) in root; or point `{root}` / "
             f"`root=` at a folder holding them; or {debian}`apt-get install dataset-fashion-mnist` (Debian/Ubuntu)."
         )
 
@@ -264,11 +277,9 @@ class MNISTDataModule(LightningDataModule):
             os.makedirs(raw, exist_ok=True)
             staging = tempfile.mkdtemp(prefix=".partial-", dir=raw)
         except OSError as err:
-            raise DatasetNotFoundError(
-                f"{self.dataset}: found the IDX files in {os.path.dirname(paths[0])} but cannot put them in {raw}, "
-                f"where torchvision reads them ({_one_line(err)}). Pass a writable folder as `--data.root <folder>` "
-                "/ `root=`."
-            ) from None
+            where = (f"{self.dataset}: found the IDX files in {os.path.dirname(paths[0])} but cannot put them in {raw}, "
+                     f"where torchvision reads them ({_one_line(err)})").replace("{", "{{").replace("}", "}}")
+            raise DatasetNotFoundError(where + ". Pass a writable folder as `{root}` / `root=`.") from None
         try:
             for path in paths:
                 try:

@@ -242,10 +242,13 @@ def test_build_network_adds_local_losses_only_when_the_estimator_needs_them(monk
         assert made.pop() == ({"seed": 0, "local_losses": True} if spec.needs_local_losses else {"seed": 0}), name
 
 
-def test_missing_data_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+def test_missing_data_is_one_clear_error_naming_fg_bench_flags(tmp_path):
+    with pytest.raises(SystemExit, match="not found") as exit_info:
         fg_bench(["quality", "--device", "cpu", "--out", str(tmp_path), "--dataset", "mnist", "--root",
                   str(tmp_path / "none"), "--no-download"])
+    message = str(exit_info.value.code)
+    assert "--root <folder>" in message and "--dataset fashion_mnist" in message and "--no-download" in message
+    assert "--data." not in message, message
 
 
 def test_flop_and_memory_bounds():

@@ -186,7 +186,7 @@ def test_checkpoint_without_hyperparameters_is_left_to_the_module(run_copy, idx_
     (["--trainer.precision", "bf16-true"], "--trainer.precision bf16-true is not supported"),
     (["--trainer.gradient_clip_val", "1.0", "--model.gradient_clip_val", "2.0"], "disagree"),
     (["--trainer.max_epochs", "-2"], "MisconfigurationException"),
-    (["--model.optimizer.init_args.lr", "-1"], "Invalid learning rate"),
+    (["--model.optimizer.init_args.lr", "-1"], "lr -1 is not a finite positive number"),
 ], ids=["optimizer", "optimizer=", "lr_scheduler", "lr_scheduler-full", "accumulate", "bf16-mixed", "16-mixed",
         "bf16-true", "clip-conflict", "misconfiguration", "negative-lr"])
 def test_refused_before_training_in_one_line(extra, message, tmp_path, idx_root, capsys):
@@ -200,6 +200,45 @@ def test_top_level_optimizer_in_a_config_file_is_refused(tmp_path, idx_root, cap
     extra.write_text("optimizer:\n  class_path: torch.optim.Adam\n")
     line = error_line(capsys, args("fit", "mlp_backprop", idx_root, tmp_path / "tb", "--config", str(extra)))
     assert "--model.optimizer" in line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.estimator.class_path", "NoSuchEstimator"], 'Parser key "model.estimator"'),
+    (["--config", "typo.yaml"], "does not accept option 'model.estimatr'"),
+    (["--config", "missing.yaml"], "missing.yaml"),
+], ids=["unknown-class", "typo-key", "missing-config"])
+def test_parser_errors_are_one_line_keeping_jsonargparse_message(extra, message, tmp_path, idx_root, capsys,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.yaml").write_text("model:\n  estimatr: 1\n")
+    line = error_line(capsys, args("fit", "mlp_backprop", idx_root, tmp_path / "tb", *extra))
+    assert line.startswith("fg-cli: ConfigError: ") and message in line, line
+    assert not versions(tmp_path / "tb")
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-inf", "0"])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused_by_name(lr, tmp_path, idx_root, capsys):
+    line = error_line(capsys, args("fit", "mlp_backprop", idx_root, tmp_path / "tb", "--model.optimizer.init_args.lr",
+                                   lr))
+    assert line.startswith(f"fg-cli: ConfigError: model.optimizer.init_args.lr {lr} ") and "finite" in line, line
+
+
+def test_a_nan_learning_rate_in_a_config_file_is_refused_by_name(tmp_path, idx_root, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  optimizer:\n    class_path: torch.optim.SGD\n    init_args:\n      lr: .nan\n")
+    line = error_line(capsys, args("fit", "mlp_backprop", idx_root, tmp_path / "tb", "--config", str(extra)))
+    assert line.startswith("fg-cli: ConfigError: model.optimizer.init_args.lr nan "), line
+
+
+def test_help_lists_what_works(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--model.network" in text and "fg_lightning.MLP" in text and "--trainer.max_steps" in text
+    for gone in ("torch.nn.Bilinear", "--optimizer", "--lr_scheduler", "accumulate_grad_batches"):
+        assert gone not in text, gone
+    assert len(text.splitlines()) < 700
 
 
 def test_a_bad_label_is_one_line_naming_the_file(tmp_path, capsys):
@@ -325,9 +364,11 @@ def script(argv, cwd):
 @pytest.mark.skipif(FG_CLI is None, reason="fg-cli is not installed (pip install -e .)")
 @pytest.mark.parametrize("extra, message", [
     (["--trainer.precision", "bf16-mixed"], "ConfigError: --trainer.precision bf16-mixed"),
-    (["--model.optimizer.init_args.lr", "-1"], "ConfigError: model.optimizer / model.lr_scheduler: Invalid learning"),
+    (["--model.optimizer.init_args.lr", "-1"], "ConfigError: model.optimizer.init_args.lr -1 is not a finite"),
     (["--ckpt_path", "last"], "CheckpointError: no checkpoint to resume"),
-], ids=["precision", "negative-lr", "no-last"])
+    (["--model.estimator.class_path", "NoSuchEstimator"], "ConfigError: Parser key \"model.estimator\""),
+    (["--model.optimizer.init_args.lr", "nan"], "ConfigError: model.optimizer.init_args.lr nan"),
+], ids=["precision", "negative-lr", "no-last", "parser", "nan-lr"])
 def test_script_errors_are_exactly_one_line_on_stderr(extra, message, tmp_path, idx_root):
     done = script(args("fit", "mlp_backprop", idx_root, tmp_path / "tb", *extra), tmp_path)
     assert done.returncode == 1

@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         module = "suite" if args.command == "all" else args.command
         importlib.import_module(f"fg_lightning.bench.{module}").run(args)
     except DatasetNotFoundError as err:
-        raise SystemExit(f"fg-bench {args.command}: {err}") from None
+        flags = err.naming(download="drop --no-download", root="--root <folder>", dataset="--dataset fashion_mnist")
+        raise SystemExit(f"fg-bench {args.command}: {flags}") from None
 
 
 if __name__ == "__main__":
