@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from fg_lightning.engine import JvpResult, OuterTangent
+from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -74,7 +74,6 @@ class TorchNetwork(nn.Module):
             raise ValueError(f"{type(module).__name__} has no nn.Linear to take the number of classes from: "
                              "pass num_classes")
         self.num_classes = num_classes
-        self._paused = False  # jvp's hooks stand aside while layer_grads runs a module within the pass
         self._checked: set[bool] = set()  # the kinds of pass (activity tangents or not) compared with autograd
         self._check_parameters()
 
@@ -126,30 +125,28 @@ class TorchNetwork(nn.Module):
                 layers[module] = (name, own)
         return layers
 
-    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]],
-            activity_fn: Callable[..., Tensor | None] | None = None, local: bool = False,
-            per_example: bool = False) -> JvpResult:
-        """The loss and its directional derivative along each of the K directions, one forward-mode pass per direction
-        (see the module docstring). ``tangent_fn(name, module, module_input)`` is asked once per module that owns
-        trained parameters, at its first call, for their tangents; ``activity_fn(name, module, module_input,
-        output)``, if given, once per *call* of such a module after its forward, for a ``(K, *output.shape)`` tangent
-        added to that call's output (activity perturbation: a module called twice gets two independent tangents).
-        ``per_example=True``: ``dir_derivs[k, b]`` is example ``b``'s term, ``∂L/∂logits_b · ∂logits_b``, so that
-        ``dir_derivs.sum(1)`` is the ``(K,)`` result.
+    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource | Callable[..., Any]) -> JvpResult:
+        """The loss and its directional derivative along each of the K directions of ``tangents`` (a
+        :class:`~fg_lightning.engine.tangents.TangentSource` or a ``tangent_fn``), one forward-mode pass per
+        direction (see the module docstring). The source's ``weights(name, module, module_input)`` is asked once per
+        module that owns trained parameters, at its first call; with ``perturbs_activities``, its ``activity(name,
+        module, module_input, output)`` once per *call* of such a module (a module called twice gets two independent
+        tangents). ``source.per_example``: ``dir_derivs[k, b]`` is example ``b``'s term, ``∂L/∂logits_b ·
+        ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
 
         Every use of a trained parameter gets its tangent or the pass raises :class:`TorchBackendError` naming the
         parameter and the use (:class:`_ParameterUses`); the first call of each kind (weight tangents, activity
         tangents) also compares forward mode with autograd on this batch (:meth:`check_forward_mode`)."""
-        if local:
-            raise ValueError("the torch backend has no local-loss heads: jvp(local=True) needs the engine's networks")
-        activities = activity_fn is not None
-        if activities not in self._checked:
-            self.check_forward_mode(x, labels, activities)
-        return self._jvp(x, labels, tangent_fn, activity_fn, per_example)
+        source = as_source(tangents)
+        if source.local:
+            raise ValueError("the torch backend has no local-loss heads: a local tangent source needs the engine's "
+                             "networks")
+        if source.perturbs_activities not in self._checked:
+            self.check_forward_mode(x, labels, source.perturbs_activities)
+        return self._jvp(x, labels, source)
 
-    def _jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]],
-             activity_fn: Callable[..., Tensor | None] | None, per_example: bool) -> JvpResult:
-        tangents = _Tangents(self, tangent_fn, activity_fn)
+    def _jvp(self, x: Tensor, labels: Tensor, source: TangentSource) -> JvpResult:
+        tangents = _Tangents(self, source)
         rewind = _Rewind(self.module, x.device)
         derivs: list[Tensor] = []
         with tangents.hooked():
@@ -163,8 +160,8 @@ class TorchNetwork(nn.Module):
                     if tangents.direction == 0:
                         loss, logits = primal, logits_primal
                         tangents.check_first_pass()
-                        logits_grad = self.logits_grad(logits, labels) if per_example else None
-                    if per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
+                        logits_grad = self.logits_grad(logits, labels) if source.per_example else None
+                    if source.per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
                         derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
                                       if logits_tangent is None else (logits_grad * logits_tangent).flatten(1).sum(1))
                     else:
@@ -193,11 +190,7 @@ class TorchNetwork(nn.Module):
         rewind()
         generator = torch.Generator(x.device).manual_seed(0)
         draws = [torch.randn((directions, *t.shape), generator=generator, device=t.device, dtype=t.dtype) for t in wrt]
-        by_name, layers = dict(zip(params, draws)), self._layers()
-        activity_draws = iter(draws[len(params):])
-        result = self._jvp(x, labels, lambda name, module, _: {p: by_name[f"{name}.{p}" if name else p]
-                                                               for p in layers[module][1]},
-                           (lambda *_: next(activity_draws)) if activities else None, per_example=False)
+        result = self._jvp(x, labels, _Draws(dict(zip(params, draws)), draws[len(params):]))
         rewind()
         expected = sum((g.double().unsqueeze(0) * d.double()).flatten(1).sum(1) for g, d in zip(grads, draws))
         scale = float(sum(g.double().square().sum() for g in grads).sqrt())
@@ -237,14 +230,15 @@ class TorchNetwork(nn.Module):
                   if v.requires_grad}
         state = {**{n: v.detach() for n, v in layer.named_parameters()},
                  **{n: v.clone() for n, v in layer.named_buffers()}, **params}
-        self._paused = True
-        try:
-            with torch.enable_grad():
-                output = torch.func.functional_call(layer, state, (layer_input,))
-                grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
-        finally:
-            self._paused = False
+        with torch.enable_grad():
+            output = torch.func.functional_call(layer, state, (layer_input,))
+            grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
         return {p: torch.zeros_like(v) if g is None else g for (p, v), g in zip(params.items(), grads)}
+
+    @staticmethod
+    def fully_connected(module: nn.Module) -> bool:
+        """Whether ``module``'s weight multiplies its input's last axis: an ``nn.Linear``."""
+        return isinstance(module, nn.Linear)
 
     def logits_grad(self, logits: Tensor, labels: Tensor) -> Tensor:
         """∂L/∂logits of the loss, ``(B, C)`` (a VJP through the loss function alone)."""
@@ -276,7 +270,7 @@ class _ParameterUses(TorchFunctionMode):
         self.model = model
         self.params = {id(param): (name, param) for name, param in params.items()}
         self.running: list[str] = []  # the modules owning parameters whose forward is running, innermost last
-        self.paused = 0  # > 0 while the estimator's own code (tangent_fn, activity_fn) runs
+        self.paused = 0  # > 0 while the estimator's own code (the tangent source) runs
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -313,17 +307,16 @@ class _ParameterUses(TorchFunctionMode):
 class _Tangents:
     """What one :meth:`TorchNetwork.jvp` call gives the model, pass after pass (one direction per pass): as each
     module that owns trained parameters starts its forward, its parameters become dual tensors carrying this
-    direction's tangent (asked from ``tangent_fn`` at the module's first call, with its input); after each call of
-    such a module, ``activity_fn``'s tangent for that call is added to its output. The first pass also watches every
+    direction's tangent (asked from the source at the module's first call, with its input); after each call of
+    such a module, the source's activity tangent for that call is added to its output. The first pass also watches every
     use of a parameter (:class:`_ParameterUses`)."""
 
-    def __init__(self, network: TorchNetwork, tangent_fn: Callable[..., dict[str, Any]],
-                 activity_fn: Callable[..., Tensor | None] | None) -> None:
-        self.network, self.tangent_fn, self.activity_fn = network, tangent_fn, activity_fn
+    def __init__(self, network: TorchNetwork, source: TangentSource) -> None:
+        self.network, self.source = network, source
         self.model = type(network.module).__name__
         self.layers = network._layers()
         self.uses = _ParameterUses(self.model, dict(network.named_parameters()))
-        self.given: dict[str, Any] = {}  # full parameter name -> as tangent_fn gave it
+        self.given: dict[str, Any] = {}  # full parameter name -> as the source gave it
         self.dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
         self.activities: dict[tuple[str, int], Tensor] = {}  # (module name, call) -> (K, *output.shape)
         self.calls: dict[str, int] = {}  # module name -> calls so far in this pass
@@ -359,8 +352,6 @@ class _Tangents:
         return f"{name}.{param}" if name else param
 
     def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self.network._paused:  # layer_grads runs a module inside the pass
-            return
         name, own = self.layers[module]
         self.calls[name] = call = self.calls.get(name, 0) + 1
         if self.direction == 0 and call == 1:
@@ -380,23 +371,21 @@ class _Tangents:
         self.uses.running.append(name)
 
     def ask(self, name: str, module: nn.Module, own: list[str], args: tuple[Any, ...]) -> None:
-        params = dict(module.named_parameters(recurse=False))
+        params = {p: v for p, v in module.named_parameters(recurse=False) if p in own}
         with self.uses.pause():
-            given = self.tangent_fn(name, module, _primal(args))
+            given = self.source.weights(name, module, _primal(args), params)
         for param, tangent in given.items():
             full = self.full(name, param)
             if param not in own:
-                raise ValueError(f"tangent_fn returned a tangent for {full!r}, which is not a trained parameter")
+                raise ValueError(f"the tangent source gave a tangent for {full!r}, which is not a trained parameter")
             self.check_dirs(f"tangent for {full!r}", tuple(tangent.shape), tuple(params[param].shape))
             self.given[full] = tangent
             self.dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
 
     def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if self.network._paused:
-            return None
         module._parameters.update(self.swapped.pop(module))
         self.uses.running.pop()
-        if self.activity_fn is None:
+        if not self.source.perturbs_activities:
             return None
         name = self.layers[module][0]
         if not isinstance(output, Tensor):
@@ -408,7 +397,7 @@ class _Tangents:
         primal = fwAD.unpack_dual(output).primal
         if self.direction == 0:
             with self.uses.pause():
-                activity = self.activity_fn(name, module, _primal(args), primal)
+                activity = self.source.activity(name, module, _primal(args), primal)
             if activity is None:
                 return None
             self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
@@ -424,7 +413,19 @@ class _Tangents:
                 "parameters are trained; the torch backend gives a parameter its tangent as its own module's forward "
                 "runs (freeze unused parameters with requires_grad=False)")
         if self.num_dirs is None:
-            raise ValueError("tangent_fn and activity_fn gave no tangent: nothing to differentiate along")
+            raise ValueError("the tangent source gave no tangent: nothing to differentiate along")
+
+
+class _Draws(GivenTangents):
+    """The check's source: weight tangents by parameter name, and activity tangents in call order."""
+
+    def __init__(self, weights: dict[str, Tensor], activities: list[Tensor]) -> None:
+        super().__init__(weights)
+        self.activities = iter(activities)
+        self.perturbs_activities = bool(activities)
+
+    def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Tensor:
+        return next(self.activities)
 
 
 class _Rewind:

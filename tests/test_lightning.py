@@ -61,6 +61,9 @@ def test_there_is_a_config_per_network_and_registered_estimator():
             assert model["estimator"]["class_path"] == f"fg_lightning.estimators.{spec.cls.__name__}"
             assert spec.kwargs.items() <= (model["estimator"].get("init_args") or {}).items(), (net, name)
             assert model["network"]["class_path"] == f"fg_lightning.engine.{net.upper()}"
+            # the registry record is the one place of the configs' settings
+            assert float(model["optimizer"]["init_args"]["lr"]) == spec.lr[net], (net, name)  # YAML reads 1e-06 as text
+            assert (model["estimator"].get("init_args") or {}).get("k") == spec.k, (net, name)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])

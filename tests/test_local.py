@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fg_lightning.engine import CNN, MLP, to_torch
+from fg_lightning.engine import CNN, MLP, GivenTangents, TangentSource, to_torch
 from fg_lightning.estimators import (
     REGISTRY, ActivityPerturbation, Backprop, LocalActivityPerturbation, LocalBackprop, LocalGuess,
     LocalWeightPerturbation, MultiDirection, NaiveForwardGradient, cosine,
@@ -83,8 +83,9 @@ def test_local_jvp_gives_each_blocks_local_derivatives(model, chunked):
         net.tangent_memory_mb = 1e-6  # one direction per pass
     gen = torch.Generator().manual_seed(3)
     tangents = {name: torch.randn(3, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    result = net.jvp(x, labels, lambda name, layer, _: {p: tangents[f"{name}.{p}"] for p, _ in layer.named_parameters()},
-                     local=True)
+    source = GivenTangents(tangents)
+    source.local = True  # the tangent stops at each block boundary
+    result = net.jvp(x, labels, source)
     grads = net.local_loss_and_grad(x, labels)[2]
     for names, derivs in zip(net.block_parameters(), result.block_derivs):
         expected = sum(torch.einsum("k...,...->k", tangents[n], grads[n]) for n in names)
@@ -99,12 +100,16 @@ def recorded_activities(net, x, labels, k, local=False):
     gen = torch.Generator().manual_seed(4)
     activities = {}
 
-    def activity_fn(name, layer, layer_input, output):
-        activities[name] = torch.randn(k, *output.shape, generator=gen, dtype=output.dtype)
-        return activities[name]
+    class Activities(TangentSource):
+        perturbs_activities = per_example = True
 
-    result = net.jvp(x, labels, lambda *_: {}, activity_fn=activity_fn, local=local, per_example=True)
-    return result, activities
+        def activity(self, name, layer, layer_input, output):
+            activities[name] = torch.randn(k, *output.shape, generator=gen, dtype=output.dtype)
+            return activities[name]
+
+    source = Activities()
+    source.local = local
+    return net.jvp(x, labels, source), activities
 
 
 def autograd_output_grads(net, x, labels):
@@ -134,9 +139,10 @@ def test_per_example_derivatives_sum_to_the_batch_derivatives():
     net, x, labels = problem("cnn", local=False)
     gen = torch.Generator().manual_seed(2)
     tangents = {name: torch.randn(2, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    tangent_fn = lambda name, layer, _: {p: tangents[f"{name}.{p}"] for p, _ in layer.named_parameters()}  # noqa: E731
-    per_example = net.jvp(x, labels, tangent_fn, per_example=True).dir_derivs
-    torch.testing.assert_close(per_example.sum(1), net.jvp(x, labels, tangent_fn).dir_derivs)
+    per_example = GivenTangents(tangents)
+    per_example.per_example = True
+    torch.testing.assert_close(net.jvp(x, labels, per_example).dir_derivs.sum(1),
+                               net.jvp(x, labels, GivenTangents(tangents)).dir_derivs)
 
 
 def sample_variance(estimator, net, x, labels, draws=1500):

@@ -1,6 +1,6 @@
 """``fg-bench accuracy``: an accuracy leaderboard. Each estimator trains each network for ``--epochs`` epochs of plain
 SGD through :func:`~fg_lightning.estimators.apply_estimate`, with a cosine (``CosineAnnealingLR`` over all steps,
-stepped every step) or constant learning rate, at every rate of a small grid (``LR_GRID``, or ``--lrs`` for all).
+stepped every step) or constant learning rate, at every rate of a small grid (each estimator's ``REGISTRY`` record's ``grid``, or ``--lrs`` for all).
 After every epoch the validation and test accuracy are measured (outside the timed training). The rate with the best
 validation accuracy at the end is picked (the first in the grid on a tie; a run that diverged cannot be); the
 leaderboard gives its final test accuracy, its gap to backprop's test accuracy on the same network, its steps and
@@ -19,35 +19,13 @@ from fg_lightning.bench.common import (
 )
 from fg_lightning.estimators import REGISTRY
 
-# Three rates per estimator around what is known to train the MLP on Fashion-MNIST in 200 steps at batch 256
-# (results/cpu/stability*: the largest stable rate, and below) and the configs' rates.
-LR_GRID: dict[str, list[float]] = {
-    "backprop": [0.03, 0.1, 0.3],
-    "naive": [1e-4, 3e-4, 1e-3],
-    "multi_direction": [3e-4, 1e-3, 2e-3],
-    "partition": [3e-4, 1e-3, 2e-3],
-    "orthogonal": [30.0, 100.0, 300.0],
-    "input_qr": [3e-5, 1e-4, 3e-4],
-    "input_approx": [1e-4, 3e-4, 1e-3],
-    "momentum": [3e-7, 1e-6, 3e-6],
-    "activity": [3e-3, 1e-2, 3e-2],
-    "local_activity": [1e-2, 3e-2, 1e-1],
-    "local_weight": [1e-3, 3e-3, 1e-2],
-    "local_backprop": [0.03, 0.1, 0.3],
-    "local_guess": [0.03, 0.1, 0.3],
-}
-DEFAULT_GRID = [1e-4, 1e-3, 1e-2]
 COLUMNS = ["model", "estimator", "k", "lr", "schedule", "epochs", "steps", "val_acc", "test_acc", "gap_vs_backprop",
            "wall_s", "diverged_lrs"]
 
 
 def lr_grid(name: str, lrs: list[float] | None) -> list[float]:
-    """``lrs`` if given, else the estimator's ``LR_GRID`` entry, else ``DEFAULT_GRID`` (with a note)."""
-    if lrs:
-        return list(lrs)
-    if name not in LR_GRID:
-        print(f"fg-bench accuracy: no learning-rate grid for {name!r} in LR_GRID; using {DEFAULT_GRID}")
-    return LR_GRID.get(name, DEFAULT_GRID)
+    """``lrs`` if given, else the estimator's own grid (its registry record's ``grid``)."""
+    return list(lrs) if lrs else list(REGISTRY[name].grid)
 
 
 def run(args: Any) -> list[dict[str, Any]]:

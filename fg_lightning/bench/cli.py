@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
                              help="one training batch size")
             sub.add_argument("--epochs", type=_positive, default=10, help="epochs per run, for every model")
             sub.add_argument("--lrs", nargs="+", type=_positive_float, default=None,
-                             help="learning rates for every estimator (default: each one's grid, accuracy.LR_GRID)")
+                             help="learning rates for every estimator (default: each one's grid, its registry record's)")
             sub.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                              help="cosine: CosineAnnealingLR over all steps, stepped every step")
             sub.add_argument("--k", type=_positive, default=10, help="k for the estimators that take one")

@@ -5,21 +5,18 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, Grads, Layer, Linear, MaxPool2d, ReLU
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
-from fg_lightning.engine.tangents import Tangent, directions
+from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, directions
 
 TangentFn = Callable[[str, Layer, Tensor], Mapping[str, Tangent]]
-"""``tangent_fn(name, layer, layer_input) -> {param: tangent (K, *param.shape)}`` for one parameterised layer."""
-
-ActivityFn = Callable[[str, Layer, Tensor, Tensor], Optional[Tensor]]
-"""``activity_fn(name, layer, layer_input, output) -> tangent (K, *output.shape)`` added to a parameterised layer's
-output tangent (activity perturbation), or ``None``. ``output`` may be changed in place by the next layer (ReLU)."""
+"""``tangent_fn(name, layer, layer_input) -> {param: tangent (K, *param.shape)}`` for one parameterised layer: the
+simplest tangent source (:class:`~fg_lightning.engine.tangents.WeightTangents`)."""
 
 
 @dataclass
@@ -71,7 +68,7 @@ class Network(nn.Module):
     block after that layer and puts a :class:`Head` (registered as ``head1``, ``head2``, … in order) on its output;
     the block's local loss is the cross-entropy of the head's logits. The last block ends at the logits and its local
     loss is the network's loss. ``forward``, :meth:`loss` and :meth:`loss_and_grad` are those of the network without
-    its heads; :meth:`local_loss_and_grad` and ``jvp(local=True)`` train each block on its own loss, with no
+    its heads; :meth:`local_loss_and_grad` and ``jvp`` with a local tangent source train each block on its own loss, with no
     derivative crossing a block boundary.
     """
 
@@ -153,6 +150,12 @@ class Network(nn.Module):
         """One layer's parameter gradients for the output gradient ``d_output``, from its hand-written VJP and its
         input: a one-layer local step, not a backward pass through the network."""
         return layer.vjp(layer_input, d_output, need_input_grad=False)[1]  # Linear and Conv2d save their input
+
+    @staticmethod
+    def fully_connected(layer: Layer) -> bool:
+        """Whether ``layer``'s weight multiplies its input's last axis (``y = x Wᵀ + b``): input-generated directions
+        (Section III-D) apply to it."""
+        return isinstance(layer, Linear)
 
     @staticmethod
     def logits_grad(logits: Tensor, labels: Tensor) -> Tensor:
@@ -270,116 +273,131 @@ class Network(nn.Module):
         per_direction = x.shape[0] * self.widest_activation(x.shape[1:]) * x.element_size()
         return max(1, min(num_dirs, int(self.tangent_memory_mb * 2**20 // per_direction)))
 
-    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: TangentFn, activity_fn: ActivityFn | None = None,
-            local: bool = False, per_example: bool = False) -> JvpResult:
-        """Forward mode: the loss and its K directional derivatives.
+    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource | TangentFn) -> JvpResult:
+        """Forward mode, the one primitive: the loss and its K directional derivatives along what ``tangents`` (a
+        :class:`~fg_lightning.engine.tangents.TangentSource`, or a ``tangent_fn(name, layer, layer_input)``) gives.
 
-        ``tangent_fn(name, layer, layer_input)`` is called once per parameterised layer, in order, as the pass reaches
-        it, and returns that layer's tangents keyed by its own parameter names, each ``(K, *param.shape)``; a
-        parameter it leaves out has a zero tangent. Only the current layer's primal and tangent are alive at any time
-        (besides the input ``x``, which the caller holds anyway and later chunks reuse).
+        The source is asked for each parameterised layer's weight tangents once, in order, as the pass reaches it
+        (and, for activity perturbation, for a tangent on each such layer's output); ``source.per_example`` keeps the
+        batch axis of the derivatives (``(K, B)``, each example's term of the mean loss); ``source.local`` (a network
+        with heads) stops the tangent at each block boundary and evaluates each block's head with its own tangents:
+        ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss. Without it the heads take no part.
 
-        ``activity_fn(name, layer, layer_input, output)``, if given, is called after each parameterised layer and
-        its ``(K, *output.shape)`` result is added to that layer's output tangent: the activity perturbation of
-        Ren et al. 2023. ``per_example=True`` keeps the batch axis: ``dir_derivs[k, b]`` is the derivative of
-        example ``b``'s term of the (mean) loss, so ``dir_derivs.sum(1)`` is the ``(K,)`` result.
-
-        ``local=True`` (a network with heads): the tangent stops at each block boundary; each block's head is
-        evaluated with its own tangents and ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
-        Without it the heads take no part.
-
-        All K directions go through one primal pass, unless their widest tangent would exceed ``tangent_memory_mb``:
-        then the directions are carried in chunks, one primal pass each (``tangent_fn`` and ``activity_fn`` are still
-        called once per layer, in the first pass, so the directions and the result are those of a single pass).
+        Only the current layer's primal and tangent are alive at any time (besides the input ``x``, which the caller
+        holds anyway and later chunks reuse). All K directions go through one primal pass, unless their widest
+        tangent would exceed ``tangent_memory_mb``: then the directions are carried in chunks, one primal pass each
+        (the source is still asked once per layer, in the first pass, so the directions and the result are those of
+        a single pass).
         """
         self._check_input(x, labels)
-        if local and not self.has_local_losses:
-            raise ValueError("jvp(local=True) needs a network with local-loss heads")
-        tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
-        activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents
-        num_dirs: int | None = None
-        chunk: int | None = None  # directions per pass, decided once K is known
+        source = as_source(tangents)
+        if source.local and not self.has_local_losses:
+            raise ValueError("a local tangent source (the tangent stops at block boundaries) needs a network with "
+                             "local-loss heads")
+        return _ForwardPass(self, x, labels, source).run()
 
-        def check_dirs(what: str, shape: tuple[int, ...], expected_rest: tuple[int, ...]) -> None:
-            nonlocal num_dirs, chunk
-            if shape[1:] != expected_rest or (num_dirs is not None and shape[0] != num_dirs):
-                expected = f"(K{'' if num_dirs is None else '=' + str(num_dirs)}, {', '.join(map(str, expected_rest))})"
-                raise ValueError(f"{what} has shape {shape}, expected {expected}")
-            if num_dirs is None:  # the first tangent fixes K and so the directions per pass
-                num_dirs, chunk = shape[0], self.directions_per_pass(x, shape[0])
 
-        def layer_tangents(name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
-            params = dict(layer.named_parameters(recurse=False))
-            if start == 0:  # tangent_fn is asked once per layer, in the first pass
-                for param, tangent in tangent_fn(name, layer, layer_input).items():
-                    full_name = f"{name}.{param}"
-                    if param not in params:
-                        raise ValueError(f"tangent_fn returned a tangent for {full_name!r}, which is not a parameter")
-                    check_dirs(f"tangent for {full_name!r}", tuple(tangent.shape), tuple(params[param].shape))
-                    tangents[full_name] = tangent
-            return {param: part(tangents[f"{name}.{param}"]) for param in params if f"{name}.{param}" in tangents}
+class _ForwardPass:
+    """One :meth:`Network.jvp`: the source's tangents, asked in the first pass and kept for later chunks of
+    directions, and one primal pass per chunk (usually one)."""
 
-        def part(tangent: Tangent) -> Tangent:
-            """This pass's directions of a tangent (all of them in a single pass)."""
-            return tangent if chunk >= num_dirs else directions(tangent, start, start + chunk)
+    def __init__(self, network: Network, x: Tensor, labels: Tensor, source: TangentSource) -> None:
+        self.network, self.x, self.labels, self.source = network, x, labels, source
+        self.tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
+        self.activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents
+        self.num_dirs: int | None = None
+        self.chunk = 1  # directions per pass, decided once K is known
+        self.start = 0  # the first direction of this pass
 
-        def run(layers: Sequence[tuple[str, Layer]], carry: list) -> list:
-            for name, layer in layers:
-                if not layer.has_parameters:
-                    carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
-                    continue
-                chosen = layer_tangents(name, layer, carry[0])
-                ask = activity_fn is not None and start == 0
-                layer_input = carry[0] if ask else None
-                # Pop both so that only the layer holds them (see the ownership note in engine.layers).
-                carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
-                if ask:
-                    activity = activity_fn(name, layer, layer_input, carry[0])
-                    if activity is not None:
-                        check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
-                        activities[name] = activity
-                layer_input = None
-                if name in activities:
-                    activity = part(activities[name])
-                    carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
-            return carry
+    def check_dirs(self, what: str, shape: tuple[int, ...], expected_rest: tuple[int, ...]) -> None:
+        if shape[1:] != expected_rest or (self.num_dirs is not None and shape[0] != self.num_dirs):
+            k = "" if self.num_dirs is None else f"={self.num_dirs}"
+            raise ValueError(f"{what} has shape {shape}, expected (K{k}, {', '.join(map(str, expected_rest))})")
+        if self.num_dirs is None:  # the first tangent fixes K and so the directions per pass
+            self.num_dirs, self.chunk = shape[0], self.network.directions_per_pass(self.x, shape[0])
 
-        def loss_jvp(logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
-            if d_logits is None:
-                grad_shape = (chunk or 1, *logits.shape[:1]) if per_example else (chunk or 1,)
-                return cross_entropy(logits, labels), logits.new_zeros(grad_shape)
-            return cross_entropy_jvp(logits, labels, d_logits, per_example=per_example)
+    def part(self, tangent: Tangent) -> Tangent:
+        """This pass's directions of a tangent (all of them in a single pass)."""
+        return tangent if self.chunk >= self.num_dirs else directions(tangent, self.start, self.start + self.chunk)
 
+    def layer_tangents(self, name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
+        params = dict(layer.named_parameters(recurse=False))
+        if self.start == 0:  # the source is asked once per layer, in the first pass
+            for param, tangent in self.source.weights(name, layer, layer_input, params).items():
+                full_name = f"{name}.{param}"
+                if param not in params:
+                    raise ValueError(f"the tangent source gave a tangent for {full_name!r}, which is not a parameter")
+                self.check_dirs(f"tangent for {full_name!r}", tuple(tangent.shape), tuple(params[param].shape))
+                self.tangents[full_name] = tangent
+        return {param: self.part(self.tangents[f"{name}.{param}"]) for param in params
+                if f"{name}.{param}" in self.tangents}
+
+    def through(self, layers: Sequence[tuple[str, Layer]], carry: list) -> list:
+        """``carry = [primal, tangent]`` through ``layers``. Both are popped before each layer's JVP so that only the
+        layer holds them (see the ownership note in engine.layers)."""
+        for name, layer in layers:
+            if not layer.has_parameters:
+                carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
+                continue
+            chosen = self.layer_tangents(name, layer, carry[0])
+            ask = self.source.perturbs_activities and self.start == 0
+            layer_input = carry[0] if ask else None
+            carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
+            if ask:
+                activity = self.source.activity(name, layer, layer_input, carry[0])
+                if activity is not None:
+                    self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
+                    self.activities[name] = activity
+            layer_input = None
+            if name in self.activities:
+                activity = self.part(self.activities[name])
+                carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
+        return carry
+
+    def loss_jvp(self, logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
+        per_example = self.source.per_example
+        if d_logits is None:
+            shape = (self.chunk, *logits.shape[:1]) if per_example else (self.chunk,)
+            return cross_entropy(logits, self.labels), logits.new_zeros(shape)
+        return cross_entropy_jvp(logits, self.labels, d_logits, per_example=per_example)
+
+    def one_pass(self, block_derivs: list[list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """One primal pass with this chunk's directions: ``(loss, logits, derivatives)``; each head's local-loss
+        derivatives are appended to ``block_derivs``."""
+        network = self.network
+        blocks = network._blocks if self.source.local else [(network._layer_names, None)]
+        carry: list = [self.x, None]  # (primal, tangent), held only here so a layer can release them early
+        for index, (names, head) in enumerate(blocks):
+            carry = self.through([(name, getattr(network, name)) for name in names], carry)
+            if head is not None:  # the block's local loss; the tangent stops here
+                head_logits, d_head = self.through(network.head_layers(head), [carry[0], carry.pop(1)])
+                carry.append(None)
+                block_derivs[index].append(self.loss_jvp(head_logits, d_head)[1])
+                del head_logits, d_head
+        if self.num_dirs is None:
+            raise ValueError("the tangent source gave no tangent for any parameter: there is no direction to "
+                             "differentiate along")
+        logits, d_logits = carry
+        del carry
+        loss, derivs = self.loss_jvp(logits, d_logits)
+        block_derivs[-1].append(derivs)
+        return loss, logits, derivs
+
+    def run(self) -> JvpResult:
         loss = logits = None
         dir_derivs: list[Tensor] = []
-        block_derivs: list[list[Tensor]] = [[] for _ in self._blocks]
-        start = 0
-        blocks = self._blocks if local else [(self._layer_names, None)]
+        block_derivs: list[list[Tensor]] = [[] for _ in self.network._blocks]
         while True:  # one pass per chunk of directions; usually a single pass
-            carry: list = [x, None]  # (primal, tangent), held only here so a layer can release them early
-            for index, (names, head) in enumerate(blocks):
-                carry = run([(name, getattr(self, name)) for name in names], carry)
-                if head is not None:  # the block's local loss; the tangent stops here
-                    head_logits, d_head = run(self.head_layers(head), [carry[0], carry.pop(1)])
-                    carry.append(None)
-                    block_derivs[index].append(loss_jvp(head_logits, d_head)[1])
-                    del head_logits, d_head
-            if num_dirs is None:
-                raise ValueError("tangent_fn returned no tangent for any parameter: there is no direction to differentiate along")
-            pass_logits, d_logits = carry
-            del carry
-            pass_loss, pass_derivs = loss_jvp(pass_logits, d_logits)
-            del d_logits
+            pass_loss, pass_logits, derivs = self.one_pass(block_derivs)
             if loss is None:
                 loss, logits = pass_loss, pass_logits
             del pass_logits
-            dir_derivs.append(pass_derivs)
-            block_derivs[-1].append(pass_derivs)
-            start += chunk
-            if start >= num_dirs:
+            dir_derivs.append(derivs)
+            self.start += self.chunk
+            if self.start >= self.num_dirs:
                 break
-        return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=tangents,
-                         block_derivs=[torch.cat(d) for d in block_derivs] if local else None)
+        return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=self.tangents,
+                         block_derivs=[torch.cat(d) for d in block_derivs] if self.source.local else None)
 
 
 @contextlib.contextmanager

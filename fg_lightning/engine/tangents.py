@@ -9,7 +9,7 @@ product instead of a matrix-matrix product and nothing of the weight's size is m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -60,3 +60,58 @@ def directions(tangent: Tangent, start: int, stop: int) -> Tangent:
     if isinstance(tangent, OuterTangent):
         return OuterTangent(tangent.out_factor[start:stop], tangent.in_factor[start:stop])
     return tangent[start:stop]
+
+
+class TangentSource:
+    """What a forward-mode pass (``Network.jvp``, ``TorchNetwork.jvp``: the one primitive both backends implement)
+    asks as it reaches each layer that owns parameters. A source is a small object with explicit state; estimators
+    compose it instead of passing flags.
+
+    - :meth:`weights` is asked once per such layer, with the layer's input (so a direction may depend on it, Section
+      III-D) and its own trained parameters by name (``params``: the ones ``network.named_parameters()`` lists, the
+      same meaning in both backends), for their tangents, each ``(K, *param.shape)`` or an :class:`OuterTangent`; a
+      parameter left out has a zero tangent.
+    - :meth:`activity` is asked after each call of such a layer when ``perturbs_activities`` (activity perturbation,
+      Ren et al. 2023), for a ``(K, *output.shape)`` tangent added to that call's output tangent, or ``None``. It may
+      keep references (the input, the output) for the estimator's step after the pass; it must not call back into
+      the network while the pass runs. ``output`` may be changed in place by the next layer (an in-place ReLU).
+    - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
+    - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
+      ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
+    """
+
+    perturbs_activities: bool = False
+    per_example: bool = False
+    local: bool = False
+
+    def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
+        return {}
+
+    def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Optional[Tensor]:
+        return None
+
+
+class WeightTangents(TangentSource):
+    """A source from a function ``tangent_fn(name, layer, layer_input) -> {param: tangent}``."""
+
+    def __init__(self, tangent_fn: Callable[[str, Any, Tensor], Mapping[str, Tangent]]) -> None:
+        self.tangent_fn = tangent_fn
+
+    def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
+        return self.tangent_fn(name, layer, layer_input)
+
+
+class GivenTangents(TangentSource):
+    """Tangents given up front by full parameter name (``"fc1.weight"``: views of one flat direction, say)."""
+
+    def __init__(self, by_name: Mapping[str, Tangent]) -> None:
+        self.by_name = by_name
+
+    def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
+        full = {param: f"{name}.{param}" if name else param for param in params}
+        return {param: self.by_name[key] for param, key in full.items() if key in self.by_name}
+
+
+def as_source(tangents: "TangentSource | Callable[..., Mapping[str, Tangent]]") -> TangentSource:
+    """A :class:`TangentSource` as it is, a ``tangent_fn`` wrapped in :class:`WeightTangents`."""
+    return tangents if isinstance(tangents, TangentSource) else WeightTangents(tangents)

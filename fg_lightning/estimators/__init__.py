@@ -5,7 +5,7 @@ field's methods beyond the paper (activity perturbation, local losses, local gue
 
 from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import (
-    DivergenceError, Estimate, ForwardModel, GradientEstimator, apply_estimate, check_finite, cosine, forward_gradient,
+    ActivityModel, DivergenceError, Estimate, ForwardModel, GaussianTangents, GradientEstimator, LocalLossModel, apply_estimate, check_finite, cosine, forward_gradient,
     num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
@@ -17,7 +17,7 @@ from fg_lightning.estimators.momentum import MomentumForwardGradient
 from fg_lightning.estimators.registry import REGISTRY, EstimatorSpec
 
 __all__ = [
-    "REGISTRY", "ActivityPerturbation", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
+    "REGISTRY", "ActivityModel", "ActivityPerturbation", "GaussianTangents", "LocalLossModel", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
     "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "ForwardModel", "GradientEstimator", "InputApprox",
     "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
     "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fg_lightning.engine import Network
-from fg_lightning.estimators.base import Estimate, GradientEstimator
+from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator
 
 
 class Backprop(GradientEstimator):
@@ -14,7 +13,7 @@ class Backprop(GradientEstimator):
 
     unbiased = True
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         loss, logits, grads = network.loss_and_grad(x, labels)
         loss, grads = self.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)

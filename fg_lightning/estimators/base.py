@@ -7,31 +7,29 @@ An estimator turns one batch into an update direction. It only calls the engine 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import JvpResult, Network, weighted_sum
+from fg_lightning.engine import JvpResult, TangentSource, weighted_sum
 from fg_lightning.estimators.collective import Collective
 
 
 @runtime_checkable
 class ForwardModel(Protocol):
-    """What an estimator may call on a network: the protocol both backends implement, so that every estimator is
-    written once. The hand-written engine's :class:`~fg_lightning.engine.Network` (``MLP``, ``CNN``) and the torch
-    backend's :class:`~fg_lightning.torch_network.TorchNetwork` (any ``torch.nn`` classifier) implement it.
-    Activity perturbation also asks ``jvp(..., activity_fn=, per_example=True)``, ``relu_followed()``,
-    ``logit_layers()``, ``layer_grads(...)`` and ``logits_grad(...)``, which both implement; the local-loss
-    estimators need the engine's heads (``local_loss_and_grad``, ``jvp(local=True)``) and refuse anything else in
-    ``validate()``.
+    """What every estimator may call on a network: the protocol both backends implement, so that every estimator is
+    written once (the hand-written engine's :class:`~fg_lightning.engine.Network`: ``MLP``, ``CNN``; the torch
+    backend's :class:`~fg_lightning.torch_network.TorchNetwork`: any ``torch.nn`` classifier).
 
-    - ``named_parameters()``: the trained parameters, by full name;
+    - ``named_parameters()`` / ``parameters()``: the trained parameters (one meaning in both backends: the ones an
+      estimator's update covers), by full name;
     - ``loss_and_grad(x, labels) -> (loss, logits, grads)``: the exact gradient, a tensor per parameter name;
-    - ``jvp(x, labels, tangent_fn) -> JvpResult``: the loss and its K directional derivatives from forward mode;
-      ``tangent_fn(name, layer, layer_input)`` is asked for a layer's tangents ``(K, *param.shape)`` (keyed by the
-      layer's own parameter names) as the pass reaches that layer, with the layer's input;
+    - ``jvp(x, labels, tangents) -> JvpResult``: forward mode, the one primitive: the loss and its directional
+      derivatives along a :class:`~fg_lightning.engine.tangents.TangentSource`'s tangents;
+    - ``fully_connected(layer)``: whether input-generated directions (Section III-D) apply to a layer's weight;
     - ``has_local_losses``, ``num_classes``, ``logits_loss(logits, labels)``.
     """
 
@@ -40,11 +38,52 @@ class ForwardModel(Protocol):
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
     def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]: ...
 
-    def jvp(self, x: Tensor, labels: Tensor, tangent_fn: Callable[..., dict[str, Any]]) -> JvpResult: ...
+    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource) -> JvpResult: ...
+
+    def fully_connected(self, layer: Any) -> bool: ...
 
     def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ActivityModel(ForwardModel, Protocol):
+    """What activity perturbation asks besides :class:`ForwardModel` (both backends have it): activity tangents in
+    ``jvp``, and the one-layer weight step after the pass.
+
+    - ``relu_followed()``: layers whose output goes straight into a ReLU (where the tangent may be masked);
+    - ``logit_layers()``: layers whose output is the logits of a loss (their gradient is exact);
+    - ``layer_grads(name, layer, layer_input, d_output)``: one layer's parameter gradients from its own VJP;
+    - ``logits_grad(logits, labels)``: ∂L/∂logits of the loss.
+    """
+
+    def relu_followed(self) -> set[str]: ...
+
+    def logit_layers(self) -> set[str]: ...
+
+    def layer_grads(self, name: str, layer: Any, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]: ...
+
+    def logits_grad(self, logits: Tensor, labels: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class LocalLossModel(ActivityModel, Protocol):
+    """A network cut into blocks with a loss head each (Ren et al. 2023; the engine's ``MLP(local_losses=True)``,
+    ``CNN(local_losses=True)``): a local tangent source stops at block boundaries in ``jvp``, and
+
+    - ``local_loss_and_grad(x, labels) -> (loss, logits, grads, block losses)``: each block's local-loss gradient;
+    - ``block_parameters()``: the full parameter names of each block, its head's included;
+    - ``named_layers()``: the network's own layers (not its heads), in order.
+    """
+
+    def local_loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]: ...
+
+    def block_parameters(self) -> list[list[str]]: ...
+
+    def named_layers(self) -> Iterator[tuple[str, Any]]: ...
 
 
 @dataclass
@@ -124,6 +163,7 @@ class GradientEstimator:
 
     unbiased: bool = False  # a class default; an estimator whose arguments decide it sets it on the instance
     needs_local_losses: ClassVar[bool] = False  # trains a network cut into blocks with a loss head each
+    requires: ClassVar[type] = ForwardModel  # the capability (a protocol) it asks of a network
 
     def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -167,13 +207,19 @@ class GradientEstimator:
         raise NotImplementedError
 
     def validate(self, network: ForwardModel) -> None:
-        """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts).
-        Subclasses that add checks call ``super().validate(network)``."""
+        """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts): a
+        network without the capability the estimator asks for (``requires``: a protocol), or with local-loss heads
+        it would leave untrained. Subclasses that add checks call ``super().validate(network)``."""
+        name = type(self).__name__
+        model = type(getattr(network, "module", network)).__name__
+        if self.needs_local_losses and not isinstance(network, LocalLossModel):
+            raise ValueError(f"{name} trains each block on its local loss: it needs a LocalLossModel "
+                             f"({', '.join(_members(LocalLossModel, ActivityModel))}), which the engine's "
+                             f"MLP(local_losses=True) / CNN(local_losses=True) are; {model} has no local-loss heads")
+        if not isinstance(network, self.requires):
+            lacks = [m for m in _members(self.requires) if not hasattr(network, m)]
+            raise ValueError(f"{name} needs a {self.requires.__name__}; {model} lacks {', '.join(lacks)}")
         if network.has_local_losses != self.needs_local_losses:
-            if self.needs_local_losses and not isinstance(network, Network):
-                raise ValueError(f"{type(self).__name__} trains each block on its local loss, which the engine's "
-                                 "MLP(local_losses=True) / CNN(local_losses=True) have; the torch backend's "
-                                 f"{type(getattr(network, 'module', network)).__name__} has no local-loss heads")
             if self.needs_local_losses:
                 raise ValueError(f"{type(self).__name__} trains each block on its local loss and needs a network with "
                                  "local-loss heads: MLP(local_losses=True) or CNN(local_losses=True)")
@@ -229,7 +275,26 @@ class GradientEstimator:
         return f"{type(self).__name__}({args})"
 
 
-def parameter_layout(network: Network) -> Iterator[tuple[str, torch.Size, int]]:
+def _members(protocol: type, *without: type) -> list[str]:
+    """The members a protocol declares beyond those of ``without`` (and of ``Protocol`` itself)."""
+    declared = set(getattr(protocol, "__protocol_attrs__", None) or typing._get_protocol_attrs(protocol))  # type: ignore[attr-defined]
+    for other in without:
+        declared -= set(getattr(other, "__protocol_attrs__", None) or typing._get_protocol_attrs(other))  # type: ignore[attr-defined]
+    return sorted(declared)
+
+
+class GaussianTangents(TangentSource):
+    """``k`` independent standard normal directions over every trained parameter, drawn from ``estimator``'s
+    generator as the pass reaches each layer. ``local``: the tangent stops at each block boundary (local losses)."""
+
+    def __init__(self, estimator: GradientEstimator, k: int, local: bool = False) -> None:
+        self.estimator, self.k, self.local = estimator, k, local
+
+    def weights(self, name: str, layer: Any, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {param: self.estimator.randn(self.k, *p.shape, like=p) for param, p in params.items()}
+
+
+def parameter_layout(network: ForwardModel) -> Iterator[tuple[str, torch.Size, int]]:
     """``(name, shape, offset)`` of every parameter in the flattened parameter vector, in ``named_parameters`` order."""
     offset = 0
     for name, param in network.named_parameters():
@@ -237,7 +302,7 @@ def parameter_layout(network: Network) -> Iterator[tuple[str, torch.Size, int]]:
         offset += param.numel()
 
 
-def num_parameters(network: Network) -> int:
+def num_parameters(network: ForwardModel) -> int:
     return sum(p.numel() for p in network.parameters())
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import Network, weighted_sum
+from fg_lightning.engine import TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
-    Estimate, GradientEstimator, check_positive_int, forward_gradient, num_parameters, parameter_layout,
+    Estimate, ForwardModel, GaussianTangents, GradientEstimator, check_positive_int, forward_gradient, num_parameters,
+    parameter_layout,
 )
 
 
@@ -51,18 +52,15 @@ class MultiDirection(GradientEstimator):
         self.aggregation = aggregation
         self.unbiased = aggregation == "mean"
 
-    def validate(self, network: Network) -> None:
+    def validate(self, network: ForwardModel) -> None:
         super().validate(network)
         n = num_parameters(network)
         if self.aggregation == "orthogonal" and self.k > n:
             raise ValueError(f"k={self.k} directions cannot be independent in the network's {n} parameters: "
                              "orthogonal aggregation needs k <= n")
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        def tangent_fn(name, layer, layer_input):
-            return {param: self.randn(self.k, *p.shape, like=p) for param, p in layer.named_parameters()}
-
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k)))
         if self.aggregation == "mean":
             return Estimate(result.loss, result.logits, forward_gradient(result, 1.0 / self.k))
         # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
@@ -114,7 +112,7 @@ class Partition(GradientEstimator):
         self.normalize = normalize
         self._contiguous_cache: tuple[int, torch.device, Tensor] | None = None
 
-    def validate(self, network: Network) -> None:
+    def validate(self, network: ForwardModel) -> None:
         super().validate(network)
         n = num_parameters(network)
         if self.k > n:
@@ -129,7 +127,7 @@ class Partition(GradientEstimator):
             self._contiguous_cache = (n, device, ids)
         return self._contiguous_cache[2]
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         self.validate(network)
         layout = {name: (shape, offset) for name, shape, offset in parameter_layout(network)}
         first = next(network.parameters())
@@ -141,18 +139,25 @@ class Partition(GradientEstimator):
             sizes = torch.bincount(part_ids, minlength=self.k).to(source.dtype)
             source.mul_((sizes / sq_norms).sqrt_()[part_ids])
 
-        def tangent_fn(name, layer, layer_input):
-            tangents = {}
-            for param, p in layer.named_parameters():
-                shape, offset = layout[f"{name}.{param}"]
-                ids, values = part_ids[offset : offset + p.numel()], source[offset : offset + p.numel()]
-                # row j holds v on the coordinates of part j, zeros elsewhere: (k, numel)
-                padded = torch.zeros(self.k, p.numel(), device=p.device, dtype=p.dtype)
-                tangents[param] = padded.scatter_(0, ids.unsqueeze(0), values.unsqueeze(0)).view(self.k, *shape)
-            return tangents
-
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, _PartTangents(self.k, layout, part_ids, source)))
         # Parts are disjoint, so Σ_j (∇f·v^j) v^j is v times the derivative of each coordinate's own part.
         flat = source.mul_(result.dir_derivs[part_ids])  # the tangents hold copies: source is free to reuse
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, (shape, offset) in layout.items()}
         return Estimate(result.loss, result.logits, grads)
+
+
+class _PartTangents(TangentSource):
+    """Partition's ``k`` directions: row ``j`` of a parameter's tangent holds the flat source vector ``v`` on the
+    coordinates of part ``j`` and zeros elsewhere, built as the pass reaches the parameter's layer."""
+
+    def __init__(self, k: int, layout: dict[str, tuple[torch.Size, int]], part_ids: Tensor, source: Tensor) -> None:
+        self.k, self.layout, self.part_ids, self.source = k, layout, part_ids, source
+
+    def weights(self, name: str, layer: object, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        tangents = {}
+        for param, p in params.items():
+            shape, offset = self.layout[f"{name}.{param}"]
+            ids, values = self.part_ids[offset : offset + p.numel()], self.source[offset : offset + p.numel()]
+            padded = torch.zeros(self.k, p.numel(), device=p.device, dtype=p.dtype)  # (k, numel)
+            tangents[param] = padded.scatter_(0, ids.unsqueeze(0), values.unsqueeze(0)).view(self.k, *shape)
+        return tangents

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import Linear, Network, OuterTangent
-from fg_lightning.estimators.base import Estimate, GradientEstimator, forward_gradient
+from fg_lightning.engine import OuterTangent, Tangent, TangentSource
+from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, forward_gradient
 
 
 class _InputGenerated(GradientEstimator):
@@ -27,22 +27,30 @@ class _InputGenerated(GradientEstimator):
         """``(x (in,), s)``: a unit direction in the span of the layer input and the weight's scale factor."""
         raise NotImplementedError
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        def tangent_fn(name, layer, layer_input):
-            tangents = {}
-            for param, p in layer.named_parameters():
-                if isinstance(layer, (Linear, torch.nn.Linear)) and param == "weight":
-                    # (B, ..., in) -> rows (B·…, in), from the union batch (gathered across ranks) as one process
-                    rows = layer_input.reshape(-1, layer_input.shape[-1])
-                    direction, scale = self.input_direction(self.collective.gather_rows(rows))
-                    noise = self.randn(1, p.shape[0], like=p) * (scale**0.5)
-                    tangents[param] = OuterTangent(noise, direction.unsqueeze(0))
-                else:
-                    tangents[param] = self.randn(1, *p.shape, like=p)
-            return tangents
-
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, _InputTangents(self, network)))
         return Estimate(result.loss, result.logits, forward_gradient(result))
+
+
+class _InputTangents(TangentSource):
+    """One direction: ``sqrt(s) n xᵀ`` (an :class:`OuterTangent`) for each fully connected weight, ``x`` from the
+    layer's input; Gaussian for every other parameter."""
+
+    def __init__(self, estimator: _InputGenerated, network: ForwardModel) -> None:
+        self.estimator, self.network = estimator, network
+
+    def weights(self, name: str, layer: object, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tangent]:
+        estimator, tangents = self.estimator, {}
+        for param, p in params.items():
+            if param == "weight" and self.network.fully_connected(layer):
+                # (B, ..., in) -> rows (B·…, in), from the union batch (gathered across ranks) as one process
+                rows = layer_input.reshape(-1, layer_input.shape[-1])
+                direction, scale = estimator.input_direction(estimator.collective.gather_rows(rows))
+                noise = estimator.randn(1, p.shape[0], like=p) * (scale**0.5)
+                tangents[param] = OuterTangent(noise, direction.unsqueeze(0))
+            else:
+                tangents[param] = estimator.randn(1, *p.shape, like=p)
+        return tangents
 
 
 class InputQR(_InputGenerated):

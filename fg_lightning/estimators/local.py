@@ -22,17 +22,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import Layer, Network, weighted_sum
-from fg_lightning.estimators.base import Estimate, GradientEstimator, check_positive_int
+from fg_lightning.engine import GivenTangents, Layer, TangentSource, weighted_sum
+from fg_lightning.estimators.base import (
+    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, check_positive_int,
+)
 
 
-def _block_of_layers(network: Network) -> dict[str, int]:
+def _block_of_layers(network: LocalLossModel) -> dict[str, int]:
     """Block index of every parameterised layer (full name, heads' layers included)."""
     return {name.rsplit(".", 1)[0]: index for index, names in enumerate(network.block_parameters()) for name in names}
 
 
 class _ActivityPerturbation(GradientEstimator):
     unbiased = True
+    requires: ClassVar[type] = ActivityModel
 
     def __init__(self, k: int = 1, relu_mask: bool = True, exact_output: bool = True, seed: int = 0) -> None:
         super().__init__(seed)
@@ -42,13 +45,10 @@ class _ActivityPerturbation(GradientEstimator):
                 raise ValueError(f"{arg} must be True or False, got {arg}={value!r}")
         self.relu_mask, self.exact_output = relu_mask, exact_output
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        masked = network.relu_followed() if self.relu_mask else set()
-        outputs = network.logit_layers() if self.exact_output else set()
+    def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         offset, total = self.collective.batch_rows(len(x))  # this rank's rows of the union batch
-        # one entry per call of a layer (a torch model may call a module twice): (name, layer, its input, u (K, B, ...))
-        perturbed: list[tuple[str, Layer, Tensor, Tensor]] = []
-        exact_outputs: dict[str, Tensor] = {}  # output layer name -> its output
+        source = _ActivityTangents(self, network, offset, total)
+        result = network.jvp(x, labels, source)
         grads: dict[str, Tensor] = {}
 
         def add_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> None:
@@ -57,32 +57,15 @@ class _ActivityPerturbation(GradientEstimator):
                 key = f"{name}.{param}"
                 grads[key] = grad if key not in grads else grads[key] + grad
 
-        def activity_fn(name: str, layer: Layer, layer_input: Tensor, output: Tensor) -> Tensor | None:
-            if name in outputs:  # logits: the loss's derivative comes with the forward pass, a one-layer local step
-                if name in exact_outputs:
-                    raise ValueError(f"{type(self).__name__}(exact_output=True): the output layer {name!r} is called "
-                                     "more than once in one forward, so its output is not only the logits: use "
-                                     "exact_output=False")
-                add_grads(name, layer, layer_input, network.logits_grad(output, labels))
-                exact_outputs[name] = output
-                return None
-            # per-example noise drawn for the union batch (the same on every rank), this rank's rows taken
-            u = self.randn(self.k, total, *output.shape[1:], like=output)
-            if total != len(output):
-                u = u.narrow(1, offset, len(output)).clone()
-            if name in masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
-                u.mul_(output > 0)
-            perturbed.append((name, layer, layer_input, u))
-            return u
-
-        result = network.jvp(x, labels, lambda *_: {}, activity_fn=activity_fn, local=self.needs_local_losses,
-                             per_example=True)
-        if exact_outputs and not any(o.data_ptr() == result.logits.data_ptr() for o in exact_outputs.values()):
-            raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(outputs)} for the output layer, "
-                             "but the network changes its output before the loss: use exact_output=False")
+        # the output layers: the loss's derivative comes with the forward pass, a one-layer local step
+        for name, (layer, layer_input, output) in source.exact.items():
+            add_grads(name, layer, layer_input, network.logits_grad(output, labels))
+        if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for _, _, o in source.exact.values()):
+            raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
+                             "layer, but the network changes its output before the loss: use exact_output=False")
         derivs = result.block_derivs if self.needs_local_losses else [result.dir_derivs]
         block_of = _block_of_layers(network) if self.needs_local_losses else {}
-        for name, layer, layer_input, u in perturbed:
+        for name, layer, layer_input, u in source.perturbed:
             d = derivs[block_of.get(name, 0)]  # (K, B): each example's derivative of its block's loss
             add_grads(name, layer, layer_input, torch.einsum("kb,kb...->b...", d, u).div_(self.k))  # ĝ_z, mean of K
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
@@ -90,15 +73,47 @@ class _ActivityPerturbation(GradientEstimator):
                                          {name: grads[name] for name, _ in network.named_parameters()})
         return Estimate(loss, result.logits, grads)
 
-    def validate(self, network: Network) -> None:
+    def validate(self, network: ActivityModel) -> None:
         super().validate(network)
-        if isinstance(network, Network):
-            layers = sum(layer.has_parameters for _, layer in network.named_layers())
-        else:  # the torch backend: the modules that own parameters
-            layers = len({name.rpartition(".")[0] for name, _ in network.named_parameters()})
+        layers = len({name.rpartition(".")[0] for name, _ in network.named_parameters()})  # those owning parameters
         if self.exact_output and layers < 2:
             raise ValueError(f"{type(self).__name__}(exact_output=True) has no layer to perturb in a network with one "
                              "parameterised layer: its gradient is exact; use Backprop")
+
+
+class _ActivityTangents(TangentSource):
+    """Activity perturbation's tangents: ``k`` Gaussian tangents per example on the output of each call of every
+    parameterised layer but the output layers (with ``exact_output``), zero where the following ReLU is off (with
+    ``relu_mask``). It keeps what the weight step after the pass needs: each perturbed call's layer, input and
+    tangent, and each output layer's input and output."""
+
+    perturbs_activities = True
+    per_example = True
+
+    def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, offset: int, total: int) -> None:
+        self.estimator, self.offset, self.total = estimator, offset, total
+        self.local = estimator.needs_local_losses
+        self.masked = network.relu_followed() if estimator.relu_mask else set()
+        self.outputs = network.logit_layers() if estimator.exact_output else set()
+        self.perturbed: list[tuple[str, Layer, Tensor, Tensor]] = []  # per call: (name, layer, its input, u (K, B, …))
+        self.exact: dict[str, tuple[Layer, Tensor, Tensor]] = {}  # output layer -> (layer, its input, its output)
+
+    def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor) -> Tensor | None:
+        if name in self.outputs:
+            if name in self.exact:
+                raise ValueError(f"{type(self.estimator).__name__}(exact_output=True): the output layer {name!r} is "
+                                 "called more than once in one forward, so its output is not only the logits: use "
+                                 "exact_output=False")
+            self.exact[name] = (layer, layer_input, output)
+            return None
+        # per-example noise drawn for the union batch (the same on every rank), this rank's rows taken
+        u = self.estimator.randn(self.estimator.k, self.total, *output.shape[1:], like=output)
+        if self.total != len(output):
+            u = u.narrow(1, self.offset, len(output)).clone()
+        if name in self.masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
+            u.mul_(output > 0)
+        self.perturbed.append((name, layer, layer_input, u))
+        return u
 
 
 class ActivityPerturbation(_ActivityPerturbation):
@@ -147,11 +162,8 @@ class LocalWeightPerturbation(GradientEstimator):
         super().__init__(seed)
         self.k = check_positive_int("k", k)
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        def tangent_fn(name, layer, layer_input):
-            return {param: self.randn(self.k, *p.shape, like=p) for param, p in layer.named_parameters()}
-
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn, local=True))
+    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
         grads = {name: weighted_sum(derivs / self.k, result.tangents[name])
                  for names, derivs in zip(network.block_parameters(), result.block_derivs) for name in names}
         return Estimate(result.loss, result.logits, {name: grads[name] for name, _ in network.named_parameters()})
@@ -165,7 +177,7 @@ class LocalBackprop(GradientEstimator):
     unbiased = True
     needs_local_losses: ClassVar[bool] = True
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         loss, logits, grads, _ = network.local_loss_and_grad(x, labels)
         loss, grads = self.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)
@@ -183,11 +195,11 @@ class LocalGuess(GradientEstimator):
     unbiased = False
     needs_local_losses: ClassVar[bool] = True
 
-    def exact_gradient(self, network: Network, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def exact_gradient(self, network: LocalLossModel, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
         loss, _, grads = network.loss_and_grad(x, labels)  # it projects the network loss's gradient
         return self.mean_gradient(len(x), loss, grads)[1]
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         loss, _, local, _ = network.local_loss_and_grad(x, labels)
         # data parallel: the guesses are the union batch's local gradients (one all-reduce), the same on every rank
         _, local = self.mean_gradient(len(x), loss, local)
@@ -196,16 +208,12 @@ class LocalGuess(GradientEstimator):
         guessed = [[n for n in names if n.split(".")[0] in main] for names in network.block_parameters()[:-1]]
         block_of = {name: index for index, names in enumerate(guessed) for name in names}
 
-        def tangent_fn(name, layer, layer_input):  # direction i is block i's guess, zero on the other blocks
-            tangents = {}
-            for param, p in layer.named_parameters():
-                full = f"{name}.{param}"
-                if full in block_of:
-                    tangents[param] = p.new_zeros(len(guessed), *p.shape)
-                    tangents[param][block_of[full]] = local[full]
-            return tangents
-
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, tangent_fn))
+        # direction i is block i's guess, zero on the other blocks
+        guesses = {}
+        for name, index in block_of.items():
+            guesses[name] = local[name].new_zeros(len(guessed), *local[name].shape)
+            guesses[name][index] = local[name]
+        result = self.mean_derivatives(len(x), network.jvp(x, labels, GivenTangents(guesses)))
         sq_norms = torch.stack([sum(local[n].square().sum() for n in names) for names in guessed])
         scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
                             torch.zeros_like(sq_norms))

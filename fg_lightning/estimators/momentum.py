@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import Network
-from fg_lightning.estimators.base import Estimate, GradientEstimator, check_positive_int, parameter_layout
+from fg_lightning.engine import GivenTangents
+from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, check_positive_int, parameter_layout
 
 
 class MomentumForwardGradient(GradientEstimator):
@@ -61,7 +61,7 @@ class MomentumForwardGradient(GradientEstimator):
         squarings = min(step // self.decrease_gap, 1023)  # d^(2^1023) underflows to 0 for any d < 1
         return self.decay_rate ** (2.0**squarings)
 
-    def _groups(self, network: Network) -> list[tuple[int, int]]:
+    def _groups(self, network: ForwardModel) -> list[tuple[int, int]]:
         """``(offset, size)`` of each ranking group in the flattened parameter vector."""
         layout = [(offset, shape.numel()) for _, shape, offset in parameter_layout(network)]
         if self.ranking == "global":
@@ -103,7 +103,7 @@ class MomentumForwardGradient(GradientEstimator):
             placed[order] = self._sorted_normals(size, like)
         return placed
 
-    def estimate(self, network: Network, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
         layout = list(parameter_layout(network))
         groups = self._groups(network)
         first = next(network.parameters())
@@ -119,9 +119,7 @@ class MomentumForwardGradient(GradientEstimator):
             dir_deriv = exact @ direction
         else:
             views = {name: direction[offset : offset + shape.numel()].view(1, *shape) for name, shape, offset in layout}
-            result = self.mean_derivatives(len(x), network.jvp(
-                x, labels, lambda name, layer, _: {p: views[f"{name}.{p}"] for p, _ in layer.named_parameters()}
-            ))
+            result = self.mean_derivatives(len(x), network.jvp(x, labels, GivenTangents(views)))
             loss, logits, dir_deriv = result.loss, result.logits, result.dir_derivs[0]
         flat = direction * dir_deriv
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, shape, offset in layout}
