@@ -16,7 +16,7 @@ from typing_extensions import override
 from fg_lightning.callbacks import ExceptionCheckpoint, UpdateCallback
 from fg_lightning.distributed import check_strategy
 from fg_lightning.engine import Network
-from fg_lightning.estimators import DivergenceError, Estimate, GradientEstimator, apply_estimate
+from fg_lightning.estimators import DivergenceError, GradientEstimator, training_step
 from fg_lightning.estimators.collective import Collective, TorchCollective
 from fg_lightning.torch_network import Loss, TorchNetwork
 
@@ -234,16 +234,15 @@ class ForwardGradientModule(LightningModule):
     def _update_callbacks(self) -> list[UpdateCallback]:
         return [cb for cb in self.trainer.callbacks if isinstance(cb, UpdateCallback)]
 
-    def _estimate(self, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        try:
-            return self.estimator.estimate(self.network, x, labels, step)
-        except RuntimeError as err:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
-            if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
-                raise
-            k = getattr(self.estimator, "k", None)
-            hint = f"; k={k} directions hold k tangents of every parameter: lower k" if k is not None else ""
-            raise MemoryError(f"{self.estimator!r} ran out of memory at step {step} on a batch of {len(x)}"
-                              f"{hint} ({' '.join(str(err).split())[:200]})") from None
+    def _out_of_memory(self, err: RuntimeError, x: Tensor, step: int) -> RuntimeError:
+        """The error to raise for ``err``: a one-line MemoryError naming ``k`` if the step ran out of memory."""
+        # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            return err
+        k = getattr(self.estimator, "k", None)
+        hint = f"; k={k} directions hold k tangents of every parameter: lower k" if k is not None else ""
+        return MemoryError(f"{self.estimator!r} ran out of memory at step {step} on a batch of {len(x)}"
+                           f"{hint} ({' '.join(str(err).split())[:200]})")
 
     def _divergence(self, err: DivergenceError, x: Tensor, step: int) -> DivergenceError:
         """The error to raise: the data's fault if the input batch is not finite; else where the last good state is."""
@@ -272,13 +271,17 @@ class ForwardGradientModule(LightningModule):
             callback.on_before_update(self.trainer, self, batch)
         for callback in callbacks:
             callback.on_update_start(self.trainer, self)
-        estimate = self._estimate(x, labels, step)
         clip = None if self.gradient_clip_val is None else functools.partial(
             self.clip_gradients, optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
         try:
-            apply_estimate(estimate, self.network, optimizer, step, self.estimator, before_step=clip)
+            estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, before_step=clip)
         except DivergenceError as err:
             raise self._divergence(err, x, step) from None
+        except RuntimeError as err:
+            translated = self._out_of_memory(err, x, step)
+            if translated is err:
+                raise
+            raise translated from None
         self._step_schedulers("step")
         # The update is applied: a checkpoint written from here on (an exception in a callback, Ctrl-C) holds this
         # step as done, so its schedule is stepped first (see resumable_loops).

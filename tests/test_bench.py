@@ -17,7 +17,7 @@ from fg_lightning.bench.accuracy import lr_grid, pick
 from fg_lightning.bench.cli import main as fg_bench
 from fg_lightning.bench.common import build_network, environment, tangent_flops, train
 from fg_lightning.bench.memory import forward_bound_mb
-from fg_lightning.bench.suite import Budget, slug
+from fg_lightning.bench.budget import Budget, slug
 from fg_lightning.engine import CNN, MLP
 from fg_lightning.estimators import REGISTRY
 

@@ -16,9 +16,9 @@ import yaml
 from idx_files import learnable_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import fg_lightning.module as module_file
 from fg_lightning.callbacks import StepTimer
 from fg_lightning.cli import main as fg_cli
-from fg_lightning.module import ForwardGradientModule
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mlp_naive.yaml")
 TAGS = ("train/loss", "val/loss")
@@ -97,6 +97,21 @@ def test_ckpt_path_last_takes_the_newest_step_not_a_stale_last_ckpt(straight, id
     assert logged(tmp_path, 0, 1) == straight  # step 4 is not trained (nor logged) twice
 
 
+def interrupt_before_update(monkeypatch, at_step):
+    """At global step ``at_step`` the module's training step draws its estimate, then a KeyboardInterrupt stops it
+    before the update, as a Ctrl-C would there; returns a function that undoes it."""
+    original = module_file.training_step
+
+    def interrupted(estimator, network, x, labels, step, optimizer, before_step=None):
+        if step == at_step:
+            estimator.estimate(network, x, labels, step)
+            raise KeyboardInterrupt
+        return original(estimator, network, x, labels, step, optimizer, before_step)
+
+    monkeypatch.setattr(module_file, "training_step", interrupted)
+    return lambda: monkeypatch.setattr(module_file, "training_step", original)
+
+
 def interrupt(monkeypatch, cls, name, at_step):
     """Make ``cls.name`` (a method taking the trainer or module first) raise KeyboardInterrupt at global step
     ``at_step``, as a Ctrl-C would there; returns a function that undoes it."""
@@ -116,7 +131,7 @@ def interrupt(monkeypatch, cls, name, at_step):
 @pytest.mark.parametrize("where", ["before-the-update", "after-the-update"])
 def test_resume_after_an_interrupt_inside_a_step_logs_the_same_steps(where, straight, idx_root, tmp_path, monkeypatch):
     if where == "before-the-update":  # the 6th step's directions are drawn, its update is not applied
-        undo = interrupt(monkeypatch, ForwardGradientModule, "_estimate", 5)
+        undo = interrupt_before_update(monkeypatch, 5)
     else:  # the 6th update is applied, the step has not logged yet
         undo = interrupt(monkeypatch, StepTimer, "on_update_end", 6)
     with pytest.raises(SystemExit):
@@ -131,7 +146,7 @@ def test_resume_after_an_interrupt_inside_a_step_logs_the_same_steps(where, stra
 
 
 def test_a_run_resumed_twice_logs_the_same_steps(straight, idx_root, tmp_path, monkeypatch):
-    undo = interrupt(monkeypatch, ForwardGradientModule, "_estimate", 2)
+    undo = interrupt_before_update(monkeypatch, 2)
     with pytest.raises(SystemExit):
         fit(tmp_path, idx_root, 14)
     undo()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
-from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, apply_estimate, cosine
+from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, cosine, training_step
 from fg_lightning.torch_network import TorchNetwork
 
 MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
@@ -80,13 +80,11 @@ def estimator_step(network: Network, name: str, k: int | None) -> Callable[[torc
 
 def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Estimate]:
     """One training step exactly as ForwardGradientModule takes it: the estimate, then
-    :func:`~fg_lightning.estimators.apply_estimate` with plain SGD."""
+    :func:`~fg_lightning.estimators.training_step` with plain SGD."""
     optimizer = torch.optim.SGD(network.parameters(), lr=lr)
 
     def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Estimate:
-        estimate = estimator.estimate(network, x, labels, index)
-        apply_estimate(estimate, network, optimizer, index, estimator)
-        return estimate
+        return training_step(estimator, network, x, labels, index, optimizer)
 
     return step
 
@@ -289,7 +287,7 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
           scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
           on_epoch_end: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Plain SGD with ``estimator`` for ``steps`` steps, through the same
-    :func:`~fg_lightning.estimators.apply_estimate` as ForwardGradientModule, stopping at the first non-finite loss or
+    :func:`~fg_lightning.estimators.training_step` as ForwardGradientModule, stopping at the first non-finite loss or
     update. Returns the losses; every ``cosine_every`` steps the cosine to the exact gradient and the gain ĝ·g/|g|²
     (the step taken along g per unit of learning rate); validation accuracy and loss at the end; where it
     diverged; and ``train_s``, the seconds spent in the steps (batches included, ``on_epoch_end`` not).
@@ -314,17 +312,15 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
             x, labels = x.to(device), labels.to(device)
             exact = (estimator.exact_gradient(network, x, labels)  # what it estimates: LocalBackprop's for the local ones
                      if cosine_every and index % cosine_every == 0 else None)
-            estimate = estimator.estimate(network, x, labels, index)
-            if exact is not None:
+            try:
+                estimate = training_step(estimator, network, x, labels, index, optimizer)
+            except DivergenceError:
+                diverged_at = index
+                break
+            if exact is not None:  # the estimate of the step just taken, against the gradient before it
                 projection = sum(float((estimate.grads[n] * g).sum()) for n, g in exact.items())
                 gain = projection / sum(float(g.square().sum()) for g in exact.values())
                 cosines.append((index, cosine(estimate.grads, exact), gain, estimate.exact))
-            try:
-                apply_estimate(estimate, network, optimizer, index, estimator)
-            except DivergenceError:
-                diverged_at = index
-                cosines = [c for c in cosines if c[0] < index]
-                break
             if schedule is not None:
                 schedule.step()
             losses.append(float(estimate.loss))

@@ -22,7 +22,7 @@ from fg_lightning.bench.common import (
     STOCK, TORCH, activation_sizes, build_network, cases, environment, estimator_step, make_batch, panels_per_model, sync,
     write_report,
 )
-from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
+from fg_lightning.bench.budget import Budget, case_label, tangent_bytes
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
            "method", "error"]

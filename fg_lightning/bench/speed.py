@@ -10,7 +10,7 @@ from fg_lightning.bench.common import (
     STOCK, build_network, cases, environment, estimator_step, make_batch, pyplot, summary, tangent_flops, time_steps,
     write_report,
 )
-from fg_lightning.bench.suite import Budget, case_label, tangent_bytes
+from fg_lightning.bench.budget import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_max", "ratio_vs_autograd",

@@ -129,7 +129,6 @@ def apply_estimate(
     parameter changes), writes ``estimate.grads[name]`` as each parameter's ``.grad``, calls ``before_step`` (e.g.
     gradient clipping, which sees the estimate as ``.grad``), steps ``optimizer`` (any ``torch.optim.Optimizer``, or
     Lightning's wrapper of one) and clears the gradients again.
-    :class:`~fg_lightning.ForwardGradientModule`, ``fg-bench`` and the tests all train through it.
     """
     check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
     for name, param in network.named_parameters():
@@ -138,6 +137,18 @@ def apply_estimate(
         before_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def training_step(
+    estimator: "GradientEstimator", network: ForwardModel, x: Tensor, labels: Tensor, step: int,
+    optimizer: torch.optim.Optimizer, before_step: Callable[[], None] | None = None,
+) -> Estimate:
+    """The one training step: ``estimator``'s estimate for this batch at optimizer step ``step``, then
+    :func:`apply_estimate`. :class:`~fg_lightning.ForwardGradientModule`, ``fg-bench`` and the tests all train
+    through it."""
+    estimate = estimator.estimate(network, x, labels, step)
+    apply_estimate(estimate, network, optimizer, step, estimator, before_step)
+    return estimate
 
 
 def check_positive_int(name: str, value: Any) -> int:
