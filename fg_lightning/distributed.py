@@ -15,10 +15,11 @@ guesses — and every rank takes the update one process would take on the union 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -74,15 +75,40 @@ class ForwardGradientDDPStrategy(DDPStrategy):
                          timeout=timeout, start_method=start_method)
         self.peer_lost = False
 
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+    @contextlib.contextmanager
+    def _watching_peers(self) -> Iterator[None]:
+        """Where the strategy's collectives run (the estimator's in the training step, the logged metrics' in
+        validation, Lightning's barriers and broadcasts around checkpoints): a collective's failure becomes
+        :class:`PeerLostError`."""
         try:
-            return super().training_step(*args, **kwargs)
+            yield
         except Exception as err:
             lost = self.as_peer_lost(err)
-            if lost is None:
+            if lost is None or lost is err:
                 raise
             raise lost from err
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._watching_peers():
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._watching_peers():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def reduce(self, *args: Any, **kwargs: Any) -> Any:
+        with self._watching_peers():
+            return super().reduce(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if self.peer_lost:
+            return obj
+        with self._watching_peers():
+            return super().broadcast(obj, src)
 
     def as_peer_lost(self, err: BaseException) -> PeerLostError | None:
         """`err` as a :class:`PeerLostError` if it is a collective's failure (None otherwise), and remember that the
@@ -101,7 +127,9 @@ class ForwardGradientDDPStrategy(DDPStrategy):
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if not self.peer_lost:  # a barrier now would wait for the lost peer (or fail) again
+        if self.peer_lost:  # a barrier now would wait for the lost peer (or fail) again
+            return
+        with self._watching_peers():
             super().barrier(*args, **kwargs)
 
     @override

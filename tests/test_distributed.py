@@ -237,18 +237,22 @@ def test_fg_ddp_waits_minutes_not_half_an_hour_and_refuses_wrapper_arguments():
 
 
 @needs_script
-@pytest.mark.parametrize("signal_name, what", [("SIGKILL", "another process died"),
-                                               ("SIGSTOP", "another process did not answer within 0:00:10")])
-def test_a_dead_or_stopped_peer_ends_the_run_in_one_line_naming_the_checkpoint(signal_name, what, idx_root,
-                                                                                   tmp_path):
-    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at the start of step 5: rank 0 ends with one line naming its rank,
-    the step and interrupted.ckpt (written, at step 5), within the 10 s timeout (plus shutdown) for the hung peer,
-    whose process it kills."""
+@pytest.mark.parametrize("signal_name, in_validation, what", [
+    ("SIGKILL", False, "another process died"),
+    ("SIGSTOP", False, "another process did not answer within 0:00:10"),
+    ("SIGSTOP", True, "another process did not answer within 0:00:10"),
+], ids=["killed", "stopped", "stopped-in-validation"])
+def test_a_dead_or_stopped_peer_ends_the_run_in_one_line_naming_the_checkpoint(signal_name, in_validation, what,
+                                                                                   idx_root, tmp_path):
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at the start of step 5 (or of the validation after step 5, where the
+    logged metrics are all-reduced): rank 0 ends with one line naming its rank, the step and interrupted.ckpt
+    (written, at step 5), within the 10 s timeout (plus shutdown) for the hung peer, whose process it kills."""
     pid_file, run = tmp_path / "rank1.pid", tmp_path / "tb"
     signal_at = ('--trainer.callbacks+={"class_path": "faults.SignalAt", "init_args": {"step": 5, '
-                 f'"signal_name": "{signal_name}", "pid_file": "{pid_file}"}}}}')
+                 f'"signal_name": "{signal_name}", "pid_file": "{pid_file}", '
+                 f'"in_validation": {str(in_validation).lower()}}}}}')
     strategy = ["--trainer.strategy", "fg_lightning.ForwardGradientDDPStrategy", "--trainer.strategy.timeout",
-                "0:00:10"]
+                "0:00:10", "--trainer.val_check_interval", "5"]
     try:
         done = two_processes(fit_args("mlp_naive", idx_root, run, 4, "--trainer.max_steps", "20", signal_at,
                                       *strategy), tmp_path)
