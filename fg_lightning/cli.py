@@ -216,8 +216,21 @@ class ForwardGradientCLI(LightningCLI):
         self.refuse_top_level_optimizer([f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key)])
         self.check_learning_rate(config.get("model.optimizer.init_args.lr"))
         self.check_trainer(config)
+        self.name_run_after_config(config)
         if config.get("ckpt_path"):
             self.check_checkpoint(subcommand, config)
+
+    @staticmethod
+    def name_run_after_config(config: Any) -> None:
+        """A logger whose ``name`` is left empty (as in ``configs/trainer.yaml``, which every config shares) logs the
+        run under the name of its config file, the last ``--config`` given: ``--config configs/mlp_naive.yaml`` ->
+        ``tb_logs/mlp_naive/version_N``."""
+        files = config.get("config") or []
+        logger = config.trainer.get("logger")
+        for item in logger if isinstance(logger, list) else [logger]:
+            init = getattr(item, "init_args", None)
+            if files and init is not None and "name" in init and init.name is None:
+                init.name = os.path.splitext(os.path.basename(str(files[-1])))[0]
 
     @staticmethod
     def refuse_top_level_optimizer(args: list[str]) -> None:

@@ -27,10 +27,6 @@ from fg_lightning.module import ForwardGradientModule
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-@pytest.fixture(scope="module")
-def idx_root(tmp_path_factory):
-    return learnable_idx(tmp_path_factory.mktemp("idx"))
-
 
 def args(subcommand, config, idx_root, save_dir, *extra):
     common = [subcommand, "--config", os.path.join(CONFIGS, f"{config}.yaml"), "--data.root", idx_root,

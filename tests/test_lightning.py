@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from idx_files import learnable_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fg_lightning.callbacks import EstimatorSummary, ExceptionCheckpoint, GradientCosine, PeakMemory, StepTimer
@@ -19,12 +18,9 @@ from fg_lightning.engine import CNN, MLP
 from fg_lightning.estimators import REGISTRY, Backprop, MomentumForwardGradient, MultiDirection, NaiveForwardGradient
 from fg_lightning.module import CheckpointMismatchError, DivergenceError, ForwardGradientModule
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+CONFIGS = sorted(path for path in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))
+                 if not path.endswith("trainer.yaml"))  # the trainer settings the configs share
 
-
-@pytest.fixture(scope="module")
-def idx_root(tmp_path_factory):
-    return learnable_idx(tmp_path_factory.mktemp("idx"))
 
 
 def scalars(log_dir):

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from idx_files import learnable_idx
+from config_files import load_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import fg_lightning.module as module_file
@@ -23,10 +23,6 @@ from fg_lightning.cli import main as fg_cli
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mlp_naive.yaml")
 TAGS = ("train/loss", "val/loss")
 
-
-@pytest.fixture(scope="module")
-def idx_root(tmp_path_factory):
-    return learnable_idx(tmp_path_factory.mktemp("idx"))
 
 
 def fit(save_dir, idx_root, max_steps, *extra, config=CONFIG):
@@ -85,7 +81,7 @@ def test_max_steps_mid_epoch_does_not_step_an_epoch_schedule(idx_root, tmp_path)
 
 def test_ckpt_path_last_takes_the_newest_step_not_a_stale_last_ckpt(straight, idx_root, tmp_path):
     # last.ckpt every 3 steps: after max_steps 4 it holds step 3, the newest state is epoch=0-step=4.ckpt
-    config = yaml.safe_load(open(CONFIG))
+    config = load_config("mlp_naive")
     for callback in config["trainer"]["callbacks"]:
         if (callback.get("init_args") or {}).get("every_n_train_steps"):
             callback["init_args"]["every_n_train_steps"] = 3

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import yaml
-from idx_files import learnable_idx
+from config_files import load_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside, TiedThroughAView, UserCNN
@@ -18,7 +17,6 @@ from fg_lightning.estimators import REGISTRY, ForwardModel, MultiDirection, Naiv
 from fg_lightning.module import ForwardGradientModule
 from fg_lightning.torch_network import TorchNetwork
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 SUPPORTED = [name for name, spec in REGISTRY.items() if not spec.needs_local_losses]
 
 
@@ -206,15 +204,11 @@ def test_activity_perturbation_on_a_users_model():
     REGISTRY["activity"].make(exact_output=False).estimate(scaled, torch.randn(5, 3), torch.randint(0, 2, (5,)), 0)
 
 
-@pytest.fixture(scope="module")
-def idx_root(tmp_path_factory):
-    return learnable_idx(tmp_path_factory.mktemp("idx"))
-
 
 def test_a_users_sequential_cnn_trains_with_multi_direction_through_fg_cli(idx_root, tmp_path):
     """A config naming the user's own nn.Sequential (batch norm and dropout in train mode) trains with
     MultiDirection: the training loss falls well below its start, and the run's checkpoint resumes."""
-    config = yaml.safe_load(open(os.path.join(CONFIGS, "torch_resnet_multi_direction.yaml")))
+    config = load_config("torch_resnet_multi_direction")
     config["model"]["network"] = {"class_path": "user_models.UserCNN", "init_args": {"channels": 4}}
     config["model"]["estimator"]["init_args"]["k"] = 4
     config["model"]["optimizer"]["init_args"]["lr"] = 0.003
@@ -304,13 +298,12 @@ def test_a_use_the_tracking_cannot_see_is_caught_by_the_first_pass_check():
     with pytest.raises(ValueError, match="differs from autograd's"):
         NaiveForwardGradient().estimate(net, x, labels, 0)
     control = TorchNetwork(CalledTwice().double())
-    state = torch.get_rng_state()
     NaiveForwardGradient().estimate(control, torch.randn(6, 5, dtype=torch.float64), labels % 3, 0)
 
 
 def test_fg_cli_refuses_a_model_with_an_untracked_use_in_one_line(idx_root, tmp_path, capsys):
     """The model that trained silently with exit 0: refused at its first step, before any update, in one line."""
-    config = yaml.safe_load(open(os.path.join(CONFIGS, "torch_resnet_multi_direction.yaml")))
+    config = load_config("torch_resnet_multi_direction")
     config["model"]["network"] = {"class_path": "user_models.ReusedOutside",
                                   "init_args": {"features": 784, "classes": 10}}
     config["model"]["estimator"]["init_args"]["k"] = 2
