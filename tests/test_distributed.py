@@ -16,7 +16,6 @@ from datetime import timedelta
 import pytest
 import torch
 from ddp_worker import K, cases, make, train
-from idx_files import learnable_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fg_lightning.cli import main as fg_cli
@@ -125,10 +124,6 @@ def test_one_process_order_is_unchanged_by_sharding():
 FG_CLI = shutil.which("fg-cli")
 needs_script = pytest.mark.skipif(FG_CLI is None, reason="fg-cli is not installed (pip install -e .)")
 
-
-@pytest.fixture(scope="module")
-def idx_root(tmp_path_factory):
-    return learnable_idx(tmp_path_factory.mktemp("idx"))
 
 
 def fit_args(config, idx_root, save_dir, batch_size, *extra):
