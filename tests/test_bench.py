@@ -68,6 +68,17 @@ def test_speed(tmp_path, capsys):
     assert_plot(out, "speed")
 
 
+def test_speed_quick_preset(tmp_path):
+    """--quick: the MLP at batch 256, one and four directions, whatever --models / --batch-sizes said."""
+    out = str(tmp_path)
+    fg_bench(["speed", "--quick", "--device", "cpu", "--out", out, "--models", "cnn", "--estimators", "naive",
+              "multi_direction", "--no-compile", "--no-torch-backend"])
+    records = load(out, "speed")
+    assert {(r["model"], r["batch_size"]) for r in records} == {("mlp", 256)}
+    assert {r["k"] for r in records if r["estimator"] == "multi_direction"} == {1, 4}
+    assert json.load(open(os.path.join(out, "speed.json")))["meta"]["repeats"] == 10
+
+
 def test_memory(tmp_path):
     out = str(tmp_path)
     fg_bench(["memory", "--device", "cpu", "--out", out, "--models", "mlp", "--batch-sizes", "64",

@@ -57,6 +57,10 @@ def _positive_float(value: str) -> float:
     return number
 
 
+# fg-bench speed --quick: every estimator and baseline on the MLP at batch 256, one and four directions.
+QUICK_SPEED = ("--models", "mlp", "--batch-sizes", "256", "--directions", "1", "4", "--warmup", "2", "--repeats", "10")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="fg-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = root.add_subparsers(dest="command", required=True)
@@ -78,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--warmup", type=_positive, default=5)
     speed.add_argument("--repeats", type=_positive, default=30)
     speed.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    speed.add_argument("--quick", action="store_true",
+                       help=f"minutes on 2 CPU cores: {' '.join(QUICK_SPEED)} (in place of those options)")
     memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
     memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
     memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
@@ -140,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if getattr(args, "quick", False):  # the quick settings in place of the options they name
+        args = parser().parse_args([*argv, *QUICK_SPEED])
     args.command_line = shlex.join(["fg-bench", *argv])
     import importlib
 
