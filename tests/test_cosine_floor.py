@@ -1,0 +1,46 @@
+"""A floor under every registered estimator's cosine to the gradient it estimates, on small synthetic networks, so that
+a piece that silently stops working (a local-loss head dropped from the output layers, a tangent source that loses a
+layer) fails a test that needs no dataset. The references are the mean cosines over 40 steps measured at two seeds
+(they agree within 0.03; the floors sit at half of them, many standard errors below at any seed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_estimators import SEED, small_cnn_problem, small_problem
+
+from fg_lightning.estimators import REGISTRY, cosine
+
+# name -> (mean cosine on the small MLP, on the small CNN), k = 4 where the estimator takes k
+REFERENCE = {
+    "backprop": (1.0, 1.0),
+    "naive": (0.051, 0.032),
+    "multi_direction": (0.119, 0.083),
+    "orthogonal": (0.12, 0.083),
+    "partition": (0.107, 0.068),
+    "input_qr": (0.051, 0.043),
+    "input_approx": (0.042, 0.045),
+    "momentum": (0.262, 0.129),
+    "activity": (0.951, 0.052),
+    "local_activity": (0.966, 0.589),
+    "local_weight": (0.156, 0.172),
+    "local_backprop": (1.0, 1.0),
+    "local_guess": (0.886, 0.97),
+}
+
+
+def test_every_registered_estimator_has_a_reference():
+    assert set(REFERENCE) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("problem", [small_problem, small_cnn_problem], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("name", REFERENCE)
+def test_mean_cosine_to_the_estimated_gradient_stays_above_its_floor(name, problem):
+    spec = REGISTRY[name]
+    net, x, labels = problem(local=spec.needs_local_losses)
+    estimator = spec.make(k=4, seed=SEED)
+    exact = estimator.exact_gradient(net, x, labels)  # the network's gradient, or each block's local one
+    torch.manual_seed(SEED)
+    mean = sum(cosine(estimator.estimate(net, x, labels, step).grads, exact) for step in range(40)) / 40
+    floor = 0.5 * REFERENCE[name][problem is small_cnn_problem]
+    assert mean > floor, f"{name}: mean cosine {mean:.3f} over 40 steps, below its floor {floor:.3f}"
