@@ -141,7 +141,8 @@ class PeakMemory(UpdateCallback):
 
 class CommBytes(UpdateCallback):
     """Bytes the estimator sends from each process into collectives during the update (all-reduces, gathers), as
-    counted by its :attr:`~fg_lightning.estimators.GradientEstimator.collective`.
+    counted by the communicator the module passes to it (``ForwardGradientModule.comm``, a
+    :class:`~fg_lightning.estimators.collective.Collective`).
 
     Under ``fg_ddp`` that is what each step communicates: K + 2 numbers for the random-direction estimators (their K
     directional derivatives, the loss and the batch size), the gradient for backprop. In one process nothing is sent
@@ -159,11 +160,11 @@ class CommBytes(UpdateCallback):
 
     @override
     def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = pl_module.estimator.collective.bytes
+        self._start = pl_module.comm.bytes
 
     @override
     def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
-        sent = pl_module.estimator.collective.bytes - self._start
+        sent = pl_module.comm.bytes - self._start
         pl_module.log("perf/comm_bytes", float(sent), on_step=True, on_epoch=False)
 
 
@@ -197,7 +198,7 @@ class GradientCosine(UpdateCallback):
         self._step = trainer.global_step
         if self._step % self.every_n_steps == 0:
             x, labels = batch
-            self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels)
+            self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels, pl_module.comm)
 
     @override
     def on_after_update(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:

@@ -4,10 +4,11 @@ Lightning's ``ddp`` wraps the module in ``torch.nn.parallel.DistributedDataParal
 gradients autograd computes; the engine keeps its parameters at ``requires_grad=False`` and no autograd runs, so the
 wrapper refuses the module. :class:`ForwardGradientDDPStrategy` (registered as ``fg_ddp``) is Lightning's DDP
 strategy (process launch, process group, ranks, samplers, checkpoints on rank 0, multi-node, SLURM and torchrun
-environments) without that wrapper: the estimator exchanges what its update needs through its
-:class:`~fg_lightning.estimators.collective.TorchCollective` — K directional derivatives and the loss for random
-directions, the layer inputs for input-generated directions, the gradient for backprop, activity perturbation and
-guesses — and every rank takes the update one process would take on the union of the ranks' batches.
+environments) without that wrapper: the estimator exchanges what its update needs through the
+:class:`~fg_lightning.estimators.collective.TorchCollective` that the module passes to its ``estimate`` — K
+directional derivatives and the loss for random directions, the layer inputs for input-generated directions, the
+gradient for backprop, activity perturbation and guesses — and every rank takes the update one process would take
+on the union of the ranks' batches.
 
     fg-cli fit --config configs/mlp_naive.yaml --trainer.devices 2 --trainer.strategy fg_ddp
     Trainer(strategy="fg_ddp", devices=2)  # or ForwardGradientDDPStrategy(...) for its DDPStrategy arguments
@@ -44,7 +45,7 @@ class PeerLostError(RuntimeError):
 
 class ForwardGradientDDPStrategy(DDPStrategy):
     """:class:`~lightning.pytorch.strategies.DDPStrategy` without ``DistributedDataParallel``: the parameters (and
-    buffers) of rank 0 are broadcast once at setup, and the estimator's collective keeps the ranks in step after
+    buffers) of rank 0 are broadcast once at setup, and the module's communicator keeps the ranks in step after
     that. Takes DDPStrategy's own arguments; the ones that configure the wrapper (``find_unused_parameters``,
     communication hooks, model averaging) have nothing to act on and are refused.
 
@@ -140,7 +141,7 @@ class ForwardGradientDDPStrategy(DDPStrategy):
 
     @override
     def configure_ddp(self) -> None:
-        # No DistributedDataParallel: the same starting point on every rank, then the estimator's collective.
+        # No DistributedDataParallel: the same starting point on every rank, then the module's communicator.
         assert self.model is not None
         for tensor in [*self.model.parameters(), *self.model.buffers()]:
             dist.broadcast(tensor.data, src=0)

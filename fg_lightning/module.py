@@ -196,12 +196,13 @@ class ForwardGradientModule(LightningModule):
         if stage != "fit":  # evaluation runs under any strategy (Lightning's ddp only wraps the module to fit)
             return
         check_strategy(self.trainer.strategy)
-        if self.trainer.world_size > 1:  # fg_ddp: the estimator exchanges what its update needs
-            self.estimator.collective = TorchCollective()
+        # The processes the update is formed across, passed to every estimate: under fg_ddp the estimator exchanges
+        # what its update needs; in one process nothing, but the bytes a step would send are counted (CommBytes).
+        self.comm = TorchCollective() if self.trainer.world_size > 1 else Collective()
 
     @override
     def teardown(self, stage: str) -> None:
-        self.estimator.collective = Collective()
+        self.comm = Collective()  # the process group ends with the fit
 
     @override
     def on_fit_start(self) -> None:
@@ -274,7 +275,8 @@ class ForwardGradientModule(LightningModule):
         clip = None if self.gradient_clip_val is None else functools.partial(
             self.clip_gradients, optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
         try:
-            estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, before_step=clip)
+            estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, self.comm,
+                                     before_step=clip)
         except DivergenceError as err:
             raise self._divergence(err, x, step) from None
         except RuntimeError as err:

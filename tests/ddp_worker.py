@@ -50,27 +50,29 @@ def shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world_size: int) 
     return tuple(t.tensor_split(world_size)[rank] for t in batch)  # as EpochPermutation splits a short union batch
 
 
-def train(name: str, model: str, collective: Collective, rank: int = 0, world_size: int = 1) -> dict:
-    network, estimator = make(name, model)
-    estimator.collective = collective
+def train(name: str, model: str, comm: Collective, rank: int = 0, world_size: int = 1, made=None) -> dict:
+    """``made``: ``make(name, model)``'s network and estimator, built beforehand (ranks that are threads: a network's
+    initialisation draws from the global RNG)."""
+    network, estimator = made or make(name, model)
+    exact = estimator.exact_gradient(network, *shard(union_batches(model)[0], rank, world_size), comm)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
     losses, sent = [], []
     for step, batch in enumerate(union_batches(model)):
         x, labels = shard(batch, rank, world_size)
-        before = collective.bytes
-        estimate = estimator.estimate(network, x, labels, step)
-        sent.append(collective.bytes - before)
+        before = comm.bytes
+        estimate = estimator.estimate(network, x, labels, step, comm)
+        sent.append(comm.bytes - before)
         apply_estimate(estimate, network, optimizer, step, estimator)
         losses.append(float(estimate.loss))
     return {"params": {n: p.detach().clone() for n, p in network.named_parameters()}, "losses": losses,
-            "bytes": sent, "n": sum(p.numel() for p in network.parameters())}
+            "bytes": sent, "n": sum(p.numel() for p in network.parameters()), "exact": exact}
 
 
 def main(out: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    collective = TorchCollective()
-    results = {(name, model): train(name, model, collective, rank, world_size) for name, model in cases()}
+    comm = TorchCollective()
+    results = {(name, model): train(name, model, comm, rank, world_size) for name, model in cases()}
     torch.save(results, out)
     torch.distributed.destroy_process_group()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fg_lightning.engine import TangentSource
 from fg_lightning.estimators import Estimate, GradientEstimator, forward_gradient
 from fg_lightning.estimators.base import check_positive_int
+from fg_lightning.estimators.collective import ONE_PROCESS
 from fg_lightning.estimators.registry import EstimatorSpec, Training
 
 
@@ -25,8 +26,8 @@ class RademacherForwardGradient(GradientEstimator):
         super().__init__(seed)
         self.k = check_positive_int("k", k)
 
-    def estimate(self, network, x, labels, step):
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, RademacherTangents(self, self.k)))
+    def estimate(self, network, x, labels, step, comm=ONE_PROCESS):
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, RademacherTangents(self, self.k)))
         return Estimate(result.loss, result.logits, forward_gradient(result, 1.0 / self.k))
 
 

@@ -79,13 +79,39 @@ def test_speed_quick_preset(tmp_path):
     assert json.load(open(os.path.join(out, "speed.json")))["meta"]["repeats"] == 10
 
 
+def test_depth(tmp_path):
+    """fg-bench depth's cases at two depths of a tiny MLP, measured in this process (the command runs each memory
+    case in a fresh one): every case has its peak, its time and its ratios, and the report and plot are written."""
+    from argparse import Namespace
+
+    from fg_lightning.bench import depth
+
+    records = depth.measure("cpu", [1, 2], width=16, batch_size=8, estimators=depth.ESTIMATORS, k=2, warmup=1,
+                            repeats=2, compile=False, isolate=False)
+    assert {(r["depth"], r["estimator"]) for r in records} == {
+        (d, name) for d in (1, 2) for name in ("stock_autograd", "stock_func_jvp", "stock_checkpointed",
+                                               *depth.ESTIMATORS)}
+    for record in records:
+        assert "error" not in record, record
+        assert record["peak_mb"] >= 0 and record["ms_median"] > 0 and record["params_mb"] > 0
+    made_up = [{"depth": d, "estimator": name, "peak_mb": peak} for d, name, peak in
+               [(1, "backprop", 4.0), (1, "stock_checkpointed", 2.0), (1, "naive", 1.0), (2, "backprop", 8.0),
+                (2, "stock_checkpointed", 4.0), (2, "naive", 1.5)]]
+    depth._ratios(made_up)
+    assert [(r["ratio_vs_backprop"], r["ratio_vs_checkpointed"], r["growth_vs_shallowest"]) for r in made_up][-1] == (
+        1.5 / 8, 1.5 / 4, 1.5)
+    depth.report(records, str(tmp_path), "cpu", Namespace(width=16, batch_size=8, warmup=1, repeats=2), isolate=False)
+    assert len(load(str(tmp_path), "depth")) == len(records)
+    assert_plot(str(tmp_path), "depth")
+
+
 def test_memory(tmp_path):
     out = str(tmp_path)
     fg_bench(["memory", "--device", "cpu", "--out", out, "--models", "mlp", "--batch-sizes", "64",
               "--estimators", "backprop", "naive", "--directions", "1", "--no-compile"])
     records = load(out, "memory")
-    assert [r["estimator"] for r in records] == ["stock_autograd", "stock_func_jvp", "backprop", "naive",
-                                                 "torch:backprop", "torch:naive"]
+    assert [r["estimator"] for r in records] == ["stock_autograd", "stock_func_jvp", "stock_checkpointed", "backprop",
+                                                 "naive", "torch:backprop", "torch:naive"]
     for record in records:
         assert "error" not in record, record
         assert {"peak_mb", "ratio_vs_autograd", "method"} <= set(record) and record["peak_mb"] > 0

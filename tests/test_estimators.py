@@ -20,6 +20,7 @@ from fg_lightning.estimators import (
     REGISTRY, Backprop, DivergenceError, GradientEstimator, InputApprox, InputQR, LocalBackprop, LocalGuess,
     MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition, apply_estimate,
 )
+from fg_lightning.estimators.collective import ONE_PROCESS
 
 DEFAULT_K = 4
 
@@ -76,11 +77,11 @@ class Mutant(GradientEstimator):
         self.inner, self.mutate, self.unbiased = inner, mutate, inner.unbiased
         self.needs_local_losses = inner.needs_local_losses
 
-    def exact_gradient(self, network, x, labels):
-        return self.inner.exact_gradient(network, x, labels)
+    def exact_gradient(self, network, x, labels, comm=ONE_PROCESS):
+        return self.inner.exact_gradient(network, x, labels, comm)
 
-    def estimate(self, network, x, labels, step):
-        return self.mutate(self.inner.estimate(network, x, labels, step), step)
+    def estimate(self, network, x, labels, step, comm=ONE_PROCESS):
+        return self.mutate(self.inner.estimate(network, x, labels, step, comm), step)
 
     def validate(self, network):
         self.inner.validate(network)

@@ -16,6 +16,7 @@ from fg_lightning.cli import main as fg_cli
 from fg_lightning.data import MNISTDataModule
 from fg_lightning.engine import CNN, MLP
 from fg_lightning.estimators import REGISTRY, Backprop, MomentumForwardGradient, MultiDirection, NaiveForwardGradient
+from fg_lightning.estimators.collective import ONE_PROCESS
 from fg_lightning.module import CheckpointMismatchError, DivergenceError, ForwardGradientModule
 
 CONFIGS = sorted(path for path in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))
@@ -303,8 +304,8 @@ class CrashInsideTheEstimate(NaiveForwardGradient):
         super().__init__(seed=seed)
         self.crash_at = crash_at
 
-    def estimate(self, network, x, labels, step):
-        estimate = super().estimate(network, x, labels, step)
+    def estimate(self, network, x, labels, step, comm=ONE_PROCESS):
+        estimate = super().estimate(network, x, labels, step, comm)
         if step == self.crash_at:
             raise RuntimeError("simulated crash")
         return estimate

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from fg_lightning.bench.common import MODELS
+from fg_lightning.bench.depth import ESTIMATORS as DEPTH_ESTIMATORS
 from fg_lightning.bench.suite import PRESETS
 from fg_lightning.estimators import REGISTRY
 
@@ -90,6 +91,17 @@ def parser() -> argparse.ArgumentParser:
     for sub in (speed, memory):
         sub.add_argument("--no-torch-backend", dest="torch_backend", action="store_false",
                          help="skip the torch:<estimator> cases (the estimators on the torch backend, on the twin)")
+    depth = commands.add_parser("depth", help="peak memory and step time against depth: MLP of --width units, L layers")
+    depth.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    depth.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
+    depth.add_argument("--depths", nargs="+", type=_positive, default=[2, 4, 8, 16, 32, 64], help="hidden layers L")
+    depth.add_argument("--width", type=_positive, default=1024)
+    depth.add_argument("--batch-size", type=_positive, default=4096)
+    depth.add_argument("--estimators", nargs="+", choices=list(REGISTRY), default=DEPTH_ESTIMATORS)
+    depth.add_argument("--k", type=_positive, default=4, help="k for the estimators that take one")
+    depth.add_argument("--warmup", type=_positive, default=1)
+    depth.add_argument("--repeats", type=_positive, default=3)
+    depth.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
     comm = add("comm", "bytes each process sends per data-parallel step, beside the gradient's", [256],
                all_estimators)
     comm.add_argument("--directions", nargs="+", type=_positive, default=[1, 10])

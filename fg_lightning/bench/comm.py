@@ -1,8 +1,8 @@
 """``fg-bench comm``: bytes each process sends per data-parallel step (``fg_ddp``), per estimator, beside the
 ``n · 4`` bytes of the float32 gradient that stock DDP all-reduces every step.
 
-Counted by the estimator's single-process :class:`~fg_lightning.estimators.collective.Collective`, which counts
-what the same calls send across processes, over two steps (``--steps``) so that the momentum estimator shows a
+Counted by a single-process :class:`~fg_lightning.estimators.collective.Collective` passed to each estimate, which
+counts what the same calls send across processes, over two steps (``--steps``) so that the momentum estimator shows a
 checkpoint step and a forward-mode step. What depends on the batch (the layer inputs gathered by the
 input-generated estimators) is for the per-process batch size given.
 """
@@ -15,6 +15,7 @@ import torch
 
 from fg_lightning.bench.common import build_network, cases, environment, make_batch, write_report
 from fg_lightning.estimators import REGISTRY, num_parameters
+from fg_lightning.estimators.collective import Collective
 
 COLUMNS = ["model", "estimator", "k", "batch_size", "bytes_per_step", "bytes_each_step", "gradient_bytes", "ratio"]
 
@@ -28,11 +29,11 @@ def measure(models: list[str], estimators: list[str], directions: list[int], bat
                 network = build_network(model, name).to(device)
                 estimator = REGISTRY[name].make(k)
                 x, labels = make_batch(network, batch_size, device)
-                sent = []
+                comm, sent = Collective(), []
                 for step in range(steps):
-                    before = estimator.collective.bytes
-                    estimator.estimate(network, x, labels, step)
-                    sent.append(estimator.collective.bytes - before)
+                    before = comm.bytes
+                    estimator.estimate(network, x, labels, step, comm)
+                    sent.append(comm.bytes - before)
                 gradient = 4 * num_parameters(network)
                 records.append({"model": model, "estimator": name, "k": k, "batch_size": batch_size,
                                 "bytes_per_step": max(sent), "bytes_each_step": sent, "gradient_bytes": gradient,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -12,14 +14,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
 from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, cosine, training_step
+from fg_lightning.estimators.collective import Collective
 from fg_lightning.torch_network import TorchNetwork
 
 MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
-STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled")
+STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled", "stock_checkpointed")
 TORCH = "torch:"  # a case on the torch backend: "torch:naive"
 
 
@@ -81,23 +85,32 @@ def estimator_step(network: Network, name: str, k: int | None) -> Callable[[torc
 def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Estimate]:
     """One training step exactly as ForwardGradientModule takes it: the estimate, then
     :func:`~fg_lightning.estimators.training_step` with plain SGD."""
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr)
+    optimizer, comm = torch.optim.SGD(network.parameters(), lr=lr), Collective()  # one process
 
     def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Estimate:
-        return training_step(estimator, network, x, labels, index, optimizer)
+        return training_step(estimator, network, x, labels, index, optimizer, comm)
 
     return step
 
 
 def stock_step(network: Network, kind: str, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Any]:
     """The stock-PyTorch baselines on the ``torch.nn`` twin with the same weights (torch.autograd is allowed here):
-    ``stock_autograd`` (loss.backward()), ``stock_compiled`` (the same, torch.compile'd) and ``stock_func_jvp``
-    (the naive forward gradient through ``torch.func.jvp``)."""
+    ``stock_autograd`` (loss.backward()), ``stock_compiled`` (the same, torch.compile'd), ``stock_checkpointed`` (the
+    same with activation checkpointing, ``torch.utils.checkpoint.checkpoint_sequential`` in √L segments of the L
+    layers: only the segments' inputs are kept, each segment is run again in the backward pass) and
+    ``stock_func_jvp`` (the naive forward gradient through ``torch.func.jvp``)."""
     model = to_torch(network)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    if kind in ("stock_autograd", "stock_compiled"):
+    if kind in ("stock_autograd", "stock_compiled", "stock_checkpointed"):
         # dynamic=False: compiled for the one batch shape it is timed at (no recompilation for dynamic shapes)
         forward = torch.compile(model, dynamic=False) if kind == "stock_compiled" else model
+        if kind == "stock_checkpointed":
+            for module in model.modules():  # an in-place ReLU would change a segment's saved input
+                if isinstance(module, torch.nn.ReLU):
+                    module.inplace = False
+            segments = max(1, round(math.sqrt(len(model))))
+            forward = functools.partial(torch.utils.checkpoint.checkpoint_sequential, model, segments,
+                                        use_reentrant=False)
 
         def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Any:
             loss = F.cross_entropy(forward(x), labels)
@@ -298,7 +311,7 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
     every completed epoch. ``scheduler(optimizer)`` builds a learning-rate scheduler, stepped after every step."""
     from fg_lightning.estimators import DivergenceError
 
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr)
+    optimizer, comm = torch.optim.SGD(network.parameters(), lr=lr), Collective()  # one process
     schedule = scheduler(optimizer) if scheduler is not None else None
     losses: list[float] = []
     cosines: list[tuple[int, float, float, bool]] = []  # (step, cosine, gain ĝ·g/|g|², exact gradient computed?)
@@ -313,7 +326,7 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
             exact = (estimator.exact_gradient(network, x, labels)  # what it estimates: LocalBackprop's for the local ones
                      if cosine_every and index % cosine_every == 0 else None)
             try:
-                estimate = training_step(estimator, network, x, labels, index, optimizer)
+                estimate = training_step(estimator, network, x, labels, index, optimizer, comm)
             except DivergenceError:
                 diverged_at = index
                 break

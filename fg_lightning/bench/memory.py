@@ -35,9 +35,9 @@ def _status_mb(field: str) -> float:
     return kib / 1024
 
 
-def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None) -> dict[str, float]:
-    """Runs in a fresh process (see the module docstring)."""
-    network = build_network(model, name)
+def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None, **network_kwargs: Any) -> dict[str, float]:
+    """Runs in a fresh process (see the module docstring); ``network_kwargs`` go to the network (e.g. ``hidden``)."""
+    network = build_network(model, name, **network_kwargs)
     step = estimator_step(network, name, k)
     step(*make_batch(network, 2, torch.device("cpu")), 0)
     x, labels = make_batch(network, batch_size, torch.device("cpu"))
@@ -49,10 +49,11 @@ def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None) -> d
     return {"peak_mb": _status_mb("VmHWM") - resting, "resting_mb": resting}
 
 
-def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: int) -> dict[str, float]:
+def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: int,
+              **network_kwargs: Any) -> dict[str, float]:
     code = ("import json, sys, torch; from fg_lightning.bench.memory import measure_cpu_case; "
             f"torch.set_num_threads({threads}); "
-            f"print(json.dumps(measure_cpu_case({model!r}, {batch_size}, {name!r}, {k!r})))")
+            f"print(json.dumps(measure_cpu_case({model!r}, {batch_size}, {name!r}, {k!r}, **{network_kwargs!r})))")
     # glibc: every block of 64 KiB or more gets its own mapping, returned to the OS on free, so RSS follows the live
     # tensors (by default the threshold grows to 32 MiB and freed blocks linger in the heap).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -62,8 +63,9 @@ def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cuda_case(model: str, batch_size: int, name: str, k: int | None, device: torch.device) -> dict[str, float]:
-    network = build_network(model, name).to(device)
+def _cuda_case(model: str, batch_size: int, name: str, k: int | None, device: torch.device,
+               **network_kwargs: Any) -> dict[str, float]:
+    network = build_network(model, name, **network_kwargs).to(device)
     step = estimator_step(network, name, k)
     step(*make_batch(network, 2, device), 0)
     x, labels = make_batch(network, batch_size, device)
@@ -75,6 +77,17 @@ def _cuda_case(model: str, batch_size: int, name: str, k: int | None, device: to
     sync(device)
     peak = torch.cuda.max_memory_allocated(device) - resting
     return {"peak_mb": peak / MIB, "resting_mb": resting / MIB}
+
+
+def measure_case(device: torch.device, isolate: bool, model: str, batch_size: int, name: str, k: int | None,
+                 **network_kwargs: Any) -> dict[str, float]:
+    """Peak memory of one step of case ``name`` above rest: on CUDA in this process, on the CPU in a fresh one
+    (``isolate``) or in this one."""
+    if device.type == "cuda":
+        return _cuda_case(model, batch_size, name, k, device, **network_kwargs)
+    if isolate:
+        return _cpu_case(model, batch_size, name, k, torch.get_num_threads(), **network_kwargs)
+    return measure_cpu_case(model, batch_size, name, k, **network_kwargs)
 
 
 def forward_bound_mb(network: torch.nn.Module, batch_size: int, k: int) -> float:
@@ -110,11 +123,7 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
             rows = []
             for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions, torch_backend):
                 def case() -> dict[str, float]:
-                    if device.type == "cuda":
-                        return _cuda_case(model, batch_size, name, k, device)
-                    if isolate:
-                        return _cpu_case(model, batch_size, name, k, torch.get_num_threads())
-                    return measure_cpu_case(model, batch_size, name, k)
+                    return measure_case(device, isolate, model, batch_size, name, k)
 
                 measured, error = budget.run(case_label(model, batch_size, name, k), case, device,
                                              tangent_bytes(base, batch_size, k or 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator
+from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
 class Backprop(GradientEstimator):
@@ -13,7 +14,8 @@ class Backprop(GradientEstimator):
 
     unbiased = True
 
-    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
         loss, logits, grads = network.loss_and_grad(x, labels)
-        loss, grads = self.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
+        loss, grads = comm.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)

@@ -6,7 +6,6 @@ An estimator turns one batch into an update direction. It only calls the engine 
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fg_lightning.engine import JvpResult, TangentSource, weighted_sum
-from fg_lightning.estimators.collective import Collective
+from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
 @runtime_checkable
@@ -141,12 +140,13 @@ def apply_estimate(
 
 def training_step(
     estimator: "GradientEstimator", network: ForwardModel, x: Tensor, labels: Tensor, step: int,
-    optimizer: torch.optim.Optimizer, before_step: Callable[[], None] | None = None,
+    optimizer: torch.optim.Optimizer, comm: Collective, before_step: Callable[[], None] | None = None,
 ) -> Estimate:
-    """The one training step: ``estimator``'s estimate for this batch at optimizer step ``step``, then
-    :func:`apply_estimate`. :class:`~fg_lightning.ForwardGradientModule`, ``fg-bench`` and the tests all train
-    through it."""
-    estimate = estimator.estimate(network, x, labels, step)
+    """The one training step: ``estimator``'s estimate for this batch at optimizer step ``step``, combined across the
+    processes of ``comm`` (a :class:`~fg_lightning.estimators.collective.Collective`; required: the caller that
+    trains knows which processes take part), then :func:`apply_estimate`. :class:`~fg_lightning.ForwardGradientModule`,
+    ``fg-bench`` and the tests all train through it."""
+    estimate = estimator.estimate(network, x, labels, step, comm)
     apply_estimate(estimate, network, optimizer, step, estimator, before_step)
     return estimate
 
@@ -165,11 +165,13 @@ class GradientEstimator:
     device), never from the global RNG, so the same seed gives the same directions whatever else draws numbers.
     ``state_dict()`` holds everything needed to continue bit-for-bit after a resume.
 
-    Data parallel: :attr:`collective` (a :class:`~fg_lightning.estimators.collective.Collective`; one process by
-    default, a ``TorchCollective`` under :class:`~fg_lightning.distributed.ForwardGradientDDPStrategy`) combines what
-    each rank computed, so that every rank takes the update of one process on the union batch. Each estimator calls
-    it where its update needs it: the K directional derivatives and the loss (random directions, the same on every
-    rank), the layer inputs (input-generated directions) or the gradient (backprop, activity perturbation, guesses).
+    Data parallel: :meth:`estimate`'s ``comm`` (a :class:`~fg_lightning.estimators.collective.Collective`; one
+    process when not given, a ``TorchCollective`` under :class:`~fg_lightning.distributed.ForwardGradientDDPStrategy`)
+    combines what each rank computed, so that every rank takes the update of one process on the union batch. Each
+    estimator calls it where its update needs it: the K directional derivatives and the loss (random directions, the
+    same on every rank; ``comm.mean_derivatives``), the layer inputs (input-generated directions) or the gradient
+    (backprop, activity perturbation, guesses; ``comm.mean_gradient``). The contract test runs every registered
+    estimator on two ranks in two threads (``ThreadCollective``) against one process on the union batch.
     """
 
     unbiased: bool = False  # a class default; an estimator whose arguments decide it sets it on the instance
@@ -182,39 +184,12 @@ class GradientEstimator:
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
-        self.collective = Collective()
-
-    @property
-    def collective(self) -> Collective:
-        """How this estimator combines per-rank quantities (:class:`Collective`: one process)."""
-        return self._collective
-
-    @collective.setter
-    def collective(self, collective: Collective) -> None:
-        if not isinstance(collective, Collective):
-            raise TypeError(f"collective must be a Collective, got {type(collective).__name__}")
-        self._collective = collective
-
-    def batch_mean(self, batch_size: int, *tensors: Tensor) -> list[Tensor]:
-        """The union batch's mean of per-rank batch means (see :meth:`Collective.batch_mean`), in one call."""
-        return self.collective.batch_mean(tensors, batch_size)
-
-    def mean_derivatives(self, batch_size: int, result: JvpResult) -> JvpResult:
-        """``result`` with its loss and its K directional derivatives (each block's, with local losses) as means over
-        the union batch, in one all-reduce of K + 1 numbers (per block); the tangents are the same on every rank."""
-        blocks = result.block_derivs[:-1] if result.block_derivs is not None else []
-        loss, dir_derivs, *blocks = self.batch_mean(batch_size, result.loss, result.dir_derivs, *blocks)
-        block_derivs = None if result.block_derivs is None else [*blocks, dir_derivs]
-        return dataclasses.replace(result, loss=loss, dir_derivs=dir_derivs, block_derivs=block_derivs)
-
-    def mean_gradient(self, batch_size: int, loss: Tensor, grads: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and a gradient (a dict of per-parameter batch means) over the union batch, in one all-reduce."""
-        loss, *values = self.batch_mean(batch_size, loss, *grads.values())
-        return loss, dict(zip(grads, values))
 
     # -- the strategy ------------------------------------------------------------------------------------------
-    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        """The update direction for this batch at optimizer step ``step`` (0-based)."""
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
+        """The update direction for this batch at optimizer step ``step`` (0-based), with what it needs from the other
+        processes combined through ``comm`` (one process when not given)."""
         raise NotImplementedError
 
     def validate(self, network: ForwardModel) -> None:
@@ -237,14 +212,16 @@ class GradientEstimator:
             raise ValueError(f"{type(self).__name__} trains the network's own loss and would leave the local-loss heads "
                              "untrained: use a network without them (local_losses=False) or a local estimator")
 
-    def exact_gradient(self, network: ForwardModel, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def exact_gradient(self, network: ForwardModel, x: Tensor, labels: Tensor,
+                       comm: Collective = ONE_PROCESS) -> dict[str, Tensor]:
         """The gradient this estimator estimates, by backprop: the reference of its cosine and of its bias. The
-        network loss's gradient, or each block's local-loss gradient for an estimator that ``needs_local_losses``."""
+        network loss's gradient, or each block's local-loss gradient for an estimator that ``needs_local_losses``;
+        over the union batch of ``comm``'s processes."""
         if self.needs_local_losses:
             loss, _, grads, _ = network.local_loss_and_grad(x, labels)
         else:
             loss, _, grads = network.loss_and_grad(x, labels)
-        return self.mean_gradient(len(x), loss, grads)[1]
+        return comm.mean_gradient(len(x), loss, grads)[1]
 
     # -- randomness ----------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:

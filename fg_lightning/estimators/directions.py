@@ -12,6 +12,7 @@ from fg_lightning.estimators.base import (
     Estimate, ForwardModel, GaussianTangents, GradientEstimator, check_positive_int, forward_gradient, num_parameters,
     parameter_layout,
 )
+from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
 class MultiDirection(GradientEstimator):
@@ -59,8 +60,9 @@ class MultiDirection(GradientEstimator):
             raise ValueError(f"k={self.k} directions cannot be independent in the network's {n} parameters: "
                              "orthogonal aggregation needs k <= n")
 
-    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k)))
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k)))
         if self.aggregation == "mean":
             return Estimate(result.loss, result.logits, forward_gradient(result, 1.0 / self.k))
         # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
@@ -127,7 +129,8 @@ class Partition(GradientEstimator):
             self._contiguous_cache = (n, device, ids)
         return self._contiguous_cache[2]
 
-    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
         self.validate(network)
         layout = {name: (shape, offset) for name, shape, offset in parameter_layout(network)}
         first = next(network.parameters())
@@ -139,7 +142,7 @@ class Partition(GradientEstimator):
             sizes = torch.bincount(part_ids, minlength=self.k).to(source.dtype)
             source.mul_((sizes / sq_norms).sqrt_()[part_ids])
 
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, _PartTangents(self.k, layout, part_ids, source)))
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, _PartTangents(self.k, layout, part_ids, source)))
         # Parts are disjoint, so Σ_j (∇f·v^j) v^j is v times the derivative of each coordinate's own part.
         flat = source.mul_(result.dir_derivs[part_ids])  # the tangents hold copies: source is free to reuse
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, (shape, offset) in layout.items()}

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fg_lightning.engine import OuterTangent, Tangent, TangentSource
 from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, forward_gradient
+from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
 class _InputGenerated(GradientEstimator):
@@ -27,8 +28,9 @@ class _InputGenerated(GradientEstimator):
         """``(x (in,), s)``: a unit direction in the span of the layer input and the weight's scale factor."""
         raise NotImplementedError
 
-    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, _InputTangents(self, network)))
+    def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, _InputTangents(self, network, comm)))
         return Estimate(result.loss, result.logits, forward_gradient(result))
 
 
@@ -36,8 +38,8 @@ class _InputTangents(TangentSource):
     """One direction: ``sqrt(s) n xᵀ`` (an :class:`OuterTangent`) for each fully connected weight, ``x`` from the
     layer's input; Gaussian for every other parameter."""
 
-    def __init__(self, estimator: _InputGenerated, network: ForwardModel) -> None:
-        self.estimator, self.network = estimator, network
+    def __init__(self, estimator: _InputGenerated, network: ForwardModel, comm: Collective) -> None:
+        self.estimator, self.network, self.comm = estimator, network, comm
 
     def weights(self, name: str, layer: object, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tangent]:
         estimator, tangents = self.estimator, {}
@@ -45,7 +47,7 @@ class _InputTangents(TangentSource):
             if param == "weight" and self.network.fully_connected(layer):
                 # (B, ..., in) -> rows (B·…, in), from the union batch (gathered across ranks) as one process
                 rows = layer_input.reshape(-1, layer_input.shape[-1])
-                direction, scale = estimator.input_direction(estimator.collective.gather_rows(rows))
+                direction, scale = estimator.input_direction(self.comm.gather_rows(rows))
                 noise = estimator.randn(1, p.shape[0], like=p) * (scale**0.5)
                 tangents[param] = OuterTangent(noise, direction.unsqueeze(0))
             else:

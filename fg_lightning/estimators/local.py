@@ -26,6 +26,7 @@ from fg_lightning.engine import GivenTangents, Layer, TangentSource, weighted_su
 from fg_lightning.estimators.base import (
     ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, check_positive_int,
 )
+from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
 def _block_of_layers(network: LocalLossModel) -> dict[str, int]:
@@ -45,8 +46,9 @@ class _ActivityPerturbation(GradientEstimator):
                 raise ValueError(f"{arg} must be True or False, got {arg}={value!r}")
         self.relu_mask, self.exact_output = relu_mask, exact_output
 
-    def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        offset, total = self.collective.batch_rows(len(x))  # this rank's rows of the union batch
+    def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
+        offset, total = comm.batch_rows(len(x))  # this rank's rows of the union batch
         source = _ActivityTangents(self, network, offset, total)
         result = network.jvp(x, labels, source)
         grads: dict[str, Tensor] = {}
@@ -69,7 +71,7 @@ class _ActivityPerturbation(GradientEstimator):
             d = derivs[block_of.get(name, 0)]  # (K, B): each example's derivative of its block's loss
             add_grads(name, layer, layer_input, torch.einsum("kb,kb...->b...", d, u).div_(self.k))  # ĝ_z, mean of K
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
-        loss, grads = self.mean_gradient(len(x), result.loss,
+        loss, grads = comm.mean_gradient(len(x), result.loss,
                                          {name: grads[name] for name, _ in network.named_parameters()})
         return Estimate(loss, result.logits, grads)
 
@@ -162,8 +164,9 @@ class LocalWeightPerturbation(GradientEstimator):
         super().__init__(seed)
         self.k = check_positive_int("k", k)
 
-    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
+    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
         grads = {name: weighted_sum(derivs / self.k, result.tangents[name])
                  for names, derivs in zip(network.block_parameters(), result.block_derivs) for name in names}
         return Estimate(result.loss, result.logits, {name: grads[name] for name, _ in network.named_parameters()})
@@ -177,9 +180,10 @@ class LocalBackprop(GradientEstimator):
     unbiased = True
     needs_local_losses: ClassVar[bool] = True
 
-    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
         loss, logits, grads, _ = network.local_loss_and_grad(x, labels)
-        loss, grads = self.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
+        loss, grads = comm.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)
 
 
@@ -195,14 +199,16 @@ class LocalGuess(GradientEstimator):
     unbiased = False
     needs_local_losses: ClassVar[bool] = True
 
-    def exact_gradient(self, network: LocalLossModel, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def exact_gradient(self, network: LocalLossModel, x: Tensor, labels: Tensor,
+                       comm: Collective = ONE_PROCESS) -> dict[str, Tensor]:
         loss, _, grads = network.loss_and_grad(x, labels)  # it projects the network loss's gradient
-        return self.mean_gradient(len(x), loss, grads)[1]
+        return comm.mean_gradient(len(x), loss, grads)[1]
 
-    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int) -> Estimate:
+    def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
+                 comm: Collective = ONE_PROCESS) -> Estimate:
         loss, _, local, _ = network.local_loss_and_grad(x, labels)
         # data parallel: the guesses are the union batch's local gradients (one all-reduce), the same on every rank
-        _, local = self.mean_gradient(len(x), loss, local)
+        _, local = comm.mean_gradient(len(x), loss, local)
         main = {name for name, _ in network.named_layers()}
         # The last block's local loss is the network's: its guess is the gradient itself and needs no projection.
         guessed = [[n for n in names if n.split(".")[0] in main] for names in network.block_parameters()[:-1]]
@@ -213,7 +219,7 @@ class LocalGuess(GradientEstimator):
         for name, index in block_of.items():
             guesses[name] = local[name].new_zeros(len(guessed), *local[name].shape)
             guesses[name][index] = local[name]
-        result = self.mean_derivatives(len(x), network.jvp(x, labels, GivenTangents(guesses)))
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, GivenTangents(guesses)))
         sq_norms = torch.stack([sum(local[n].square().sum() for n in names) for names in guessed])
         scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
                             torch.zeros_like(sq_norms))
