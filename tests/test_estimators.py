@@ -10,8 +10,10 @@ import dataclasses
 import itertools
 import math
 import os
+import threading
 from dataclasses import replace
 
+import ddp_worker
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from fg_lightning.estimators import (
     REGISTRY, Backprop, DivergenceError, GradientEstimator, InputApprox, InputQR, LocalBackprop, LocalGuess,
     MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition, apply_estimate,
 )
-from fg_lightning.estimators.collective import ONE_PROCESS
+from fg_lightning.estimators.collective import ONE_PROCESS, Collective, ThreadCollective
 
 DEFAULT_K = 4
 
@@ -154,6 +156,72 @@ def test_state_dict_round_trip_continues_identically(make):
         assert got.exact == want.exact
         for name in want.grads:
             assert torch.equal(got.grads[name], want.grads[name])
+
+
+def in_threads(run, world_size=2):
+    """``run(comm)`` on ``world_size`` ranks, each a thread with its own ThreadCollective; the results in rank order."""
+    results, errors = [None] * world_size, []
+
+    def rank(comm):
+        try:
+            results[comm.rank] = run(comm)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks are released
+            errors.append(err)
+            comm.abort()
+
+    threads = [threading.Thread(target=rank, args=(comm,)) for comm in ThreadCollective.group(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:  # the failing rank's error, not the others' broken barrier
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return results
+
+
+def check_two_ranks_take_the_union_batch_update(name, model, wrap=lambda estimator: estimator):
+    """tests/ddp_worker.py's three steps (the last union batch split 5 + 4) on two ranks in two threads: both ranks end
+    with identical parameters, equal (float64) to one process trained on the union batches; and the exact gradient
+    (GradientCosine's reference) is the union batch's. ``wrap``: applied to each estimator."""
+    made = [(network, wrap(estimator)) for network, estimator in (ddp_worker.make(name, model) for _ in range(3))]
+    rank0, rank1 = in_threads(lambda comm: ddp_worker.train(name, model, comm, comm.rank, comm.world_size,
+                                                            made[comm.rank]))
+    single = ddp_worker.train(name, model, Collective(), made=made[2])
+    for what in ("params", "exact"):
+        for param, value in rank0[what].items():
+            assert torch.equal(value, rank1[what][param]), f"{what} {param} differs between the ranks"
+            torch.testing.assert_close(value, single[what][param], rtol=1e-9, atol=1e-12, msg=f"{what} {param}")
+    assert rank0["losses"] == rank1["losses"]
+    torch.testing.assert_close(rank0["losses"], single["losses"], rtol=1e-12, atol=0)
+
+
+# Every registered estimator on the engine's networks (the torch backend's forward_ad allows one pass per process at a
+# time; it runs the same estimators' reductions, and tests/test_distributed.py runs it on two processes).
+THREAD_CASES = [(name, model) for name, model in ddp_worker.cases() if model != "torch_cnn"]
+
+
+@pytest.mark.parametrize("name, model", THREAD_CASES)
+def test_contract_two_ranks_in_one_process_take_the_union_batch_update(name, model):
+    """The data-parallel contract in one process: an estimator that forgets a reduction (its derivatives' mean, the
+    gradient's, the gathered layer inputs, its rows of the union batch's noise) fails here, not only on two
+    processes."""
+    check_two_ranks_take_the_union_batch_update(name, model)
+
+
+class ForgetsToReduce(Mutant):
+    """Ignores the communicator it is given: an estimator that forgets every reduction."""
+
+    def __init__(self, inner):
+        super().__init__(inner, lambda estimate, step: estimate)
+
+    def estimate(self, network, x, labels, step, comm=ONE_PROCESS):
+        return self.inner.estimate(network, x, labels, step)
+
+
+@pytest.mark.parametrize("name", REGISTRY)
+def test_contract_a_forgotten_reduction_is_caught_in_one_process(name):
+    with pytest.raises(AssertionError):
+        check_two_ranks_take_the_union_batch_update(name, "mlp", wrap=ForgetsToReduce)
 
 
 def test_registry_flags_come_from_the_estimators():
@@ -598,6 +666,8 @@ def test_an_estimator_defined_outside_the_package_is_taken_by_registering_it():
             check_contract(SPEC.make, net, x, labels)
             check_reports_the_network_loss(SPEC.make, net, x, labels)
         check_unbiased(SPEC.make, lambda g: g.square().sum() - g.square())  # its variance: Σ_{j≠i} g_j²
+        for model in ("mlp", "cnn"):  # and it takes the union batch's update on two ranks
+            check_two_ranks_take_the_union_batch_update("rademacher", model)
         with pytest.raises(AssertionError):  # and the checks see its mistakes
             check_unbiased(mutant(SPEC.make, "scaled_by_1.1"))
     finally:
