@@ -55,6 +55,11 @@ class DatasetNotFoundError(FileNotFoundError):
         return self.template.format(download=download, root=root, dataset=dataset)
 
 
+class DataError(ValueError):
+    """The data files are truncated, corrupted or hold bad labels, or the split does not fit them (found in
+    :meth:`MNISTDataModule.setup`, before training)."""
+
+
 def _one_line(err: BaseException) -> str:
     """``Type: message`` on one line: torchvision's download errors span lines (one per mirror tried)."""
     message = " ".join(str(err).split())[:300]
@@ -174,7 +179,7 @@ class MNISTDataModule(LightningDataModule):
     ``apt-get install dataset-fashion-mnist``). Only when none holds them and ``download=True`` does torchvision
     download them. Otherwise :meth:`check_files` (called by :meth:`prepare_data` and :meth:`setup`, and callable early
     by a CLI) raises :class:`DatasetNotFoundError` listing the folders searched and how to get the files. A truncated
-    or corrupted file, or a label outside 0..9, raises ``ValueError`` naming the file.
+    or corrupted file, or a label outside 0..9, raises :class:`DataError` (a ``ValueError``) naming the file.
 
     Args:
         dataset: ``"mnist"`` or ``"fashion_mnist"``.
@@ -288,7 +293,7 @@ class MNISTDataModule(LightningDataModule):
                     else:
                         shutil.copyfile(path, os.path.join(staging, os.path.basename(path)))
                 except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-                    raise ValueError(f"{path} is truncated or corrupted ({_one_line(err)})") from None
+                    raise DataError(f"{path} is truncated or corrupted ({_one_line(err)})") from None
             for name in IDX_NAMES:
                 os.replace(os.path.join(staging, name), os.path.join(raw, name))
         finally:
@@ -324,7 +329,7 @@ class MNISTDataModule(LightningDataModule):
         raw = self.check_files()
         train_images, train_labels = self._load(raw, train=True)
         if self.val_size >= len(train_labels):
-            raise ValueError(f"Invalid val_size: {self.val_size} (the training set has {len(train_labels)} images)")
+            raise DataError(f"Invalid val_size: {self.val_size} (the training set has {len(train_labels)} images)")
         # Seeded split: same seed, same split. Index tensors rather than Subset keep batches as plain slices.
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(self.seed))
         val_index, train_index = order[: self.val_size], order[self.val_size :]
@@ -346,16 +351,16 @@ class MNISTDataModule(LightningDataModule):
             frames = {frame.name for frame in traceback.extract_tb(err.__traceback__)}
             bad = (labels_file if "read_label_file" in frames
                    else images_file if "read_image_file" in frames else f"{images_file} or {labels_file}")
-            raise ValueError(f"{bad} is truncated or corrupted ({_one_line(err)}); delete it, get it again") from None
+            raise DataError(f"{bad} is truncated or corrupted ({_one_line(err)}); delete it, get it again") from None
         images, labels = parsed.data, parsed.targets
         if images.dtype != torch.uint8 or images.shape[1:] != (28, 28):
-            raise ValueError(f"{images_file} holds {images.dtype} images of shape {tuple(images.shape)}; "
-                             "expected uint8 (N, 28, 28)")
+            raise DataError(f"{images_file} holds {images.dtype} images of shape {tuple(images.shape)}; "
+                            "expected uint8 (N, 28, 28)")
         if labels.shape != images.shape[:1]:
-            raise ValueError(f"{labels_file} holds labels of shape {tuple(labels.shape)} for {len(images)} images")
+            raise DataError(f"{labels_file} holds labels of shape {tuple(labels.shape)} for {len(images)} images")
         bad_labels = labels[(labels < 0) | (labels >= self.num_classes)]
         if len(bad_labels):
-            raise ValueError(f"{labels_file} holds label {bad_labels[0].item()}; labels must be in 0..9")
+            raise DataError(f"{labels_file} holds label {bad_labels[0].item()}; labels must be in 0..9")
         images = (images.to(torch.float32) / 255 - mean) / std
         images = images.reshape(-1, 784) if self.flatten else images.unsqueeze(1)
         return images, labels.to(torch.int64)
