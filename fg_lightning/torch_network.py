@@ -20,6 +20,7 @@ perturbation on a module whose output is not one tensor (an LSTM's tuple).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -76,6 +77,9 @@ class TorchNetwork(nn.Module):
         self.num_classes = num_classes
         self._checked: set[bool] = set()  # the kinds of pass (activity tangents or not) compared with autograd
         self._check_parameters()
+        with warnings.catch_warnings():  # torch's forward mode loads its decompositions through torch.jit.script, which
+            warnings.simplefilter("ignore", FutureWarning)  # torch deprecates: load them now, without that warning
+            fwAD._maybe_load_decompositions()
 
     def _check_parameters(self) -> None:
         name = type(self.module).__name__
