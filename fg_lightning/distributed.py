@@ -167,6 +167,16 @@ def check_strategy(strategy: Strategy) -> None:
                          "estimator needs")
 
 
+
+def auto_strategy(accelerator: Any = "auto", devices: Any = "auto", num_nodes: int = 1) -> str:
+    """What ``strategy="auto"`` means for training here: ``"fg_ddp"`` where Lightning's "auto" would pick one of its
+    DDP strategies (several devices or nodes), which cannot train the engine, else ``"auto"``. Asks Lightning's own
+    rule (its accelerator connector, which the Trainer builds from the same arguments)."""
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    chosen = _AcceleratorConnector(accelerator=accelerator, devices=devices, num_nodes=num_nodes).strategy
+    return "fg_ddp" if wraps_in_ddp(chosen) else "auto"
+
 for _name, _start_method in STRATEGY_NAMES.items():
     if _name not in StrategyRegistry:
         StrategyRegistry.register(_name, ForwardGradientDDPStrategy, start_method=_start_method,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from contextvars import ContextVar
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -28,21 +27,6 @@ SchedulerFactory = Callable[  # optimizer -> a torch.optim.lr_scheduler schedule
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint holds another network or estimator than the module it is loaded into."""
-
-
-# Set by fg-cli while it builds the module from a config: the hyperparameters are then the parsed config (class paths
-# and arguments), which lets load_from_checkpoint rebuild the module; objects passed in by hand are not hyperparameters.
-_FROM_CONFIG: ContextVar[bool] = ContextVar("fg_lightning_from_config", default=False)
-
-
-@contextlib.contextmanager
-def building_from_config() -> Iterator[None]:
-    """Within this block, a :class:`ForwardGradientModule` records its arguments (a parsed config) as hyperparameters."""
-    token = _FROM_CONFIG.set(True)
-    try:
-        yield
-    finally:
-        _FROM_CONFIG.reset(token)
 
 
 def _epoch_cut_short(trainer: Any) -> bool:
@@ -181,8 +165,12 @@ class ForwardGradientModule(LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self._state_before_update: dict[str, Any] | None = None  # set while a step has not applied its update
+        # torch.optim checks its arguments (lr, betas...) only as it is built: one built now fails here, not at fit.
+        ForwardGradientModule.configure_optimizers(self)
+        # Built by LightningCLI (fg-cli), the hyperparameters are the parsed config it hands to Lightning (class paths
+        # and arguments), from which load_from_checkpoint rebuilds the module; objects passed in by hand are not.
         objects = ["network", "estimator", "optimizer", "lr_scheduler", "loss"]
-        self.save_hyperparameters(ignore=None if _FROM_CONFIG.get() else objects)
+        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else objects)
         self.train_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=network.num_classes)
         self.test_acc = MulticlassAccuracy(num_classes=network.num_classes)
