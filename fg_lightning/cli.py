@@ -143,7 +143,7 @@ class ForwardGradientCLI(LightningCLI):
         try:
             self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         except ArgumentError as err:
-            off = re.search(r"(?<![\w.])-*(optimizer|lr_scheduler)\b", str(err))  # LightningCLI's own, turned off
+            off = re.search(r"(?:\s--|option ')(optimizer|lr_scheduler)\b", str(err))  # LightningCLI's, turned off
             raise ConfigError(str(err) + (f"; fg-cli has no --{off[1]}: set the module's --model.{off[1]} (e.g. "
                                           f"--model.{off[1]}.class_path ... --model.{off[1]}.init_args.<arg> ...)"
                                           if off else "")) from None
