@@ -195,7 +195,8 @@ class ForwardGradientCLI(LightningCLI):
         if path in ("hpc", "registry") or path.startswith("registry:") or "://" in path:
             return  # Lightning resolves these itself
         if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint {path} not found" + " (a folder: give a .ckpt file)" * os.path.isdir(path))
+            folder = " (a folder: give a .ckpt file)" if os.path.isdir(path) else ""
+            raise CheckpointError(f"checkpoint {path} not found{folder}")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # zip reader, unpickler, EOF...: all mean the file is not a whole checkpoint
@@ -213,8 +214,8 @@ class ForwardGradientCLI(LightningCLI):
         run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml")
         hint = f"; its run's config is {os.path.relpath(run_config)}" if os.path.isfile(run_config) else ""
         if any(key.startswith("model.network.") or key == "model.estimator.class_path" for key in differ):
-            raise CheckpointError(f"checkpoint {path} holds {_describe(saved, asked['model'])}, but the config asks for "
-                                  f"{_describe(asked['model'], saved)}: give the config it was trained with{hint}")
+            raise CheckpointError(f"checkpoint {path} holds {_describe(saved, asked['model'])}, but the config asks "
+                                  f"for {_describe(asked['model'], saved)}: give the config it was trained with{hint}")
         if differ and subcommand == "fit":
             raise CheckpointError(f"cannot resume {path} with other settings: " + "; ".join(
                 f"{key} is {theirs[key]!r} in the checkpoint, {mine.get(key)!r} in the config" for key in differ) +
@@ -235,7 +236,8 @@ class ForwardGradientCLI(LightningCLI):
         root = os.path.join(str(init.save_dir), str(init.get("name") or ""))
         found = glob.glob(os.path.join(glob.escape(root), "version_*", "checkpoints", "*.ckpt"))
         if not found:
-            raise CheckpointError(f"no checkpoint to resume: none under {os.path.join(root, 'version_*', 'checkpoints')}/")
+            where = os.path.join(root, "version_*", "checkpoints")
+            raise CheckpointError(f"no checkpoint to resume: none under {where}/")
 
         def newest_first(path: str) -> tuple[int, int, float]:
             version = os.path.basename(os.path.dirname(os.path.dirname(path)))[len("version_"):]
@@ -270,8 +272,8 @@ class ForwardGradientCLI(LightningCLI):
         if self.subcommand == "fit":
             check_strategy(trainer.strategy)  # Lightning's ddp, FSDP...: in one line, before any process starts
         # The folders this run will make, taken away again if it fails before its first step (after_failure).
-        self._new_folders = [logger.log_dir for logger in trainer.loggers
-                             if isinstance(logger, (TensorBoardLogger, CSVLogger)) and not os.path.exists(logger.log_dir)]
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))]
+        self._new_folders = [logger.log_dir for logger in loggers if not os.path.exists(logger.log_dir)]
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
