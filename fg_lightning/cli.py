@@ -194,6 +194,9 @@ class ForwardGradientCLI(LightningCLI):
         path = config.ckpt_path = self.resolve_last(config) if config.ckpt_path == "last" else str(config.ckpt_path)
         if path in ("hpc", "registry") or path.startswith("registry:") or "://" in path:
             return  # Lightning resolves these itself
+        if path == "best":
+            raise CheckpointError("--ckpt_path best means the best checkpoint of the run in progress, which a new "
+                                  "fg-cli run does not have: give a checkpoint file or `last`")
         if not os.path.isfile(path):
             folder = " (a folder: give a .ckpt file)" if os.path.isdir(path) else ""
             raise CheckpointError(f"checkpoint {path} not found{folder}")
