@@ -86,7 +86,8 @@ def resumable_loops(loops: dict[str, Any], trainer: Any, update_applied: bool) -
 class ForwardGradientModule(LightningModule):
     """Trains ``network`` with the updates that ``estimator`` produces (``automatic_optimization = False``).
 
-    Each training step: ``estimate = estimator.estimate(network, x, y, global_step)``, then
+    Each training step is :func:`~fg_lightning.estimators.training_step`: ``estimator.estimate(network, x, y,
+    global_step, comm)`` (``comm``: the module's communicator, a ``TorchCollective`` under ``fg_ddp``), then
     :func:`~fg_lightning.estimators.apply_estimate`: every ``p.grad`` is set to ``estimate.grads[name]``, clipped
     if asked (``gradient_clip_val``: by norm or value, as Lightning clips a gradient), and the optimizer (plain SGD
     by default, as in the paper) steps through ``self.optimizers()``, so ``global_step`` counts optimizer steps and
