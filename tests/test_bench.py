@@ -213,7 +213,8 @@ def test_accuracy_grids():
 
 def test_accuracy_picks_by_validation_not_test():
     def run(name, lr, val=None, test=None, diverged_at=None):
-        return {"model": "mlp", "estimator": name, "k": None, "lr": lr, "schedule": "cosine", "epochs": 1,
+        return {"model": "mlp", "backward": REGISTRY[name].backward, "estimator": name, "k": None, "lr": lr,
+                "schedule": "cosine", "epochs": 1,
                 "diverged": diverged_at is not None, "diverged_at": diverged_at, "val_acc": val, "test_acc": test,
                 "picked": False}
 
@@ -221,9 +222,11 @@ def test_accuracy_picks_by_validation_not_test():
             run("naive", 1e-4, 0.5, 0.6), run("naive", 1e-3, 0.6, 0.55), run("momentum", 1e-6, diverged_at=0)]
     board = pick(runs, ["mlp"], ["backprop", "naive", "momentum"])
     assert [r["picked"] for r in runs] == [True, False, False, False, True, False]
+    # each backward class ranked on its own: naive (forward mode only) first, then backprop and momentum (global)
     assert [(r["estimator"], r.get("lr"), r.get("gap_vs_backprop")) for r in board] == [
-        ("backprop", 0.1, 0.0), ("naive", 1e-3, pytest.approx(0.55 - 0.8)), ("momentum", None, None)]
-    assert board[0]["diverged_lrs"] == "1 (step 3)" and board[2]["diverged_lrs"] == "1e-06 (step 0)"
+        ("naive", 1e-3, pytest.approx(0.55 - 0.8)), ("backprop", 0.1, 0.0), ("momentum", None, None)]
+    assert board[1]["diverged_lrs"] == "1 (step 3)" and board[2]["diverged_lrs"] == "1e-06 (step 0)"
+    assert [r.get("at_grid_edge") for r in board] == [True, True, None]  # 1e-3 of (1e-4, 1e-3); 0.1 of (0.1, 0.3, 1)
     # without backprop the gap is blank
     assert "gap_vs_backprop" not in pick([run("naive", 1e-4, 0.5, 0.6)], ["mlp"], ["naive"])[0]
 

@@ -18,9 +18,11 @@ from fg_lightning.bench.common import (
     build_network, environment, evaluate, pyplot, real_data, train, write_report,
 )
 from fg_lightning.estimators import REGISTRY
+from fg_lightning.estimators.registry import BACKWARD
 
-COLUMNS = ["model", "estimator", "k", "lr", "schedule", "epochs", "steps", "val_acc", "test_acc", "gap_vs_backprop",
-           "wall_s", "diverged_lrs"]
+COLUMNS = ["model", "estimator", "backward", "k", "lr", "at_grid_edge", "schedule", "epochs", "steps", "val_acc",
+           "test_acc", "gap_vs_backprop", "wall_s", "diverged_lrs"]
+CLASSES = list(BACKWARD)  # the leaderboard ranks the estimators of each backward computation on their own
 
 
 def lr_grid(name: str, lrs: list[float] | None) -> list[float]:
@@ -62,7 +64,8 @@ def run(args: Any) -> list[dict[str, Any]]:
                     point["train_loss"] = statistics.fmean(result["losses"][start : point["step"]])
                     start = point["step"]
                 last = curve[-1] if curve and not result["diverged"] else {}
-                records.append({"model": model, "estimator": name, "k": k, "lr": lr, "grid": grids[name],
+                records.append({"model": model, "backward": REGISTRY[name].backward, "estimator": name, "k": k,
+                                "lr": lr, "grid": grids[name],
                                 "schedule": args.schedule, "epochs": args.epochs, "steps": result["steps"],
                                 "diverged": result["diverged"], "diverged_at": result["diverged_at"],
                                 "wall_s": result["train_s"], "val_acc": last.get("val_acc"),
@@ -82,7 +85,11 @@ def run(args: Any) -> list[dict[str, Any]]:
     notes = (f"{limited}Plain SGD, batch {args.batch_size}, {args.epochs} epochs of {epoch_steps} steps, "
              f"{args.schedule} learning rate; the rate of the grid with the best validation accuracy at the end "
              "(`val_acc`, on the held-out part of the training set) is picked, and `test_acc` is its final test "
-             "accuracy; `gap_vs_backprop` is `test_acc` minus backprop's on the same network; `wall_s` is the "
+             "accuracy; `backward` is the backward computation the estimator uses (none: forward mode only; layer: a "
+             "weight's outer product with its own layer input; block: backprop within a block; global), and the "
+             "table ranks each class on its own; `at_grid_edge` marks a pick at the smallest or largest rate of its "
+             "grid (a better rate may lie beyond); `gap_vs_backprop` is `test_acc` minus backprop's on the same "
+             "network; `wall_s` is the "
              "training time only (evaluation excluded); `diverged_lrs` lists the rates of the grid that diverged "
              "(at which step). Grids: " + "; ".join(f"{n} {', '.join(f'{lr:g}' for lr in g)}" for n, g in grids.items())
              + ". Every run and its per-epoch curve are in accuracy.json.\n")
@@ -93,8 +100,9 @@ def run(args: Any) -> list[dict[str, Any]]:
 
 
 def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]) -> list[dict[str, Any]]:
-    """Marks each estimator's run with the best validation accuracy as ``picked`` (with ``gap_vs_backprop`` and
-    ``diverged_lrs``); returns the leaderboard rows, sorted by test accuracy within each model."""
+    """Marks each estimator's run with the best validation accuracy as ``picked`` (with ``gap_vs_backprop``,
+    ``at_grid_edge`` and ``diverged_lrs``); returns the leaderboard rows, by model, then by backward computation
+    (none, layer, block, global), then by test accuracy."""
     rows = []
     for model in models:
         backprop = None
@@ -104,17 +112,20 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
             trained = [r for r in runs if not r["diverged"]]
             best = max(trained, key=lambda r: r["val_acc"]) if trained else None
             if best is None:
-                rows.append({"model": model, "estimator": name, "k": runs[0]["k"], "schedule": runs[0]["schedule"],
-                             "epochs": runs[0]["epochs"], "diverged_lrs": diverged})
+                rows.append({"model": model, "backward": runs[0]["backward"], "estimator": name, "k": runs[0]["k"],
+                             "schedule": runs[0]["schedule"], "epochs": runs[0]["epochs"], "diverged_lrs": diverged})
                 continue
-            best.update(picked=True, diverged_lrs=diverged)
+            grid = [r["lr"] for r in runs]
+            best.update(picked=True, diverged_lrs=diverged,
+                        at_grid_edge=len(grid) > 1 and best["lr"] in (min(grid), max(grid)))
             rows.append(best)
             if name == "backprop":
                 backprop = best["test_acc"]
         for row in rows:
             if row["model"] == model and row.get("test_acc") is not None and backprop is not None:
                 row["gap_vs_backprop"] = row["test_acc"] - backprop
-    return sorted(rows, key=lambda r: (models.index(r["model"]), r.get("test_acc") is None, -(r.get("test_acc") or 0)))
+    return sorted(rows, key=lambda r: (models.index(r["model"]), CLASSES.index(r["backward"]), r.get("test_acc") is None,
+                                       -(r.get("test_acc") or 0)))
 
 
 def plot(records: list[dict[str, Any]], out: str) -> None:
