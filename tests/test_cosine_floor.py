@@ -15,6 +15,7 @@ from fg_lightning.estimators import REGISTRY, cosine
 REFERENCE = {
     "backprop": (1.0, 1.0),
     "naive": (0.051, 0.032),
+    "naive_replayed": (0.051, 0.032),
     "multi_direction": (0.119, 0.083),
     "orthogonal": (0.12, 0.083),
     "partition": (0.107, 0.068),

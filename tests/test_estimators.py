@@ -34,6 +34,8 @@ def registered(name, **kwargs):
 
 # Every registered estimator with its defaults, plus the settings that take other code paths.
 CASES = {name: registered(name) for name in REGISTRY} | {
+    "multi_direction_replayed": registered("multi_direction", tangents="replayed"),
+    "orthogonal_replayed": registered("orthogonal", tangents="replayed"),
     "partition_random": registered("partition", assignment="random"),
     "partition_gaussian": registered("partition", normalize=False),
     "input_approx_batch_scale": registered("input_approx", scale="batch"),
@@ -313,6 +315,8 @@ def check_unbiased(make, theory_var=None, batch=8):
 
 THEORY_VAR = {  # closed-form per-coordinate variances (Eq. 6-9, with the fourth-moment terms kept)
     "naive": lambda g: gaussian_var(g),
+    "naive_replayed": lambda g: gaussian_var(g),
+    "multi_direction_replayed": lambda g: gaussian_var(g, DEFAULT_K),
     "multi_direction": lambda g: gaussian_var(g, DEFAULT_K),
     "partition": lambda g: partition_var(g, DEFAULT_K, normalize=True),
     "partition_gaussian": lambda g: partition_var(g, DEFAULT_K, normalize=False),
@@ -567,7 +571,7 @@ def check_descent(name, make, data):
 def test_every_registered_estimator_has_a_training_setting_and_a_backward_class():
     assert all(spec.training.lr > 0 and spec.training.steps > 0 for spec in REGISTRY.values())
     assert {name for name, spec in REGISTRY.items() if spec.backward == "none"} == {
-        "naive", "multi_direction", "orthogonal", "partition", "input_qr", "input_approx", "local_weight"}
+        "naive", "naive_replayed", "multi_direction", "orthogonal", "partition", "input_qr", "input_approx", "local_weight"}
     assert {name for name, spec in REGISTRY.items() if spec.backward == "layer"} == {"activity", "local_activity"}
 
 
@@ -672,3 +676,27 @@ def test_an_estimator_defined_outside_the_package_is_taken_by_registering_it():
             check_unbiased(mutant(SPEC.make, "scaled_by_1.1"))
     finally:
         del REGISTRY["rademacher"]
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
+def test_replayed_tangents_give_the_stored_paths_estimate_for_the_same_draws(aggregation, monkeypatch):
+    """MultiDirection(tangents="replayed") draws each parameter's directions from a counter-based seed, keeps none of
+    them through the pass and draws them again for the estimate: the same estimate as the stored-tangent path given
+    those draws (float64, exactly), and the same draws again at the same step, other ones at the next."""
+    import fg_lightning.estimators.directions as directions
+    from fg_lightning.engine import GivenTangents
+    from fg_lightning.estimators.base import ReplayedGaussianTangents
+
+    net, x, labels = small_problem()
+    net = net.double()
+    x = x.double()
+    replayed = MultiDirection(k=4, aggregation=aggregation, tangents="replayed", seed=3)
+    got = replayed.estimate(net, x, labels, 5).grads
+    assert all(torch.equal(got[n], g) for n, g in replayed.estimate(net, x, labels, 5).grads.items())
+    assert not torch.equal(got["fc1.weight"], replayed.estimate(net, x, labels, 6).grads["fc1.weight"])
+    source = ReplayedGaussianTangents(replayed, 4, 5, net)
+    draws = {name: source.draw(name, p) for name, p in net.named_parameters()}
+    monkeypatch.setattr(directions, "GaussianTangents", lambda estimator, k: GivenTangents(draws))
+    want = MultiDirection(k=4, aggregation=aggregation, seed=3).estimate(net, x, labels, 5).grads
+    for name, grad in want.items():
+        assert torch.equal(got[name], grad), name

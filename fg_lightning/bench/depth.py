@@ -22,7 +22,7 @@ from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["depth", "estimator", "k", "params_mb", "peak_mb", "ratio_vs_backprop", "ratio_vs_checkpointed",
            "growth_vs_shallowest", "ms_median", "error"]
-ESTIMATORS = ["backprop", "naive", "multi_direction", "activity", "local_activity"]
+ESTIMATORS = ["backprop", "naive", "naive_replayed", "multi_direction", "activity", "local_activity"]
 MIB = 2**20
 
 

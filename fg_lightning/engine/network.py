@@ -321,16 +321,23 @@ class _ForwardPass:
         return tangent if self.chunk >= self.num_dirs else directions(tangent, self.start, self.start + self.chunk)
 
     def layer_tangents(self, name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
+        """This pass's directions of the layer's tangents. The source is asked once per layer, in the first pass, and
+        its tangents kept for later chunks and the result; a ``replayable`` source is asked in every pass and nothing
+        is kept, so only this layer's tangents are alive."""
         params = dict(layer.named_parameters(recurse=False))
-        if self.start == 0:  # the source is asked once per layer, in the first pass
+        replay = self.source.replayable
+        given: dict[str, Tangent] = {}
+        if self.start == 0 or replay:
             for param, tangent in self.source.weights(name, layer, layer_input, params).items():
                 full_name = f"{name}.{param}"
                 if param not in params:
                     raise ValueError(f"the tangent source gave a tangent for {full_name!r}, which is not a parameter")
                 self.check_dirs(f"tangent for {full_name!r}", tuple(tangent.shape), tuple(params[param].shape))
-                self.tangents[full_name] = tangent
-        return {param: self.part(self.tangents[f"{name}.{param}"]) for param in params
-                if f"{name}.{param}" in self.tangents}
+                given[param] = tangent
+        if not replay:
+            self.tangents.update({f"{name}.{param}": tangent for param, tangent in given.items()})
+            given = {param: self.tangents[f"{name}.{param}"] for param in params if f"{name}.{param}" in self.tangents}
+        return {param: self.part(tangent) for param, tangent in given.items()}
 
     def through(self, layers: Sequence[tuple[str, Layer]], carry: list) -> list:
         """``carry = [primal, tangent]`` through ``layers``. Both are popped before each layer's JVP so that only the

@@ -78,11 +78,16 @@ class TangentSource:
     - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
     - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
       ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
+    - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (counter-based draws,
+      as MeZO's seed replay): the engine's pass then keeps none of them (one layer's tangents alive at a time, asked
+      again in a later chunk of directions), its result carries no ``tangents``, and the estimator asks again to form
+      its estimate.
     """
 
     perturbs_activities: bool = False
     per_example: bool = False
     local: bool = False
+    replayable: bool = False
 
     def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
         return {}

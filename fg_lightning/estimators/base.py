@@ -282,6 +282,29 @@ class GaussianTangents(TangentSource):
         return {param: self.estimator.randn(self.k, *p.shape, like=p) for param, p in params.items()}
 
 
+class ReplayedGaussianTangents(TangentSource):
+    """``k`` standard normal directions over every trained parameter, each parameter's drawn from its own
+    counter-based seed ``(estimator seed, step, parameter index)`` (the seed replay of MeZO, Malladi et al. 2023), so
+    that they can be drawn again instead of kept: the engine's pass holds one layer's tangents at a time and the
+    estimate is formed by drawing each parameter's again (:meth:`draw`). The same on every rank, and a resumed run
+    draws the same without any generator state."""
+
+    replayable = True
+
+    def __init__(self, estimator: GradientEstimator, k: int, step: int, network: ForwardModel) -> None:
+        self.k = k
+        base = (estimator.seed * 1_000_003 + step) * 1_000_033
+        self.seeds = {name: (base + index) % 2**63 for index, (name, _) in enumerate(network.named_parameters())}
+
+    def draw(self, name: str, param: Tensor) -> Tensor:
+        """Parameter ``name``'s ``(k, *param.shape)`` directions, the same at every call."""
+        generator = torch.Generator(device=param.device).manual_seed(self.seeds[name])
+        return torch.randn((self.k, *param.shape), generator=generator, device=param.device, dtype=param.dtype)
+
+    def weights(self, name: str, layer: Any, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {param: self.draw(f"{name}.{param}" if name else param, p) for param, p in params.items()}
+
+
 def parameter_layout(network: ForwardModel) -> Iterator[tuple[str, torch.Size, int]]:
     """``(name, shape, offset)`` of every parameter in the flattened parameter vector, in ``named_parameters`` order."""
     offset = 0

@@ -4,13 +4,15 @@ when ``Network.tangent_memory_mb`` asks for them)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from fg_lightning.engine import TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
-    Estimate, ForwardModel, GaussianTangents, GradientEstimator, check_positive_int, forward_gradient, num_parameters,
-    parameter_layout,
+    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, check_positive_int,
+    num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
@@ -41,16 +43,24 @@ class MultiDirection(GradientEstimator):
     far above backprop's and needs them (on the paper's MLP, k = 10: stable at 100, where the mean diverges above
     2e-3). Flügel et al. (2024), "Beyond Backpropagation: Optimization with Multi-Tangent Forward Gradients". The
     Gram matrix :math:`V^\top V` costs ``k² n`` multiply-adds (in float64).
+
+    ``tangents="replayed"``: each parameter's directions come from a counter-based seed and are drawn again to form
+    the estimate instead of being kept (:class:`ReplayedGaussianTangents`): the pass holds one layer's tangents at a
+    time, and the step one parameter-sized buffer (the estimate) where ``"stored"`` holds two (the tangents and the
+    estimate). The draws differ from the stored path's (another random stream); given the same draws both give the
+    same estimate.
     """
 
     unbiased = True
 
-    def __init__(self, k: int = 1, aggregation: str = "mean", seed: int = 0) -> None:
+    def __init__(self, k: int = 1, aggregation: str = "mean", tangents: str = "stored", seed: int = 0) -> None:
         super().__init__(seed)
         self.k = check_positive_int("k", k)
         if aggregation not in ("mean", "orthogonal"):
             raise ValueError(f"aggregation must be 'mean' or 'orthogonal', got aggregation={aggregation!r}")
-        self.aggregation = aggregation
+        if tangents not in ("stored", "replayed"):
+            raise ValueError(f"tangents must be 'stored' or 'replayed', got tangents={tangents!r}")
+        self.aggregation, self.tangents = aggregation, tangents
         self.unbiased = aggregation == "mean"
 
     def validate(self, network: ForwardModel) -> None:
@@ -62,25 +72,33 @@ class MultiDirection(GradientEstimator):
 
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
-        result = comm.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k)))
+        if self.tangents == "replayed":
+            source: TangentSource = ReplayedGaussianTangents(self, self.k, step, network)
+            params = dict(network.named_parameters())
+            tangents = {name: functools.partial(source.draw, name, p) for name, p in params.items()}
+        else:
+            source = GaussianTangents(self, self.k)
+        result = comm.mean_derivatives(len(x), network.jvp(x, labels, source))
+        if self.tangents == "stored":
+            tangents = {name: functools.partial(lambda t: t, t) for name, t in result.tangents.items()}
         if self.aggregation == "mean":
-            return Estimate(result.loss, result.logits, forward_gradient(result, 1.0 / self.k))
-        # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
-        gram = sum(t.flatten(1).double() @ t.flatten(1).double().t() for t in result.tangents.values())
-        coefficients = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
-        grads = {name: weighted_sum(coefficients, tangent) for name, tangent in result.tangents.items()}
-        return Estimate(result.loss, result.logits, grads)
+            weights = result.dir_derivs / self.k  # Eq. 7: ĝ = (1/k) Σ (∇f·v_j) v_j
+        else:  # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
+            gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in (t() for t in tangents.values()))
+            weights = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
+        return Estimate(result.loss, result.logits, {name: weighted_sum(weights, t()) for name, t in tangents.items()})
 
 
 class NaiveForwardGradient(MultiDirection):
     r"""The forward gradient of Baydin et al. (Section III-A, Eq. 2): :math:`\hat g = (\nabla f\cdot v)\,v`,
     :math:`v \sim \mathcal N(0, I)` over all parameters. Unbiased (Eq. 5), variance of order ``n`` (Eq. 6)."""
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(k=1, aggregation="mean", seed=seed)
+    def __init__(self, tangents: str = "stored", seed: int = 0) -> None:
+        super().__init__(k=1, aggregation="mean", tangents=tangents, seed=seed)
 
     def __repr__(self) -> str:
-        return f"NaiveForwardGradient(seed={self.seed})"
+        replayed = ", tangents='replayed'" if self.tangents == "replayed" else ""
+        return f"NaiveForwardGradient(seed={self.seed}{replayed})"
 
 
 class Partition(GradientEstimator):

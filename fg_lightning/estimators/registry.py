@@ -103,6 +103,8 @@ for _spec in (
                   grid=(0.03, 0.1, 0.3), training=Training(1e-2)),
     EstimatorSpec("naive", NaiveForwardGradient, lr={"mlp": 1e-4, "cnn": 1e-4},
                   grid=(1e-4, 3e-4, 1e-3), training=Training(2e-3)),
+    EstimatorSpec("naive_replayed", NaiveForwardGradient, {"tangents": "replayed"}, lr={"mlp": 1e-4, "cnn": 1e-4},
+                  grid=(1e-4, 3e-4, 1e-3), training=Training(2e-3)),
     EstimatorSpec("multi_direction", MultiDirection, lr={"mlp": 1e-2, "cnn": 1e-2}, k=100,
                   grid=(3e-4, 1e-3, 2e-3), training=Training(5e-3)),
     EstimatorSpec("orthogonal", MultiDirection, {"aggregation": "orthogonal"}, lr={"mlp": 100.0, "cnn": 100.0}, k=10,
