@@ -81,7 +81,7 @@ class TangentSource:
     - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (counter-based draws,
       as MeZO's seed replay): the engine's pass then keeps none of them (one layer's tangents alive at a time, asked
       again in a later chunk of directions), its result carries no ``tangents``, and the estimator asks again to form
-      its estimate.
+      its estimate. (The torch backend, one pass per direction, keeps them as it does any source's.)
     """
 
     perturbs_activities: bool = False
