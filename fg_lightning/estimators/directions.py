@@ -4,8 +4,6 @@ when ``Network.tangent_memory_mb`` asks for them)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -72,21 +70,20 @@ class MultiDirection(GradientEstimator):
 
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
-        if self.tangents == "replayed":
-            source: TangentSource = ReplayedGaussianTangents(self, self.k, step, network)
-            params = dict(network.named_parameters())
-            tangents = {name: functools.partial(source.draw, name, p) for name, p in params.items()}
-        else:
-            source = GaussianTangents(self, self.k)
+        replayed = self.tangents == "replayed"
+        source = ReplayedGaussianTangents(self, self.k, step, network) if replayed else GaussianTangents(self, self.k)
         result = comm.mean_derivatives(len(x), network.jvp(x, labels, source))
-        if self.tangents == "stored":
-            tangents = {name: functools.partial(lambda t: t, t) for name, t in result.tangents.items()}
+        params = dict(network.named_parameters())
+
+        def tangent(name: str) -> Tensor:  # parameter name's (k, *shape) directions: drawn again, or as kept
+            return source.draw(name, params[name]) if replayed else result.tangents[name]
+
         if self.aggregation == "mean":
             weights = result.dir_derivs / self.k  # Eq. 7: ĝ = (1/k) Σ (∇f·v_j) v_j
         else:  # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
-            gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in (t() for t in tangents.values()))
+            gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in map(tangent, params))
             weights = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
-        return Estimate(result.loss, result.logits, {name: weighted_sum(weights, t()) for name, t in tangents.items()})
+        return Estimate(result.loss, result.logits, {name: weighted_sum(weights, tangent(name)) for name in params})
 
 
 class NaiveForwardGradient(MultiDirection):
