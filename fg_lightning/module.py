@@ -166,6 +166,7 @@ class ForwardGradientModule(LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self._state_before_update: dict[str, Any] | None = None  # set while a step has not applied its update
+        self.comm = Collective()  # one process until setup("fit") knows the strategy
         # torch.optim checks its arguments (lr, betas...) only as it is built: one built now fails here, not at fit.
         ForwardGradientModule.configure_optimizers(self)
         # Built by LightningCLI (fg-cli), the hyperparameters are the parsed config it hands to Lightning (class paths
