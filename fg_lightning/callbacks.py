@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
 from typing_extensions import override
 
 from fg_lightning.estimators import Estimate, cosine
@@ -270,3 +270,30 @@ class EstimatorSummary(ModelSummary):
     def summarize(self, summary_data: Any, total_parameters: int, trainable_parameters: int, *args: Any,
                   **kwargs: Any) -> None:
         super().summarize(summary_data, total_parameters, total_parameters, *args, **kwargs)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict``'s class probabilities of the predicted set, in order, with its labels, to
+    ``<log dir>/predictions.pt``: ``{"probabilities": (N, C), "labels": (N,), "ckpt_path": ...}``. ``fg-cli`` adds
+    it to every run; the predicted set is the datamodule's ``test_set`` (a ``TensorDataset``). One process only: the
+    file holds the set in order."""
+
+    def __init__(self, filename: str = "predictions.pt") -> None:
+        super().__init__(write_interval="epoch")
+        self.filename = filename
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict" and trainer.world_size > 1:
+            raise ValueError(f"predict writes the test set's probabilities in order to one file: run it on one "
+                             f"device (--trainer.devices 1), not {trainer.world_size} processes")
+
+    @override
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        labels, folder = trainer.datamodule.test_set.tensors[1], trainer.log_dir or "."
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.filename)
+        torch.save({"probabilities": torch.cat([batch.detach().cpu() for batch in predictions]), "labels": labels,
+                    "ckpt_path": trainer.ckpt_path}, path)
+        print(f"fg-cli: predictions of {len(labels)} test images written to {path}")

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from fg_lightning.callbacks import ExceptionCheckpoint, UpdateCallback
+from fg_lightning.checkpoints import CheckpointMismatchError, check_settings
 from fg_lightning.distributed import check_strategy
 from fg_lightning.engine import Network
 from fg_lightning.estimators import DivergenceError, GradientEstimator, training_step
@@ -23,10 +24,6 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[  # optimizer -> a torch.optim.lr_scheduler scheduler (a return type jsonargparse can resolve)
     [torch.optim.Optimizer], Union[torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau]
 ]
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint holds another network or estimator than the module it is loaded into."""
 
 
 def _epoch_cut_short(trainer: Any) -> bool:
@@ -97,7 +94,8 @@ class ForwardGradientModule(LightningModule):
     estimator and the learning rate, before the parameters are touched (a non-finite *input* batch is named as
     such). Validation and test are forward passes only; ``predict`` gives class probabilities. The estimator's state
     (its generator, the momentum estimator's ranking) is saved in checkpoints, so resuming continues bit-for-bit; a
-    checkpoint of another network or estimator raises :class:`CheckpointMismatchError`.
+    checkpoint of another network or estimator raises :class:`CheckpointMismatchError` (built from a config, as by
+    LightningCLI, its recorded settings are compared: :func:`~fg_lightning.checkpoints.check_settings`).
 
     Several processes (``Trainer(strategy="fg_ddp", devices=N, num_nodes=M)``, see :mod:`fg_lightning.distributed`):
     every rank starts from rank 0's parameters and estimator state, the estimator exchanges what its update needs
@@ -329,6 +327,10 @@ class ForwardGradientModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, mine = checkpoint.get("hyper_parameters") or {}, dict(self.hparams)
+        if "network" in saved and "network" in mine:  # both built from a config (else one by hand: the fingerprint)
+            check_settings(saved, mine, getattr(self._trainer, "ckpt_path", None),
+                           resuming=self._trainer is not None and self.trainer.state.fn == "fit")
         saved, mine = checkpoint.get("fg_lightning"), self._fingerprint()
         if saved is not None and saved != mine:
             def describe(f: dict[str, Any]) -> str:
