@@ -24,25 +24,45 @@ class JvpResult:
     """One forward-mode pass: the loss, the logits ``(B, C)``, ``dir_derivs`` = ``∇f·v_k`` for each of the
     K directions (``(K,)``, or ``(K, B)`` per example), and the weight tangents used, keyed by full parameter name
     (``"fc1.weight"``). With local losses, ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss
-    (the last block's loss is the network's, so ``block_derivs[-1]`` is ``dir_derivs``)."""
+    (the last block's loss is the network's, so ``block_derivs[-1]`` is ``dir_derivs``), and ``group_derivs[i]``
+    (``(*block_derivs[i].shape, G)``) those of its G replicated group losses (Ren et al. 2023, Sec. 4): group ``g``'s
+    entry sees only the tangent of the head input's group ``g`` (and the head's own parameter tangents), so
+    ``block_derivs[i]`` is their sum with the head's share counted once; with G = 1 (the last block, and any block
+    of a network without groups) ``group_derivs[i][..., 0]`` is ``block_derivs[i]``."""
 
     loss: Tensor
     logits: Tensor
     dir_derivs: Tensor
     tangents: dict[str, Tangent]
     block_derivs: list[Tensor] | None = None
+    group_derivs: list[Tensor] | None = None
 
 
 class Head(nn.Module):
     """A local-loss head: layers applied in order to a block's output, giving that block's logits (Ren et al. 2023:
-    a linear classifier, after a spatial average on feature maps)."""
+    a linear classifier, after a spatial average on feature maps).
 
-    def __init__(self, layers: Sequence[tuple[str, Layer]]) -> None:
+    ``groups`` (Ren et al. 2023, Sec. 4, group-wise losses) splits the head input's channels (axis 1) into that many
+    contiguous groups, as ``torch.tensor_split`` does, each with a replica of the head's loss: the same value, but
+    group ``g``'s replica sees only group ``g``'s tangent (a stop-gradient on the other groups)."""
+
+    def __init__(self, layers: Sequence[tuple[str, Layer]], groups: int = 1) -> None:
         super().__init__()
         for name, layer in layers:
             if not isinstance(layer, Layer):
                 raise TypeError(f"head layer {name!r} is a {type(layer).__name__}, not an fg_lightning.engine Layer")
             self.add_module(name, layer)
+        first = next((layer for _, layer in layers if layer.has_parameters), None)
+        width = first.in_features if isinstance(first, Linear) else getattr(first, "in_channels", None)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or (width and groups > width):
+            raise ValueError(f"groups must be an int from 1 to the head input's width {width}, got groups={groups!r}")
+        self.groups = groups
+
+    def group_slices(self, width: int) -> list[slice]:
+        """The channels of each group, for a head input of ``width`` channels."""
+        bounds = [len(part) for part in torch.arange(width).tensor_split(self.groups)]
+        starts = [sum(bounds[:i]) for i in range(len(bounds))]
+        return [slice(start, start + size) for start, size in zip(starts, bounds)]
 
     def named_layers(self) -> Iterator[tuple[str, Layer]]:
         return self.named_children()  # type: ignore[return-value]
@@ -70,11 +90,20 @@ class Network(nn.Module):
     loss is the network's loss. ``forward``, :meth:`loss` and :meth:`loss_and_grad` are those of the network without
     its heads; :meth:`local_loss_and_grad` and ``jvp`` with a local tangent source train each block on its own loss, with no
     derivative crossing a block boundary.
+
+    ``groups`` (G) replicates each head's loss over G groups of its input's channels (see :class:`Head`): the
+    forward-mode pass then gives each group's derivative (``JvpResult.group_derivs``), and :meth:`output_groups` says
+    which layers' outputs are split into those groups. The objective is ``Σ_g L_g`` for the block's layers, ``L_g``
+    the head's loss with a stop-gradient on every group but ``g``, and the head's own loss for the head. Its exact
+    gradient is the plain local gradient, since each group reaches the loss only through its own replica
+    (``∂L_g/∂h_g = ∂L/∂h_g``, ``∂L_g/∂h_g' = 0``): :meth:`local_loss_and_grad` is unchanged; what
+    changes is the variance of a forward-mode estimate, whose noise for a group's activities comes from that group
+    alone.
     """
 
     def __init__(
         self, layers: Sequence[tuple[str, Layer]], input_shape: Sequence[int], tangent_memory_mb: float | None = 256.0,
-        heads: Mapping[str, Sequence[tuple[str, Layer]]] | None = None,
+        heads: Mapping[str, Sequence[tuple[str, Layer]]] | None = None, groups: int = 1,
     ) -> None:
         super().__init__()
         if not layers:
@@ -87,6 +116,8 @@ class Network(nn.Module):
             self.add_module(name, layer)
         self._layer_names = [name for name, _ in layers]
         heads = dict(heads or {})
+        if groups != 1 and not heads:
+            raise ValueError(f"groups={groups!r} replicates the local losses of heads: it needs heads")
         unknown = sorted(set(heads) - set(self._layer_names[:-1]))
         if unknown:
             raise ValueError(f"heads must follow a layer other than the last, got heads after {unknown}")
@@ -97,7 +128,7 @@ class Network(nn.Module):
             current.append(name)
             if name in heads:
                 head_name = f"head{len(self._blocks) + 1}"
-                self.add_module(head_name, Head(heads[name]))
+                self.add_module(head_name, Head(heads[name], groups))
                 self._blocks.append((current, head_name))
                 current = []
         self._blocks.append((current, None))
@@ -139,6 +170,22 @@ class Network(nn.Module):
         each head's."""
         bodies = [list(self.named_layers())] + [self.head_layers(head) for _, head in self._blocks if head]
         return {[name for name, layer in layers if layer.has_parameters][-1] for layers in bodies}
+
+    def output_groups(self, name: str) -> list[slice] | None:
+        """For the last parameterised layer of a block whose head has groups, when only channel-wise layers (ReLU,
+        max-pool) lie between it and the head: the slices of its output channels (axis 1 of its output, axis 0 of its
+        weight and bias) that make each group of the head's input. Group ``g``'s slice reaches only group ``g``'s
+        replicated loss. ``None`` for any other layer."""
+        for names, head in self._blocks:
+            if head is None or getattr(self, head).groups == 1 or name not in names:
+                continue
+            layers = [getattr(self, n) for n in names[names.index(name):]]
+            channel_wise = all(isinstance(layer, (ReLU, MaxPool2d)) for layer in layers[1:])
+            if not isinstance(layers[0], (Linear, Conv2d)) or not channel_wise:
+                return None
+            width = layers[0].out_features if isinstance(layers[0], Linear) else layers[0].out_channels
+            return getattr(self, head).group_slices(width)
+        return None
 
     def relu_followed(self) -> set[str]:
         """Names of the body's layers whose output goes straight into a ReLU."""
@@ -368,19 +415,42 @@ class _ForwardPass:
             return cross_entropy(logits, self.labels), logits.new_zeros(shape)
         return cross_entropy_jvp(logits, self.labels, d_logits, per_example=per_example)
 
-    def one_pass(self, block_derivs: list[list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    def head_jvp(self, head: str, h: Tensor, d_h: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A block's local loss, the tangent stopping at its output ``h``: ``(derivatives of the loss, those of each
+        group's replica (..., G))``. Replica ``g`` sees the head's own parameter tangents (asked of the source here)
+        and ``d_h`` with every channel outside group ``g`` zeroed; the loss sees them once and all of ``d_h``."""
+        layers = self.network.head_layers(head)
+        logits, d_own = self.through(layers, [h, None])  # the head's primal and its parameters' tangents
+        own = self.loss_jvp(logits, d_own)[1]
+        del logits, d_own
+        replicas = []
+        for group in getattr(self.network, head).group_slices(h.shape[1]):
+            x, dx = h, None
+            if d_h is not None:
+                dx = d_h.new_zeros(d_h.shape)
+                dx[:, :, group] = d_h[:, :, group]
+            for _, layer in layers:
+                x, dx = layer.jvp(x, dx, {})
+            replicas.append(self.loss_jvp(x, dx)[1])
+            del x, dx
+        masked = torch.stack(replicas, -1)
+        return own + masked.sum(-1), masked.add_(own.unsqueeze(-1))
+
+    def one_pass(self, block_derivs: list[list[Tensor]],
+                 group_derivs: list[list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """One primal pass with this chunk's directions: ``(loss, logits, derivatives)``; each head's local-loss
-        derivatives are appended to ``block_derivs``."""
+        derivatives are appended to ``block_derivs``, its groups' to ``group_derivs``."""
         network = self.network
         blocks = network._blocks if self.source.local else [(network._layer_names, None)]
         carry: list = [self.x, None]  # (primal, tangent), held only here so a layer can release them early
         for index, (names, head) in enumerate(blocks):
             carry = self.through([(name, getattr(network, name)) for name in names], carry)
             if head is not None:  # the block's local loss; the tangent stops here
-                head_logits, d_head = self.through(network.head_layers(head), [carry[0], carry.pop(1)])
+                derivs, groups = self.head_jvp(head, carry[0], carry.pop(1))
                 carry.append(None)
-                block_derivs[index].append(self.loss_jvp(head_logits, d_head)[1])
-                del head_logits, d_head
+                block_derivs[index].append(derivs)
+                group_derivs[index].append(groups)
+                del derivs, groups
         if self.num_dirs is None:
             raise ValueError("the tangent source gave no tangent for any parameter: there is no direction to "
                              "differentiate along")
@@ -388,14 +458,16 @@ class _ForwardPass:
         del carry
         loss, derivs = self.loss_jvp(logits, d_logits)
         block_derivs[-1].append(derivs)
+        group_derivs[-1].append(derivs.unsqueeze(-1))
         return loss, logits, derivs
 
     def run(self) -> JvpResult:
         loss = logits = None
         dir_derivs: list[Tensor] = []
         block_derivs: list[list[Tensor]] = [[] for _ in self.network._blocks]
+        group_derivs: list[list[Tensor]] = [[] for _ in self.network._blocks]
         while True:  # one pass per chunk of directions; usually a single pass
-            pass_loss, pass_logits, derivs = self.one_pass(block_derivs)
+            pass_loss, pass_logits, derivs = self.one_pass(block_derivs, group_derivs)
             if loss is None:
                 loss, logits = pass_loss, pass_logits
             del pass_logits
@@ -403,8 +475,10 @@ class _ForwardPass:
             self.start += self.chunk
             if self.start >= self.num_dirs:
                 break
+        local = self.source.local
         return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=self.tangents,
-                         block_derivs=[torch.cat(d) for d in block_derivs] if self.source.local else None)
+                         block_derivs=[torch.cat(d) for d in block_derivs] if local else None,
+                         group_derivs=[torch.cat(d) for d in group_derivs] if local else None)
 
 
 @contextlib.contextmanager
@@ -417,6 +491,20 @@ def _seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
+def _block_ends(hidden_layers: int, block_size: int | None, local_losses: bool, groups: int,
+                default: Sequence[int]) -> list[int]:
+    """Which of the hidden layers (numbered from 1) end a block with a head: ``default`` (the factory's own cut), or
+    every ``block_size``-th; none without ``local_losses``."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got block_size={block_size!r}")
+    if not local_losses and (block_size is not None or groups != 1):
+        raise ValueError(f"block_size={block_size!r} and groups={groups!r} cut the network into local-loss blocks: "
+                         "they need local_losses=True")
+    if not local_losses:
+        return []
+    return list(default) if block_size is None else list(range(block_size, hidden_layers + 1, block_size))
+
+
 class MLP(Network):
     """The paper's MLP (Section IV): 784-1024-1024-10 with ReLU after each hidden layer.
 
@@ -424,18 +512,22 @@ class MLP(Network):
     RNG or, with ``seed``, from a private one (the global RNG is left untouched).
 
     ``local_losses=True`` (Ren et al. 2023) puts a linear classifier head (``head{i}.fc``) on each hidden block's
-    output (after ``relu{i}``); the network's own layers are initialised as without heads.
+    output (after ``relu{i}``); the network's own layers are initialised as without heads. ``block_size`` n puts one
+    after every n-th hidden layer only (default 1: every hidden layer); ``groups`` replicates each head's loss over
+    that many groups of its input features (see :class:`Network`).
     """
 
     def __init__(
         self, in_features: int = 784, hidden: Sequence[int] = (1024, 1024), num_classes: int = 10, seed: int | None = None,
-        tangent_memory_mb: float | None = 256.0, local_losses: bool = False,
+        tangent_memory_mb: float | None = 256.0, local_losses: bool = False, block_size: int | None = None,
+        groups: int = 1,
     ) -> None:
         sizes = [in_features, *hidden, num_classes]
         if any(size < 1 for size in sizes):
             raise ValueError(
                 f"MLP needs positive sizes, got in_features={in_features}, hidden={tuple(hidden)}, num_classes={num_classes}"
             )
+        ends = _block_ends(len(hidden), block_size, local_losses, groups, default=range(1, len(hidden) + 1))
         layers: list[tuple[str, Layer]] = [("flatten", Flatten())]
         with _seeded(seed):
             for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
@@ -445,7 +537,7 @@ class MLP(Network):
             # drawn after the network's own layers, so that they are initialised as without heads
             heads = {f"relu{i}": [("fc", Linear(width, num_classes))] for i, width in enumerate(hidden, start=1)}
         super().__init__(layers, input_shape=(in_features,), tangent_memory_mb=tangent_memory_mb,
-                         heads=heads if local_losses else None)
+                         heads={f"relu{i}": heads[f"relu{i}"] for i in ends}, groups=groups)
 
 
 class CNN(Network):
@@ -458,6 +550,9 @@ class CNN(Network):
 
     ``local_losses=True`` (Ren et al. 2023) puts a head (``head{i}.pool``, a spatial average, then ``head{i}.fc``, a
     linear classifier) on each conv block's output (after ``pool{i}``); the last block is ``flatten … fc2``.
+    ``block_size`` n instead puts a head after every n-th parameterised hidden layer, ``fc1`` counted (a linear
+    head after ``relu{len(channels) + 1}``): ``block_size=1`` gives every hidden layer its own block. ``groups``
+    replicates each head's loss over that many groups of its input channels (see :class:`Network`).
     """
 
     def __init__(
@@ -472,7 +567,10 @@ class CNN(Network):
         seed: int | None = None,
         tangent_memory_mb: float | None = 256.0,
         local_losses: bool = False,
+        block_size: int | None = None,
+        groups: int = 1,
     ) -> None:
+        ends = _block_ends(len(channels) + 1, block_size, local_losses, groups, default=range(1, len(channels) + 1))
         if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
             raise ValueError(
                 f"CNN needs positive sizes, got channels={tuple(channels)}, hidden={hidden}, num_classes={num_classes}"
@@ -499,7 +597,10 @@ class CNN(Network):
                 (f"relu{len(channels) + 1}", ReLU(inplace=True)),
                 ("fc2", Linear(hidden, num_classes)),
             ]
-            heads = {f"pool{i}": [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))]
+            heads = {i: (f"pool{i}", [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))])
                      for i, c in enumerate(channels, start=1)}
+            last = len(channels) + 1
+            if last in ends:  # drawn after the others, so that they are initialised as without it
+                heads[last] = (f"relu{last}", [("fc", Linear(hidden, num_classes))])
         super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
-                         heads=heads if local_losses else None)
+                         heads=dict(heads[i] for i in ends), groups=groups)

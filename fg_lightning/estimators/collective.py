@@ -72,9 +72,17 @@ class Collective:
         """``result`` with its loss and its K directional derivatives (each block's, with local losses) as means over
         the union batch, in one all-reduce of K + 1 numbers (per block); the tangents are the same on every rank."""
         blocks = result.block_derivs[:-1] if result.block_derivs is not None else []
-        loss, dir_derivs, *blocks = self.batch_mean([result.loss, result.dir_derivs, *blocks], batch_size)
-        block_derivs = None if result.block_derivs is None else [*blocks, dir_derivs]
-        return dataclasses.replace(result, loss=loss, dir_derivs=dir_derivs, block_derivs=block_derivs)
+        # the derivatives of a block's group losses (Network(groups=G)): sent only where G > 1; with one group they
+        # are the block's own
+        grouped = [i for i, d in enumerate(result.group_derivs or []) if d.shape[-1] > 1]
+        loss, dir_derivs, *rest = self.batch_mean(
+            [result.loss, result.dir_derivs, *blocks, *(result.group_derivs[i] for i in grouped)], batch_size)
+        block_derivs = None if result.block_derivs is None else [*rest[:len(blocks)], dir_derivs]
+        group_derivs = None if result.group_derivs is None else [d.unsqueeze(-1) for d in block_derivs]
+        for i, d in zip(grouped, rest[len(blocks):]):
+            group_derivs[i] = d
+        return dataclasses.replace(result, loss=loss, dir_derivs=dir_derivs, block_derivs=block_derivs,
+                                   group_derivs=group_derivs)
 
     def mean_gradient(self, batch_size: int, loss: Tensor,
                       grads: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -65,11 +65,18 @@ class _ActivityPerturbation(GradientEstimator):
         if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for _, _, o in source.exact.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
                              "layer, but the network changes its output before the loss: use exact_output=False")
-        derivs = result.block_derivs if self.needs_local_losses else [result.dir_derivs]
-        block_of = _block_of_layers(network) if self.needs_local_losses else {}
+        local = self.needs_local_losses
+        derivs = result.block_derivs if local else [result.dir_derivs]
+        block_of = _block_of_layers(network) if local else {}
         for name, layer, layer_input, u in source.perturbed:
-            d = derivs[block_of.get(name, 0)]  # (K, B): each example's derivative of its block's loss
-            add_grads(name, layer, layer_input, torch.einsum("kb,kb...->b...", d, u).div_(self.k))  # ĝ_z, mean of K
+            block = block_of.get(name, 0)
+            d = derivs[block]  # (K, B): each example's derivative of its block's loss
+            groups = network.output_groups(name) if local else None
+            if groups is None:
+                g_z = torch.einsum("kb,kb...->b...", d, u)
+            else:  # (K, B, G): each group's channels with the derivative of its own replicated loss
+                g_z = _grouped_estimate(result.group_derivs[block], u, groups)
+            add_grads(name, layer, layer_input, g_z.div_(self.k))  # ĝ_z, mean of K
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
         loss, grads = comm.mean_gradient(len(x), result.loss,
                                          {name: grads[name] for name, _ in network.named_parameters()})
@@ -81,6 +88,14 @@ class _ActivityPerturbation(GradientEstimator):
         if self.exact_output and layers < 2:
             raise ValueError(f"{type(self).__name__}(exact_output=True) has no layer to perturb in a network with one "
                              "parameterised layer: its gradient is exact; use Backprop")
+
+
+def _grouped_estimate(derivs: Tensor, u: Tensor, groups: list[slice]) -> Tensor:
+    """``Σ_k d_k u_k`` per example, ``(B, C, ...)``, for a layer whose output channels are split into its block's
+    groups (``groups``: their slices): each group's channels of ``u (K, B, C, ...)`` with the derivative of that
+    group's replicated loss, ``derivs[..., g]`` of ``(K, B, G)``."""
+    parts = [torch.einsum("kb,kb...->b...", derivs[..., g], u[:, :, part]) for g, part in enumerate(groups)]
+    return torch.cat(parts, 1)
 
 
 class _ActivityTangents(TangentSource):
@@ -167,8 +182,15 @@ class LocalWeightPerturbation(GradientEstimator):
     def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
         result = comm.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
-        grads = {name: weighted_sum(derivs / self.k, result.tangents[name])
-                 for names, derivs in zip(network.block_parameters(), result.block_derivs) for name in names}
+        grads = {}
+        for names, derivs, groups in zip(network.block_parameters(), result.block_derivs, result.group_derivs):
+            for name in names:
+                tangent, parts = result.tangents[name], network.output_groups(name.rpartition(".")[0])
+                if parts is None or not isinstance(tangent, Tensor):
+                    grads[name] = weighted_sum(derivs / self.k, tangent)
+                else:  # the rows of a group's channels reach only that group's replicated loss
+                    grads[name] = torch.cat([weighted_sum(groups[:, g] / self.k, tangent[:, part])
+                                             for g, part in enumerate(parts)])
         return Estimate(result.loss, result.logits, {name: grads[name] for name, _ in network.named_parameters()})
 
 
