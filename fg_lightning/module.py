@@ -18,6 +18,7 @@ from fg_lightning.distributed import check_strategy
 from fg_lightning.engine import Network
 from fg_lightning.estimators import DivergenceError, GradientEstimator, training_step
 from fg_lightning.estimators.collective import Collective, TorchCollective
+from fg_lightning.estimators.compiled import CompiledStep
 from fg_lightning.torch_network import Loss, TorchNetwork
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -116,6 +117,9 @@ class ForwardGradientModule(LightningModule):
         gradient_clip_algorithm: ``"norm"`` (the total norm over all parameters) or ``"value"`` (each entry).
         loss: torch backend only: ``loss(logits, labels)``, a batch mean (default ``torch.nn.functional.cross_entropy``).
         num_classes: torch backend only: for the accuracy metrics (default: the last ``nn.Linear``'s out_features).
+        compile: run each step's estimate under ``torch.compile`` (CUDA graphs on a GPU; one process; engine networks;
+            :class:`~fg_lightning.estimators.compiled.CompiledStep`): the same parameters as eager, within float
+            rounding. An estimator that cannot be compiled (momentum, replayed tangents) is refused here, in one line.
 
     Example::
 
@@ -135,6 +139,7 @@ class ForwardGradientModule(LightningModule):
         gradient_clip_algorithm: str = "norm",
         loss: Loss | None = None,
         num_classes: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(network, torch.nn.Module):
@@ -155,6 +160,9 @@ class ForwardGradientModule(LightningModule):
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
         estimator.validate(network)  # bad settings for this network fail here, before training
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got compile={compile!r}")
+        self.compiled_step = CompiledStep(estimator, network) if compile else None  # refuses what cannot compile
         self.automatic_optimization = False
         self.network = network
         self.estimator = estimator
@@ -184,6 +192,9 @@ class ForwardGradientModule(LightningModule):
         if stage != "fit":  # evaluation runs under any strategy (Lightning's ddp only wraps the module to fit)
             return
         check_strategy(self.trainer.strategy)
+        if self.compiled_step is not None and self.trainer.world_size > 1:
+            raise ValueError(f"compile=True trains one process, not {self.trainer.world_size}: use compile=False "
+                             "with several processes")
         # The processes the update is formed across, passed to every estimate: under fg_ddp the estimator exchanges
         # what its update needs; in one process nothing, but the bytes a step would send are counted (CommBytes).
         self.comm = TorchCollective() if self.trainer.world_size > 1 else Collective()
@@ -263,8 +274,11 @@ class ForwardGradientModule(LightningModule):
         clip = None if self.gradient_clip_val is None else functools.partial(
             self.clip_gradients, optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
         try:
-            estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, self.comm,
-                                     before_step=clip)
+            if self.compiled_step is not None:
+                estimate = self.compiled_step(x, labels, step, optimizer, self.comm, before_step=clip)
+            else:
+                estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, self.comm,
+                                         before_step=clip)
         except DivergenceError as err:
             raise self._divergence(err, x, step) from None
         except RuntimeError as err:

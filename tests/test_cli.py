@@ -226,6 +226,34 @@ def test_a_nan_learning_rate_in_a_config_file_is_refused_by_name(tmp_path, idx_r
     assert line.startswith("fg-cli: ConfigError: model.optimizer.init_args.lr nan "), line
 
 
+def test_model_compile_true_trains_through_the_compiled_step(tmp_path, idx_root, monkeypatch):
+    """``--model.compile true`` reaches ForwardGradientModule(compile=True), whose steps run compiled (aot_eager
+    here: tests/test_compile.py runs inductor and checks the compiled steps against eager)."""
+    from fg_lightning.estimators.compiled import CompiledStep
+
+    steps = []
+
+    class Counted(CompiledStep):
+        def __init__(self, estimator, network):
+            super().__init__(estimator, network, backend="aot_eager")
+
+        def __call__(self, *args, **kwargs):
+            steps.append(args[2])
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr("fg_lightning.module.CompiledStep", Counted)
+    torch._dynamo.reset()
+    fg_cli(args("fit", "mlp_backprop", idx_root, tmp_path / "tb", "--model.compile", "true"))
+    torch._dynamo.reset()
+    assert steps == [0, 1]
+
+
+def test_model_compile_of_an_estimator_that_cannot_compile_is_one_line(tmp_path, idx_root, capsys):
+    line = error_line(capsys, args("fit", "mlp_momentum", idx_root, tmp_path / "tb", "--model.compile", "true"))
+    assert "MomentumForwardGradient" in line and "compile" in line, line
+    assert not versions(tmp_path / "tb")
+
+
 def test_help_lists_what_works(capsys):
     with pytest.raises(SystemExit) as exit_info:
         fg_cli(["fit", "--help"])

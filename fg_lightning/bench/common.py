@@ -20,11 +20,19 @@ import fg_lightning
 from fg_lightning.engine import CNN, MLP, Network, to_torch
 from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, cosine, training_step
 from fg_lightning.estimators.collective import Collective
+from fg_lightning.estimators.compiled import CompiledStep
 from fg_lightning.torch_network import TorchNetwork
 
 MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
 STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled", "stock_checkpointed")
 TORCH = "torch:"  # a case on the torch backend: "torch:naive"
+COMPILED = "compiled:"  # the engine's step under torch.compile (CompiledStep): "compiled:naive"
+COMPILED_ESTIMATORS = ("backprop", "naive", "activity")  # timed compiled beside eager, where stock_compiled is
+
+
+def registered(name: str) -> str:
+    """The registry name of a case: ``"torch:naive"`` and ``"compiled:naive"`` are ``"naive"``."""
+    return name.removeprefix(TORCH).removeprefix(COMPILED)
 
 
 def build_network(model: str, estimator: str | GradientEstimator | None = None, seed: int = 0,
@@ -33,7 +41,7 @@ def build_network(model: str, estimator: str | GradientEstimator | None = None, 
     loss heads (``local_losses=True``) only when ``estimator`` — a registry name, an instance, or a stock baseline's
     name (never) — needs them."""
     if isinstance(estimator, str):
-        local = estimator not in STOCK and REGISTRY[estimator.removeprefix(TORCH)].needs_local_losses
+        local = estimator not in STOCK and REGISTRY[registered(estimator)].needs_local_losses
     else:
         local = estimator is not None and estimator.needs_local_losses
     if local:
@@ -72,20 +80,36 @@ def cases(estimators: Sequence[str], directions: Sequence[int], torch_backend: b
     return engine + [(TORCH + name, k) for name, k in engine if torch_backend and torch_backend_runs(name)]
 
 
+def compiled_cases(estimators: Sequence[str], directions: Sequence[int]) -> list[tuple[str, int | None]]:
+    """``("compiled:<name>", k)`` for the estimators of :data:`COMPILED_ESTIMATORS` among ``estimators``."""
+    return [(COMPILED + name, k) for name, k in cases([e for e in estimators if e in COMPILED_ESTIMATORS], directions)]
+
+
 def estimator_step(network: Network, name: str, k: int | None) -> Callable[[torch.Tensor, torch.Tensor, int], Any]:
-    """The training step of case ``name``: a stock baseline, an estimator on the engine, or (``torch:<name>``) an
-    estimator on the torch backend, i.e. on :func:`to_torch`'s twin wrapped in a TorchNetwork."""
+    """The training step of case ``name``: a stock baseline, an estimator on the engine, (``torch:<name>``) an
+    estimator on the torch backend, i.e. on :func:`to_torch`'s twin wrapped in a TorchNetwork, or
+    (``compiled:<name>``) the engine's step under torch.compile."""
     if name in STOCK:
         return stock_step(network, name)
     if name.startswith(TORCH):
-        return engine_step(TorchNetwork(to_torch(network)), REGISTRY[name.removeprefix(TORCH)].make(k))
-    return engine_step(network, REGISTRY[name].make(k))
+        return engine_step(TorchNetwork(to_torch(network)), REGISTRY[registered(name)].make(k))
+    return engine_step(network, REGISTRY[registered(name)].make(k), compiled=name.startswith(COMPILED))
 
 
-def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6) -> Callable[[torch.Tensor, torch.Tensor, int], Estimate]:
+def engine_step(network: Network, estimator: GradientEstimator, lr: float = 1e-6,
+                compiled: bool = False) -> Callable[[torch.Tensor, torch.Tensor, int], Estimate]:
     """One training step exactly as ForwardGradientModule takes it: the estimate, then
-    :func:`~fg_lightning.estimators.training_step` with plain SGD."""
+    :func:`~fg_lightning.estimators.training_step` with plain SGD; ``compiled``: as with ``compile=True``
+    (:class:`~fg_lightning.estimators.compiled.CompiledStep`; the first, warm-up steps compile it)."""
     optimizer, comm = torch.optim.SGD(network.parameters(), lr=lr), Collective()  # one process
+    if compiled:
+        torch._dynamo.reset()  # compiled afresh for each case: dynamo keeps 8 variants of a function per process
+        compiled_step = CompiledStep(estimator, network)
+
+        def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Estimate:
+            return compiled_step(x, labels, index, optimizer, comm)
+
+        return step
 
     def step(x: torch.Tensor, labels: torch.Tensor, index: int) -> Estimate:
         return training_step(estimator, network, x, labels, index, optimizer, comm)

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import torch
 
 from fg_lightning.bench.common import (
-    STOCK, build_network, cases, environment, estimator_step, make_batch, pyplot, summary, tangent_flops, time_steps,
-    write_report,
+    STOCK, build_network, cases, compiled_cases, environment, estimator_step, make_batch, pyplot, summary, tangent_flops,
+    time_steps, write_report,
 )
 from fg_lightning.bench.budget import Budget, case_label, tangent_bytes
 from fg_lightning.estimators import REGISTRY
@@ -20,12 +20,15 @@ COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_m
 def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequence[int], estimators: Sequence[str],
             directions: Sequence[int], warmup: int, repeats: int, compile_at: Sequence[int] = (),
             budget: Budget | None = None, torch_backend: bool = True) -> list[dict[str, Any]]:
-    """One row per model, batch size and case: the stock baselines (``stock_compiled`` only at the batch sizes in
-    ``compile_at``), then every estimator, once per ``k`` in ``directions`` for those that take one."""
+    """One row per model, batch size and case: the stock baselines, then every estimator, once per ``k`` in
+    ``directions`` for those that take one; at the batch sizes in ``compile_at`` also ``stock_compiled`` and the
+    engine's compiled step (``compiled:<name>``) for the estimators of ``COMPILED_ESTIMATORS``."""
     device = torch.device(device)
     budget = budget or Budget()
     stock = {b: [s for s in STOCK if s != "stock_compiled" or b in compile_at] for b in batch_sizes}
-    budget.phase("speed", len(models) * sum(len(stock[b]) + len(cases(estimators, directions, torch_backend)) for b in batch_sizes))
+    engine = {b: cases(estimators, directions, torch_backend) + (compiled_cases(estimators, directions)
+                                                                  if b in compile_at else []) for b in batch_sizes}
+    budget.phase("speed", len(models) * sum(len(stock[b]) + len(engine[b]) for b in batch_sizes))
     records = []
     for model_name in models:
         for batch_size in batch_sizes:
@@ -33,7 +36,7 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
             x, labels = make_batch(base, batch_size, device)
             primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
             rows: list[dict[str, Any]] = []
-            for name, k in [(s, None) for s in stock[batch_size]] + cases(estimators, directions, torch_backend):
+            for name, k in [(s, None) for s in stock[batch_size]] + engine[batch_size]:
                 def case() -> list[tuple[float, bool]]:
                     network = build_network(model_name, name).to(device)  # the same weights as base
                     step = estimator_step(network, name, k)
@@ -97,7 +100,9 @@ def report(records: list[dict[str, Any]], out: str, device: str | torch.device, 
     meta = {**environment(torch.device(device)), "warmup": warmup, "repeats": repeats}
     notes = ("Median of `repeats` synchronised training steps after `warmup` steps: for the engine's estimators the "
              "step ForwardGradientModule takes (estimate, finite check, SGD update), for the stock baselines loss, "
-             "backward and SGD update (no finite check); `ratio_vs_autograd` divides by stock autograd backprop "
+             "backward and SGD update (no finite check); `compiled:<name>` is the engine's step with its estimate "
+             "under torch.compile (`ForwardGradientModule(compile=True)`, CUDA graphs on a GPU; the warm-up steps "
+             "compile it); `ratio_vs_autograd` divides by stock autograd backprop "
              "measured in the same run. `flop_bound_vs_k1` is (primal + k·tangent FLOPs) / (primal + tangent FLOPs) "
              "for one pass; under `tangent_memory_mb` many directions take several primal passes.\n")
     print(write_report(out, "speed", records, COLUMNS, meta, notes))

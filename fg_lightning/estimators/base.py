@@ -120,7 +120,7 @@ def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", 
 
 def apply_estimate(
     estimate: Estimate, network: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    estimator: "GradientEstimator", before_step: Callable[[], None] | None = None,
+    estimator: "GradientEstimator", before_step: Callable[[], None] | None = None, finite: Tensor | None = None,
 ) -> None:
     """Take one optimizer step along ``estimate``: the one place where an estimate becomes an update.
 
@@ -129,7 +129,8 @@ def apply_estimate(
     gradient clipping, which sees the estimate as ``.grad``), steps ``optimizer`` (any ``torch.optim.Optimizer``, or
     Lightning's wrapper of one) and clears the gradients again.
     """
-    check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
+    if finite is None or not bool(finite):  # finite: the flag a compiled step computed in its graph, read once
+        check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
     for name, param in network.named_parameters():
         param.grad = estimate.grads[name]
     if before_step is not None:
@@ -191,6 +192,12 @@ class GradientEstimator:
         """The update direction for this batch at optimizer step ``step`` (0-based), with what it needs from the other
         processes combined through ``comm`` (one process when not given)."""
         raise NotImplementedError
+
+    def compile_refusal(self) -> str | None:
+        """Why this estimator's step cannot run under ``torch.compile`` (``ForwardGradientModule(compile=True)``, see
+        :mod:`fg_lightning.estimators.compiled`), or None when it can. An estimator whose step is decided by Python on
+        the step number (a new graph at every step) says so here; the compile test checks every other one."""
+        return None
 
     def validate(self, network: ForwardModel) -> None:
         """Raise ``ValueError`` if this estimator cannot run on ``network`` (called before training starts): a

@@ -61,6 +61,12 @@ class MultiDirection(GradientEstimator):
         self.aggregation, self.tangents = aggregation, tangents
         self.unbiased = aggregation == "mean"
 
+    def compile_refusal(self) -> str | None:
+        if self.tangents == "replayed":
+            return ("its directions come from a torch.Generator seeded per step and parameter inside the step, which "
+                    "torch.compile cannot trace: it would compile again at every step; use tangents='stored'")
+        return None
+
     def validate(self, network: ForwardModel) -> None:
         super().validate(network)
         n = num_parameters(network)

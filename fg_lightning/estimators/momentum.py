@@ -57,6 +57,10 @@ class MomentumForwardGradient(GradientEstimator):
         self.decay_rate, self.shuffle_ratio, self.ranking = float(decay_rate), float(shuffle_ratio), ranking
         self._sorted_index: Tensor | None = None  # (n,) flat parameter indices in gradient order, per group
 
+    def compile_refusal(self) -> str | None:
+        return ("its step is decided in Python by the step number (backprop every fix_gap steps, the blend "
+                "γ = d_t^(t mod fix_gap)), so torch.compile would compile it again at every step")
+
     def decay_at(self, step: int) -> float:
         """The decay rate in force at ``step``: ``decay_rate`` squared once per ``decrease_gap`` steps."""
         squarings = min(step // self.decrease_gap, 1023)  # d^(2^1023) underflows to 0 for any d < 1
