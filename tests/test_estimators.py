@@ -700,3 +700,56 @@ def test_replayed_tangents_give_the_stored_paths_estimate_for_the_same_draws(agg
     want = MultiDirection(k=4, aggregation=aggregation, seed=3).estimate(net, x, labels, 5).grads
     for name, grad in want.items():
         assert torch.equal(got[name], grad), name
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
+def test_replayed_estimate_under_plain_sgd_is_applied_one_parameter_at_a_time(aggregation):
+    """Under plain SGD a replayed estimate is applied as each parameter's part is formed: the parameters the ``.grad``
+    path gives (the same estimate through ``optimizer.step``), no ``.grad`` written, and never more than one formed
+    part alive at a time (an estimate that forms every part first, as the ``.grad`` path must, fails)."""
+    import weakref
+
+    from fg_lightning.estimators import ReplayedGrads
+
+    def trained(fused, steps=3):
+        net, x, labels = small_problem()
+        estimator = MultiDirection(k=4, aggregation=aggregation, tangents="replayed", seed=3)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        for step in range(steps):
+            estimate = estimator.estimate(net, x, labels, step)
+            assert isinstance(estimate.grads, ReplayedGrads)
+            apply_estimate(estimate, net, optimizer, step, estimator, before_step=None if fused else lambda: None)
+        return net
+
+    alive, most = [], [0]
+    original = ReplayedGrads.__getitem__
+
+    def counted(self, name):
+        grad = original(self, name)
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(grad)]
+        most[0] = max(most[0], len(alive))
+        return grad
+
+    ReplayedGrads.__getitem__ = counted
+    try:
+        fused = trained(fused=True)
+    finally:
+        ReplayedGrads.__getitem__ = original
+    assert most[0] == 1
+    assert all(p.grad is None for p in fused.parameters())
+    reference = trained(fused=False)
+    moved = small_problem()[0]
+    for (name, got), want, start in zip(fused.named_parameters(), reference.parameters(), moved.parameters()):
+        assert not torch.equal(got, start), name
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_replayed_estimate_is_checked_for_divergence_by_its_weights():
+    net, x, labels = small_problem()
+    estimator = NaiveForwardGradient(tangents="replayed")
+    estimate = estimator.estimate(net, x, labels, 0)
+    estimate.grads.weights = torch.tensor([float("inf")])
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(DivergenceError, match="direction weights"):
+        apply_estimate(estimate, net, torch.optim.SGD(net.parameters(), lr=0.1), 0, estimator)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

@@ -97,8 +97,27 @@ class Estimate:
 
     loss: Tensor
     logits: Tensor
-    grads: dict[str, Tensor]
+    grads: typing.Mapping[str, Tensor]
     exact: bool = False
+
+
+class ReplayedGrads(typing.Mapping[str, Tensor]):
+    """An estimate kept as its direction weights and formed one parameter at a time, on each access: ``ĝ_p = Σ_j w_j
+    v_j,p`` with ``v_j,p`` drawn again from its seed (:class:`ReplayedGaussianTangents`). Nothing parameter-sized is
+    kept, so that plain SGD (:func:`apply_estimate`) updates each parameter as its estimate is formed; every other
+    consumer (a torch optimizer's ``.grad``, clipping, the cosine callback) forms all of them, as an eager estimate."""
+
+    def __init__(self, weights: Tensor, source: "ReplayedGaussianTangents", params: dict[str, Tensor]) -> None:
+        self.weights, self.source, self.params = weights, source, params
+
+    def __getitem__(self, name: str) -> Tensor:
+        return weighted_sum(self.weights, self.source.draw(name, self.params[name]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 class DivergenceError(RuntimeError):
@@ -106,11 +125,19 @@ class DivergenceError(RuntimeError):
 
 
 def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", lr: float) -> None:
-    """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync)."""
-    finite = torch.stack([estimate.loss.isfinite(), *(g.isfinite().all() for g in estimate.grads.values())])
+    """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync). A
+    :class:`ReplayedGrads` estimate is checked by its weights: finite, and small enough that no Gaussian draw (below
+    16 in magnitude: a chance under 1e-50 per draw to exceed it) times their sum overflows."""
+    grads = estimate.grads
+    if isinstance(grads, ReplayedGrads):
+        limit = torch.finfo(grads.weights.dtype).max / 16
+        ok = {"direction weights": grads.weights.abs().sum() < limit}  # False for nan and inf too
+    else:
+        ok = {name: g.isfinite().all() for name, g in grads.items()}
+    finite = torch.stack([estimate.loss.isfinite(), *ok.values()])
     if not bool(finite.all()):
         what = "loss" if not bool(finite[0]) else "update"
-        bad = [name for name, ok in zip(estimate.grads, finite[1:].tolist()) if not ok]
+        bad = [name for name, fine in zip(ok, finite[1:].tolist()) if not fine]
         raise DivergenceError(
             f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
             f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
@@ -128,15 +155,40 @@ def apply_estimate(
     parameter changes), writes ``estimate.grads[name]`` as each parameter's ``.grad``, calls ``before_step`` (e.g.
     gradient clipping, which sees the estimate as ``.grad``), steps ``optimizer`` (any ``torch.optim.Optimizer``, or
     Lightning's wrapper of one) and clears the gradients again.
+
+    A :class:`ReplayedGrads` estimate under plain SGD and no ``before_step`` is applied one parameter at a time as it
+    is formed (``p -= lr·ĝ_p``, inside ``optimizer.step``'s closure, so that Lightning counts the step), with no
+    parameter-sized buffer beyond the one being formed. Any other optimizer needs every ``.grad`` at once: one
+    parameter-sized copy of the estimate.
     """
     if finite is None or not bool(finite):  # finite: the flag a compiled step computed in its graph, read once
         check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
+    lr = _plain_sgd_lr(optimizer) if isinstance(estimate.grads, ReplayedGrads) and before_step is None else None
+    if lr is not None:
+        def update() -> None:
+            with torch.no_grad():  # the torch backend's parameters require grad
+                for name, param in network.named_parameters():
+                    param.add_(estimate.grads[name], alpha=-lr)
+
+        optimizer.step(update)  # SGD runs the closure, then finds no .grad to step along
+        return
     for name, param in network.named_parameters():
         param.grad = estimate.grads[name]
     if before_step is not None:
         before_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _plain_sgd_lr(optimizer: Any) -> float | None:
+    """The learning rate if ``optimizer`` (or the one Lightning wraps) is plain SGD, whose step is ``p -= lr·g``: one
+    group, no momentum, weight decay, nesterov or maximize. None otherwise."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    plain = not (group["momentum"] or group["weight_decay"] or group["nesterov"] or group["maximize"])
+    return float(group["lr"]) if plain else None
 
 
 def training_step(

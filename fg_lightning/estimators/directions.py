@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fg_lightning.engine import TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
-    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, check_positive_int,
+    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads, check_positive_int,
     num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
@@ -89,6 +89,8 @@ class MultiDirection(GradientEstimator):
         else:  # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
             gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in map(tangent, params))
             weights = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
+        if replayed:  # formed one parameter at a time where the update needs it
+            return Estimate(result.loss, result.logits, ReplayedGrads(weights, source, params))
         return Estimate(result.loss, result.logits, {name: weighted_sum(weights, tangent(name)) for name in params})
 
 
