@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    CNN, MLP, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, Network, OuterTangent, ReLU, cross_entropy_and_grad,
-    cross_entropy_jvp, to_torch, weighted_sum,
+    CNN, MLP, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent, ReLU,
+    cross_entropy_and_grad, cross_entropy_jvp, to_torch, weighted_sum,
 )
 
 
@@ -45,6 +45,9 @@ LAYER_CASES = [
     ("maxpool-overlap", lambda: MaxPool2d(3, stride=2), (2, 2, 9, 8)),
     ("flatten", lambda: Flatten(), (2, 3, 4, 5)),
     ("global-avg-pool", lambda: GlobalAvgPool(), (2, 3, 4, 5)),
+    ("group-norm", lambda: GroupNorm(3, 6), (4, 6)),
+    ("group-norm-4d", lambda: GroupNorm(2, 4, eps=1e-3), (3, 4, 3, 5)),
+    ("layer-norm-4d", lambda: GroupNorm(1, 3), (2, 3, 4, 4)),
 ]
 
 
@@ -143,6 +146,9 @@ NETWORKS = [
     ("mlp", small_mlp, (8, 12)),
     ("mlp-image-input", small_mlp, (8, 3, 2, 2)),
     ("cnn", small_cnn, (6, 2, 12, 12)),
+    ("mlp-norm", lambda: MLP(in_features=12, hidden=(9, 7), num_classes=5, norm=True).double(), (8, 12)),
+    ("cnn-norm", lambda: CNN(in_channels=2, image_size=12, channels=(3, 4, 5), hidden=6, num_classes=4,
+                             norm=True).double(), (6, 2, 12, 12)),
 ]
 
 

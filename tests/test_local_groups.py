@@ -16,7 +16,7 @@ from fg_lightning.engine import CNN, MLP, GivenTangents, to_torch
 from fg_lightning.estimators import LocalActivityPerturbation, LocalWeightPerturbation, apply_estimate
 
 NETS = {
-    "mlp": (lambda **kw: MLP(in_features=12, hidden=(6, 5), num_classes=4, seed=1, local_losses=True, **kw), (5, 12)),
+    "mlp": (lambda **kw: MLP(in_features=12, hidden=(6, 4), num_classes=4, seed=1, local_losses=True, **kw), (5, 12)),
     "cnn": (lambda **kw: CNN(channels=(4, 6, 4), image_size=12, hidden=6, num_classes=4, seed=1, local_losses=True,
                              **kw),
             (3, 1, 12, 12)),
@@ -66,6 +66,9 @@ def test_output_groups_are_the_last_layer_of_each_grouped_block():
     assert net.output_groups("fc2") is None and net.output_groups("head1.fc") is None
     two_layer = MLP(in_features=3, hidden=(4, 4), seed=0, local_losses=True, block_size=2, groups=2)
     assert two_layer.output_groups("fc1") is None and two_layer.output_groups("fc2") == [slice(0, 2), slice(2, 4)]
+    normed = problem("cnn", groups=2, norm=True)[0]  # conv, GroupNorm over the head's groups, ReLU, pool
+    assert [n for n, _ in normed.named_layers()][:4] == ["conv1", "norm1", "relu1", "pool1"]
+    assert normed.output_groups("conv1") == [slice(0, 2), slice(2, 4)]
 
 
 class Replicas(nn.Module):
@@ -102,11 +105,15 @@ def twin_name(net, name):
     return f"heads.{name}" if name.split(".")[0] in {h for _, h in net.blocks if h} else f"body.{name}"
 
 
+VARIANTS = {"groups": {}, "groups-norm": {"groups": 2, "norm": True}}  # norm: a GroupNorm in every block
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
 @pytest.mark.parametrize("model", NETS)
-def test_group_derivs_are_each_replicas_jvp(model, per_example, chunked):
-    net, x, labels = problem(model)
+def test_group_derivs_are_each_replicas_jvp(model, per_example, chunked, variant):
+    net, x, labels = problem(model, **VARIANTS[variant])
     if chunked:
         net.tangent_memory_mb = 1e-6  # one direction per pass
     gen = torch.Generator().manual_seed(3)
@@ -130,11 +137,12 @@ def test_group_derivs_are_each_replicas_jvp(model, per_example, chunked):
         torch.testing.assert_close(derivs.sum(1) if per_example else derivs, expected)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model", NETS)
-def test_local_backprop_is_the_gradient_of_the_group_wise_objective(model):
+def test_local_backprop_is_the_gradient_of_the_group_wise_objective(model, variant):
     """Autograd of Σ_g L_g (each replica with ``detach()`` on the other groups, the heads' parameters frozen) for the
     blocks' layers, and of each head's own loss for the heads: the engine's local gradient, unchanged by groups."""
-    net, x, labels = problem(model)
+    net, x, labels = problem(model, **VARIANTS[variant])
     replicas = Replicas(net)
     heads = {name for name, _ in replicas.heads.named_parameters()}
     frozen = {f"heads.{n}": p.detach() for n, p in replicas.heads.named_parameters()}

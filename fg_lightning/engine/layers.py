@@ -307,3 +307,50 @@ class GlobalAvgPool(Layer):
 
     def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
         return self.forward(x), (None if dx is None else dx.mean((3, 4)))
+
+
+class GroupNorm(Layer):
+    """``y = (x − μ) / √(σ² + eps)``, μ and σ² over each example's ``groups`` groups of channels (and their spatial
+    positions), without a learnt scale or shift: ``torch.nn.GroupNorm(groups, channels, affine=False)``; one group is
+    a LayerNorm over the whole sample. Inside a local-loss block (Ren et al. 2023 normalise each block's activations)
+    with the block's groups, it keeps each group of channels apart.
+
+    Its Jacobian is symmetric, so VJP and JVP are the same map: ``(d − mean(d) − x̂·mean(d x̂)) / σ``, means over the
+    group."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if groups < 1 or channels < 1 or channels % groups:
+            raise ValueError(f"GroupNorm needs groups dividing channels, got groups={groups}, channels={channels}")
+        self.groups, self.channels, self.eps = groups, channels, eps
+
+    def _grouped(self, x: Tensor, batch_dims: int) -> Tensor:
+        """``(*lead, C, ...) -> (*lead, G, C/G · spatial)``, ``lead`` the first ``batch_dims`` axes."""
+        return x.reshape(*x.shape[:batch_dims], self.groups, -1)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        grouped = self._grouped(x, 1)  # (B, G, n)
+        mean = grouped.mean(-1, keepdim=True)
+        inv_std = (grouped.var(-1, unbiased=False, keepdim=True) + self.eps).rsqrt()
+        # x is saved, not x̂: the in-place ReLU after this layer overwrites the output
+        return ((grouped - mean) * inv_std).view(x.shape), (grouped, mean, inv_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.primal(x)[0]
+
+    def _through(self, saved: tuple[Tensor, Tensor, Tensor], d: Tensor, batch_dims: int) -> Tensor:
+        """The Jacobian times ``d`` (``(B, C, ...)``, or ``(K, B, C, ...)`` with ``batch_dims=2``)."""
+        grouped, mean, inv_std = saved  # (B, G, n), (B, G, 1), (B, G, 1)
+        normalised = (grouped - mean) * inv_std  # x̂
+        shape = d.shape
+        d = self._grouped(d, batch_dims)
+        d = d - d.mean(-1, keepdim=True) - normalised * (d * normalised).mean(-1, keepdim=True)
+        return d.mul_(inv_std).view(shape)
+
+    def vjp(self, saved: Any, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        return (self._through(saved, dy, 1) if need_input_grad else None), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        y, saved = self.primal(x)
+        del x
+        return y, (None if dx is None else self._through(saved, dx, 2))

@@ -10,7 +10,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, Grads, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.layers import (
+    Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU,
+)
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, directions
 
@@ -177,10 +179,12 @@ class Network(nn.Module):
         weight and bias) that make each group of the head's input. Group ``g``'s slice reaches only group ``g``'s
         replicated loss. ``None`` for any other layer."""
         for names, head in self._blocks:
-            if head is None or getattr(self, head).groups == 1 or name not in names:
+            head_groups = None if head is None else getattr(self, head).groups
+            if head_groups in (None, 1) or name not in names:
                 continue
             layers = [getattr(self, n) for n in names[names.index(name):]]
-            channel_wise = all(isinstance(layer, (ReLU, MaxPool2d)) for layer in layers[1:])
+            channel_wise = all(isinstance(layer, (ReLU, MaxPool2d)) or getattr(layer, "groups", 0) == head_groups
+                               for layer in layers[1:])  # and a GroupNorm over the head's groups
             if not isinstance(layers[0], (Linear, Conv2d)) or not channel_wise:
                 return None
             width = layers[0].out_features if isinstance(layers[0], Linear) else layers[0].out_channels
@@ -505,6 +509,14 @@ def _block_ends(hidden_layers: int, block_size: int | None, local_losses: bool, 
     return list(default) if block_size is None else list(range(block_size, hidden_layers + 1, block_size))
 
 
+def _norm(index: int, width: int, norm: bool, groups: int) -> list[tuple[str, Layer]]:
+    """``norm{index}``, a :class:`GroupNorm` over the network's groups of a hidden layer's ``width`` channels, when
+    ``norm``; nothing otherwise."""
+    if not isinstance(norm, bool):
+        raise ValueError(f"norm must be True or False, got norm={norm!r}")
+    return [(f"norm{index}", GroupNorm(groups, width))] if norm else []
+
+
 class MLP(Network):
     """The paper's MLP (Section IV): 784-1024-1024-10 with ReLU after each hidden layer.
 
@@ -514,13 +526,15 @@ class MLP(Network):
     ``local_losses=True`` (Ren et al. 2023) puts a linear classifier head (``head{i}.fc``) on each hidden block's
     output (after ``relu{i}``); the network's own layers are initialised as without heads. ``block_size`` n puts one
     after every n-th hidden layer only (default 1: every hidden layer); ``groups`` replicates each head's loss over
-    that many groups of its input features (see :class:`Network`).
+    that many groups of its input features (see :class:`Network`). ``norm=True`` puts a :class:`GroupNorm`
+    (``norm{i}``, over the ``groups`` groups) between each hidden layer and its ReLU, as Ren et al. normalise inside
+    each block; it has no parameters.
     """
 
     def __init__(
         self, in_features: int = 784, hidden: Sequence[int] = (1024, 1024), num_classes: int = 10, seed: int | None = None,
         tangent_memory_mb: float | None = 256.0, local_losses: bool = False, block_size: int | None = None,
-        groups: int = 1,
+        groups: int = 1, norm: bool = False,
     ) -> None:
         sizes = [in_features, *hidden, num_classes]
         if any(size < 1 for size in sizes):
@@ -533,7 +547,7 @@ class MLP(Network):
             for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
                 layers.append((f"fc{index}", Linear(fan_in, fan_out)))
                 if index < len(sizes) - 1:
-                    layers.append((f"relu{index}", ReLU(inplace=True)))
+                    layers += [*_norm(index, fan_out, norm, groups), (f"relu{index}", ReLU(inplace=True))]
             # drawn after the network's own layers, so that they are initialised as without heads
             heads = {f"relu{i}": [("fc", Linear(width, num_classes))] for i, width in enumerate(hidden, start=1)}
         super().__init__(layers, input_shape=(in_features,), tangent_memory_mb=tangent_memory_mb,
@@ -552,7 +566,9 @@ class CNN(Network):
     linear classifier) on each conv block's output (after ``pool{i}``); the last block is ``flatten … fc2``.
     ``block_size`` n instead puts a head after every n-th parameterised hidden layer, ``fc1`` counted (a linear
     head after ``relu{len(channels) + 1}``): ``block_size=1`` gives every hidden layer its own block. ``groups``
-    replicates each head's loss over that many groups of its input channels (see :class:`Network`).
+    replicates each head's loss over that many groups of its input channels (see :class:`Network`). ``norm=True``
+    puts a :class:`GroupNorm` (``norm{i}``, over the ``groups`` groups of channels and their positions) between each
+    hidden layer and its ReLU.
     """
 
     def __init__(
@@ -569,6 +585,7 @@ class CNN(Network):
         local_losses: bool = False,
         block_size: int | None = None,
         groups: int = 1,
+        norm: bool = False,
     ) -> None:
         ends = _block_ends(len(channels) + 1, block_size, local_losses, groups, default=range(1, len(channels) + 1))
         if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
@@ -588,12 +605,14 @@ class CNN(Network):
             for index, (c_in, c_out) in enumerate(zip([in_channels, *channels[:-1]], channels), start=1):
                 layers += [
                     (f"conv{index}", Conv2d(c_in, c_out, kernel_size, padding=padding)),
+                    *_norm(index, c_out, norm, groups),
                     (f"relu{index}", ReLU(inplace=True)),
                     (f"pool{index}", MaxPool2d(2)),
                 ]
             layers += [
                 ("flatten", Flatten()),
                 ("fc1", Linear(channels[-1] * size * size, hidden)),
+                *_norm(len(channels) + 1, hidden, norm, groups),
                 (f"relu{len(channels) + 1}", ReLU(inplace=True)),
                 ("fc2", Linear(hidden, num_classes)),
             ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU
 from fg_lightning.engine.network import Head, Network
 
 
@@ -23,6 +23,8 @@ def _stock_layer(layer: Layer) -> nn.Module:
         return nn.MaxPool2d(layer.kernel_size, layer.stride)
     elif isinstance(layer, Flatten):
         return nn.Flatten()
+    elif isinstance(layer, GroupNorm):
+        return nn.GroupNorm(layer.groups, layer.channels, eps=layer.eps, affine=False)
     elif isinstance(layer, GlobalAvgPool):
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     else:
