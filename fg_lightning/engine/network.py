@@ -422,22 +422,24 @@ class _ForwardPass:
     def head_jvp(self, head: str, h: Tensor, d_h: Tensor | None) -> tuple[Tensor, Tensor]:
         """A block's local loss, the tangent stopping at its output ``h``: ``(derivatives of the loss, those of each
         group's replica (..., G))``. Replica ``g`` sees the head's own parameter tangents (asked of the source here)
-        and ``d_h`` with every channel outside group ``g`` zeroed; the loss sees them once and all of ``d_h``."""
-        layers = self.network.head_layers(head)
+        and the tangent ``d_h`` on group ``g``'s channels only; the loss sees them once and all of ``d_h``.
+
+        The part of ``d_h`` is ``∂L/∂h · d_h`` summed over each group's channels, ``∂L/∂h`` (each example's, ``(B, C,
+        ...)``) from the head's VJP: one step back through the small head instead of G forward passes through it of
+        a tangent as large as the block's output."""
+        network = self.network
+        layers = network.head_layers(head)
         logits, d_own = self.through(layers, [h, None])  # the head's primal and its parameters' tangents
         own = self.loss_jvp(logits, d_own)[1]
-        del logits, d_own
-        replicas = []
-        for group in getattr(self.network, head).group_slices(h.shape[1]):
-            x, dx = h, None
-            if d_h is not None:
-                dx = d_h.new_zeros(d_h.shape)
-                dx[:, :, group] = d_h[:, :, group]
-            for _, layer in layers:
-                x, dx = layer.jvp(x, dx, {})
-            replicas.append(self.loss_jvp(x, dx)[1])
-            del x, dx
-        masked = torch.stack(replicas, -1)
+        del d_own
+        groups = getattr(network, head).group_slices(h.shape[1])
+        if d_h is None:
+            return own, own.unsqueeze(-1).expand(*own.shape, len(groups)).clone()
+        _, saved = network._primal(layers, h)
+        grad_h = network._backward(layers, saved, network.logits_grad(logits, self.labels), {}, need_input_grad=True)
+        del logits, saved
+        spec = "kb...,b...->kb" if self.source.per_example else "kb...,b...->k"
+        masked = torch.stack([torch.einsum(spec, d_h[:, :, part], grad_h[:, part]) for part in groups], -1)
         return own + masked.sum(-1), masked.add_(own.unsqueeze(-1))
 
     def one_pass(self, block_derivs: list[list[Tensor]],
