@@ -13,7 +13,8 @@ import torch
 from idx_files import learnable_idx, write_idx
 
 from fg_lightning.bench import common
-from fg_lightning.bench.accuracy import lr_grid, pick
+from fg_lightning.bench import accuracy
+from fg_lightning.bench.accuracy import accuracy_at_time, at_backprop_time, lr_grid, pick, search, seed_loader
 from fg_lightning.bench.cli import main as fg_bench
 from fg_lightning.bench.common import build_network, environment, tangent_flops, train
 from fg_lightning.bench.memory import forward_bound_mb
@@ -150,14 +151,15 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
 def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
     root, out = learnable_idx(tmp_path / "idx"), str(tmp_path / "out")
     data = ["--device", "cpu", "--dataset", "mnist", "--root", root, "--no-download", "--val-size", "32",
-            "--batch-size", "8", "--epochs", "2", "--limit-train-batches", "4"]
+            "--batch-size", "8", "--epochs", "2", "--limit-train-batches", "4", "--seeds", "1", "--grid-growth", "0"]
     # 1e-6 barely moves from the initialisation (chance accuracy), 0.1 learns the task with backprop, 1e6 diverges
     fg_bench(["accuracy", *data, "--models", "mlp", "cnn", "--estimators", "backprop", "naive",
               "--lrs", "1e-6", "0.1", "1e6", "--out", out])
     assert "| mlp | backprop |" in capsys.readouterr().out
     runs = load(out, "accuracy")
     with open(os.path.join(out, "accuracy.json")) as f:
-        meta = json.load(f)["meta"]
+        report = json.load(f)
+    meta, board = report["meta"], {(r["model"], r["estimator"]): r for r in report["leaderboard"]}
     assert meta["limit_train_batches"] == 4 and meta["steps_per_epoch"] == 4 and meta["schedule"] == "cosine"
     assert "not full epochs" in open(os.path.join(out, "accuracy.md")).read()
     assert_plot(out, "accuracy")
@@ -168,14 +170,17 @@ def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
             grid = [r for r in runs if r["model"] == model and r["estimator"] == name]
             huge = next(r for r in grid if r["lr"] == 1e6)
             assert huge["diverged"] and huge["diverged_at"] < 8 and huge["test_acc"] is None and not huge["picked"]
-            assert "1e+06 (step" in next(r for r in grid if r["picked"])["diverged_lrs"]
+            assert "1e+06 (step" in board[model, name]["diverged_lrs"]
             trained = [r for r in grid if not r["diverged"]]
             for r in trained:
                 assert r["steps"] == 8 and [p["epoch"] for p in r["curve"]] == [1, 2]
                 assert r["test_acc"] == r["curve"][-1]["test_acc"] and r["wall_s"] > 0
             picked = [r for r in grid if r["picked"]]
             assert len(picked) == 1 and picked[0]["val_acc"] == max(r["val_acc"] for r in trained)
-            assert picked[0]["gap_vs_backprop"] == pytest.approx(picked[0]["test_acc"] - backprop[0.1]["test_acc"])
+            assert board[model, name]["lr"] == picked[0]["lr"] and board[model, name]["seeds"] == 1
+            assert board[model, name]["test_acc"] == picked[0]["test_acc"] and board[model, name]["test_sd"] is None
+            assert board[model, name]["gap_vs_backprop"] == pytest.approx(
+                picked[0]["test_acc"] - backprop[0.1]["test_acc"])
         assert backprop[0.1]["picked"] and not backprop[1e-6]["picked"]  # the learning rate beats the tiny one
         assert backprop[0.1]["val_acc"] > backprop[1e-6]["val_acc"] + 0.1
     mlp_backprop = next(r for r in runs if r["model"] == "mlp" and r["estimator"] == "backprop" and r["lr"] == 0.1)
@@ -193,7 +198,9 @@ def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
 @pytest.mark.parametrize("bad, named", [(["--epochs", "0"], "--epochs: must be >= 1, got 0"),
                                         (["--epochs", "-2"], "--epochs: must be >= 1, got -2"),
                                         (["--lrs", "1e-3", "0"], "--lrs: must be a finite number > 0, got 0"),
-                                        (["--lrs", "-0.001"], "--lrs: must be a finite number > 0, got -0.001")])
+                                        (["--lrs", "-0.001"], "--lrs: must be a finite number > 0, got -0.001"),
+                                        (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+                                        (["--grid-growth", "-1"], "--grid-growth: must be >= 0, got -1")])
 def test_accuracy_bad_input_is_refused_before_training(tmp_path, capsys, bad, named):
     with pytest.raises(SystemExit):
         fg_bench(["accuracy", "--device", "cpu", "--out", str(tmp_path / "out"), *bad])
@@ -229,6 +236,178 @@ def test_accuracy_picks_by_validation_not_test():
     assert [r.get("at_grid_edge") for r in board] == [True, True, None]  # 1e-3 of (1e-4, 1e-3); 0.1 of (0.1, 0.3, 1)
     # without backprop the gap is blank
     assert "gap_vs_backprop" not in pick([run("naive", 1e-4, 0.5, 0.6)], ["mlp"], ["naive"])[0]
+
+
+def test_accuracy_seeds_on_learnable_idx_files(tmp_path, monkeypatch):
+    """--seeds 2: every rate runs with seeds 0 and 1, each with its own weights, estimator seed and batch order; the
+    leaderboard gives the mean and sd over the seeds; the same seed alone gives the same numbers; the grid grew
+    below its smallest rate (the largest diverged), once (--grid-growth 1)."""
+    root, out = learnable_idx(tmp_path / "idx"), str(tmp_path / "out")
+    data = ["--device", "cpu", "--dataset", "mnist", "--root", root, "--no-download", "--val-size", "32",
+            "--batch-size", "8", "--epochs", "2", "--limit-train-batches", "3", "--models", "mlp"]
+    seen, train = [], accuracy.train
+
+    def spy(network, estimator, lr, loader, *args, **kwargs):
+        seen.append((lr, estimator.seed, loader.sampler.seed, float(network.fc1.weight[0, 0])))
+        return train(network, estimator, lr, loader, *args, **kwargs)
+
+    monkeypatch.setattr(accuracy, "train", spy)
+    fg_bench(["accuracy", *data, "--estimators", "backprop", "naive", "--lrs", "1e-3", "1e6", "--seeds", "2",
+              "--grid-growth", "1", "--out", out])
+    runs = load(out, "accuracy")
+    assert [(r["estimator"], r["lr"], r["seed"]) for r in runs] == [
+        (name, lr, seed) for name in ("backprop", "naive") for lr in (1e-3, 1e6, 3.33e-4) for seed in (0, 1)]
+    assert all(r["grid"] == [1e-3, 1e6, 3.33e-4] and r["grown"] == (r["lr"] == 3.33e-4) for r in runs)
+    # seed s: the estimator's seed, the loader's shuffle and the initial weights (the same for every rate)
+    assert {(estimator_seed, loader_seed) for _, estimator_seed, loader_seed, _ in seen} == {(0, 0), (1, 1)}
+    weights = {seed: {w for _, s, _, w in seen if s == seed} for seed in (0, 1)}
+    assert len(weights[0]) == len(weights[1]) == 1 and weights[0] != weights[1]
+    with open(os.path.join(out, "accuracy.json")) as f:
+        report = json.load(f)
+    assert report["meta"]["seeds"] == 2 and report["meta"]["grid_growth"] == 1
+    board = {row["estimator"]: row for row in report["leaderboard"]}
+    table = open(os.path.join(out, "accuracy.md")).read()
+    assert "| test_sd |" in table and "| test_acc_at_backprop_time |" in table and "one epoch" in table
+    assert "mlp naive 0.001, 1e+06 + 0.000333" in table
+    for name, row in board.items():
+        group = [r for r in runs if r["estimator"] == name and r["lr"] == row["lr"]]
+        assert [r["seed"] for r in group] == [0, 1] and all(r["picked"] for r in group) and row["seeds"] == 2
+        tests = [r["test_acc"] for r in group]
+        assert row["test_acc"] == pytest.approx(np.mean(tests)) and row["test_sd"] == pytest.approx(np.std(tests, ddof=1))
+        assert row["val_acc"] == pytest.approx(np.mean([r["val_acc"] for r in group]))
+        assert row["at_grid_edge"] == (row["lr"] == 3.33e-4)  # 1e-3 is interior: 1e6 diverged
+        assert row["diverged_lrs"].startswith("1e+06 (step")
+    assert board["naive"]["test_sd"] > 0  # a noisy estimator: the seeds differ
+    assert board["naive"]["gap_vs_backprop"] == pytest.approx(board["naive"]["test_acc"] - board["backprop"]["test_acc"])
+    # backprop within its own time: its final accuracy
+    assert board["backprop"]["test_acc_at_backprop_time"] == pytest.approx(board["backprop"]["test_acc"])
+
+    # the same seed twice: the same numbers (seed 0 alone, then seed 1 run after it, as above)
+    again = str(tmp_path / "again")
+    fg_bench(["accuracy", *data, "--estimators", "naive", "--lrs", "1e-3", "--seeds", "1", "--grid-growth", "0",
+              "--out", again])
+    (rerun,) = load(again, "accuracy")
+    first = {r["seed"]: r for r in runs if r["estimator"] == "naive" and r["lr"] == 1e-3}
+    assert rerun["curve"] and [p["train_loss"] for p in rerun["curve"]] == [p["train_loss"] for p in first[0]["curve"]]
+    assert [p["test_acc"] for p in rerun["curve"]] == [p["test_acc"] for p in first[0]["curve"]]
+    assert [p["train_loss"] for p in first[1]["curve"]] != [p["train_loss"] for p in first[0]["curve"]]
+
+
+def test_accuracy_seed_changes_the_batch_order_not_the_split(tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(dataset="mnist", root=learnable_idx(tmp_path / "idx"), download=False, val_size=32)
+    data = common.real_data(args, 8)
+    val = data.val_set.tensors[1].clone()
+
+    def first_epoch(seed):
+        loader = seed_loader(data, seed)
+        loader.sampler.set_epoch(0)
+        return torch.cat([labels for _, labels in loader])
+
+    assert torch.equal(first_epoch(0), first_epoch(0)) and not torch.equal(first_epoch(0), first_epoch(1))
+    own = data.train_dataloader()  # seed 0 is the module's own order (the one run of earlier versions)
+    own.sampler.set_epoch(0)
+    assert torch.equal(first_epoch(0), torch.cat([labels for _, labels in own]))
+    assert data.seed == 0 and torch.equal(data.val_set.tensors[1], val)
+
+
+def scripted(val_of, diverges=(), seeds=(0, 1)):
+    """A run_rate for :func:`search` without training: the runs at ``lr`` have ``val_of(lr, seed)``, or diverge."""
+    calls = []
+
+    def run_rate(lr):
+        calls.append(lr)
+        return [{"lr": lr, "seed": seed, "diverged": lr in diverges, "diverged_at": 0 if lr in diverges else None,
+                 "val_acc": None if lr in diverges else val_of(lr, seed)} for seed in seeds]
+
+    return run_rate, calls
+
+
+def test_accuracy_grid_grows_past_the_edge_up_to_the_cap():
+    grid = [0.01, 0.03, 0.1]
+    # better the larger: grows up (x3) while the pick is the largest, and stops at the cap, still at the edge
+    run_rate, calls = scripted(lambda lr, seed: lr)
+    runs, grown, added = search(grid, run_rate, 2)
+    assert calls == [0.01, 0.03, 0.1, 0.3, 0.9] and added == [0.3, 0.9] and grown == calls and len(runs) == 10
+    assert pick([{**r, **RUN} for r in runs], ["mlp"], ["naive"])[0]["at_grid_edge"] is True
+    # a peak at 0.3: grows to 0.9, finds 0.3 interior, stops before the cap
+    run_rate, calls = scripted(lambda lr, seed: -abs(lr - 0.3))
+    assert search(grid, run_rate, 3)[2] == [0.3, 0.9] and calls == [0.01, 0.03, 0.1, 0.3, 0.9]
+    # better the smaller: grows down (/3)
+    run_rate, calls = scripted(lambda lr, seed: -lr)
+    assert search(grid, run_rate, 2)[2] == [0.00333, 0.00111]
+    # no growth: the grid as given
+    run_rate, calls = scripted(lambda lr, seed: lr)
+    assert search(grid, run_rate, 0)[2] == [] and calls == grid
+    # every rate diverged: grows down
+    run_rate, calls = scripted(lambda lr, seed: lr, diverges={0.01, 0.03, 0.1})
+    assert search(grid, run_rate, 1)[2] == [0.00333]
+    # the pick is by the mean over seeds: 0.1's one good seed does not make it the pick, so the grid does not grow
+    run_rate, calls = scripted(lambda lr, seed: {0.01: 0.4, 0.03: 0.6, 0.1: 0.9 if seed == 0 else 0.1}[lr])
+    assert search(grid, run_rate, 3)[2] == [] and calls == grid
+
+
+def test_accuracy_a_diverging_top_rate_makes_the_pick_below_it_interior():
+    run_rate, calls = scripted(lambda lr, seed: lr, diverges={0.1})
+    runs, _, added = search([0.01, 0.03, 0.1], run_rate, 3)
+    assert added == [] and calls == [0.01, 0.03, 0.1]
+    (row,) = pick([{**r, **RUN} for r in runs], ["mlp"], ["naive"])
+    assert row["lr"] == 0.03 and row["at_grid_edge"] is False and row["diverged_lrs"] == "0.1 (step 0)"
+    # a rate at which one seed of two diverged cannot be picked, and grows nothing past it
+    run_rate, calls = scripted(lambda lr, seed: lr, diverges={0.1})
+    runs, _, added = search([0.01, 0.03, 0.1], run_rate, 3)
+    runs[-1].update(diverged=False, diverged_at=None, val_acc=1.0)
+    (row,) = pick([{**r, **RUN} for r in runs], ["mlp"], ["naive"])
+    assert row["lr"] == 0.03 and row["diverged_lrs"] == "0.1 (step 0, 1 of 2 seeds)"
+
+
+RUN = {"model": "mlp", "estimator": "naive", "backward": "none", "k": None, "schedule": "cosine", "epochs": 1,
+       "steps": 4, "test_acc": 0.5, "wall_s": 1.0, "picked": False}
+
+
+def test_accuracy_picks_by_the_mean_over_seeds():
+    def run(lr, seed, val, test):
+        return {**RUN, "lr": lr, "seed": seed, "diverged": False, "diverged_at": None, "val_acc": val, "test_acc": test}
+
+    runs = [run(0.01, 0, 0.9, 0.8), run(0.01, 1, 0.1, 0.2), run(0.03, 0, 0.6, 0.7), run(0.03, 1, 0.6, 0.5)]
+    (row,) = pick(runs, ["mlp"], ["naive"])
+    assert [r["picked"] for r in runs] == [False, False, True, True]
+    assert (row["lr"], row["seeds"], row["val_acc"]) == (0.03, 2, pytest.approx(0.6))
+    assert (row["test_acc"], row["test_sd"]) == (pytest.approx(0.6), pytest.approx(np.std([0.7, 0.5], ddof=1)))
+    assert pick([run(0.01, 0, 0.9, 0.8)], ["mlp"], ["naive"])[0]["test_sd"] is None  # one seed: no sd
+
+
+def test_accuracy_at_backprop_time():
+    curve = [{"epoch": e, "wall_s": 1.0 * e, "test_acc": 0.5 + 0.1 * e} for e in (1, 2, 3, 4)]
+    assert accuracy_at_time(curve, 2.5) == pytest.approx(0.7)  # epochs 1 and 2 fit: epoch 2's accuracy
+    assert accuracy_at_time(curve, 3.0) == pytest.approx(0.8)  # an epoch that ends at the budget counts
+    assert accuracy_at_time(curve, 10.0) == pytest.approx(0.9)
+    assert accuracy_at_time(curve, 0.9) is None  # not even one epoch
+    slow = [{"epoch": e, "wall_s": 2.0 * e, "test_acc": 0.1 * e} for e in (1, 2, 3)]
+    method = [{"seed": 0, "wall_s": 4.0, "curve": curve}, {"seed": 1, "wall_s": 6.0, "curve": slow}]
+    backprop = [{"seed": 0, "wall_s": 2.2}, {"seed": 1, "wall_s": 4.1}]  # each seed against backprop's same seed
+    assert at_backprop_time(method, backprop) == pytest.approx((0.7 + 0.2) / 2)
+    assert at_backprop_time(method, [{"seed": 0, "wall_s": 2.2}, {"seed": 1, "wall_s": 1.9}]) is None
+    assert at_backprop_time(method, backprop[:1]) is None  # backprop without seed 1
+
+    def run(name, seed, wall, curve):
+        return {**RUN, "estimator": name, "backward": REGISTRY[name].backward, "lr": 0.1, "seed": seed,
+                "diverged": False, "diverged_at": None, "val_acc": 0.5, "test_acc": curve[-1]["test_acc"],
+                "wall_s": wall, "curve": curve}
+
+    fast = [{"epoch": e, "wall_s": 0.5 * e, "test_acc": 0.6 + 0.05 * e} for e in (1, 2)]
+    runs = [run("backprop", 0, 1.05, fast), run("backprop", 1, 1.1, fast), run("naive", 0, 4.0, curve),
+            run("naive", 1, 6.0, slow)]
+    board = {row["estimator"]: row for row in pick(runs, ["mlp"], ["backprop", "naive"])}
+    assert board["backprop"]["test_acc_at_backprop_time"] == pytest.approx(0.7)  # its own final accuracy
+    assert board["naive"]["test_acc_at_backprop_time"] is None  # seed 1's first epoch took 2 s of backprop's 1.1
+    runs[3]["curve"] = [{"epoch": 1, "wall_s": 1.0, "test_acc": 0.3}, *slow[1:]]
+    for r in runs:
+        r["picked"] = False
+    board = {row["estimator"]: row for row in pick(runs, ["mlp"], ["backprop", "naive"])}
+    assert board["naive"]["test_acc_at_backprop_time"] == pytest.approx((0.6 + 0.3) / 2)
+    assert "test_acc_at_backprop_time" not in pick(runs[2:], ["mlp"], ["naive"])[0]  # no backprop: blank
 
 
 def test_train_epochs_scheduler_and_hook():
@@ -309,6 +488,9 @@ def test_all_tiny_preset(tmp_path, capsys):
             ks = {r["k"] for r in records if r["model"] == model and r["estimator"] == "multi_direction"}
             assert ks == {1, 2}
         assert_plot(out, name)
+    depths = load(out, "depth")
+    assert not [r for r in depths if "error" in r] and {r["depth"] for r in depths} == {1, 2}
+    assert {"stock_autograd", "stock_checkpointed", "naive_replayed", "local_activity"} <= {r["estimator"] for r in depths}
     readme = open(os.path.join(out, "README.md")).read()
     assert f"fg-bench all --preset tiny --device cpu --out {out}" in readme
     assert environment(torch.device("cpu"))["device_name"] in readme and torch.__version__ in readme
@@ -318,7 +500,7 @@ def test_all_tiny_preset(tmp_path, capsys):
 def test_all_time_limit_skips_the_rest(tmp_path):
     out = str(tmp_path)
     fg_bench(["all", "--preset", "tiny", "--device", "cpu", "--out", out, "--time-limit", "0"])
-    for name in ("speed", "memory"):
+    for name in ("speed", "memory", "depth"):
         records = load(out, name)
         assert records and all(r["error"] == "skipped: time limit of 0 s reached" for r in records)
     assert "0 measured" in open(os.path.join(out, "README.md")).read()

@@ -51,6 +51,13 @@ def _positive(value: str) -> int:
     return number
 
 
+def _nonnegative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 def _positive_float(value: str) -> float:
     number = float(value)
     if not (math.isfinite(number) and number > 0):
@@ -145,6 +152,11 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--k", type=_positive, default=10, help="k for the estimators that take one")
             sub.add_argument("--limit-train-batches", type=_positive, default=None,
                              help="cut each epoch after this many batches (quick looks; the report says so)")
+            sub.add_argument("--seeds", type=_positive, default=3,
+                             help="runs per rate, seeds 0..N-1 (weights, estimator, batch order); mean and sd over them")
+            sub.add_argument("--grid-growth", type=_nonnegative, default=3,
+                             help="rates at most added per estimator beyond the grid's edge (/3, x3) while the pick "
+                                  "sits on it; 0: the grid as given")
     suite = commands.add_parser("all", help="speed and memory, every estimator and model, into results/<card>/")
     suite.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu with --device cuda, else cpu")
     suite.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")

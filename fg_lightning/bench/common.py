@@ -205,12 +205,13 @@ def markdown_table(records: list[dict[str, Any]], columns: Sequence[str]) -> str
 
 
 def write_report(out: str, name: str, records: list[dict[str, Any]], columns: Sequence[str], meta: dict[str, Any],
-                 notes: str = "", table_records: list[dict[str, Any]] | None = None) -> str:
-    """``<out>/<name>.json`` (``{"meta": …, "records": […]}``) and ``<out>/<name>.md`` (a table of ``table_records``,
-    all records by default); returns the table."""
+                 notes: str = "", table_records: list[dict[str, Any]] | None = None,
+                 extra: dict[str, Any] | None = None) -> str:
+    """``<out>/<name>.json`` (``{"meta": …, "records": […]}``, and ``extra``'s keys) and ``<out>/<name>.md`` (a table
+    of ``table_records``, all records by default); returns the table."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+        json.dump({"meta": meta, "records": records, **(extra or {})}, f, indent=1)
     table = markdown_table(records if table_records is None else table_records, columns)
     header = f"# fg-bench {name}\n\n{', '.join(f'{k}: {v}' for k, v in meta.items())}\n\n{notes}"
     with open(os.path.join(out, f"{name}.md"), "w") as f:
