@@ -1,15 +1,16 @@
-"""``fg-bench all``: ``speed`` and ``memory`` for both networks, every registered estimator and the stock baselines in
-one run under a time limit, written to ``results/<card>/`` with a README naming the command, the device, torch and
+"""``fg-bench all``: ``speed`` and ``memory`` for both networks, every registered estimator and the stock baselines, and
+``depth`` (memory and time against depth, the stock baselines and the depth cases), in one run under a time limit, written to ``results/<card>/`` with a README naming the command, the device, torch and
 the wall time."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from fg_lightning.bench import memory, speed
+from fg_lightning.bench import depth, memory, speed
 from fg_lightning.bench.budget import Budget, slug
 from fg_lightning.bench.common import environment
 from fg_lightning.estimators import REGISTRY
@@ -18,12 +19,14 @@ from fg_lightning.estimators import REGISTRY
 # records its wall time). torch.compile compiles once per shape, so its baseline runs at one batch size only.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(batch_sizes=[256, 4096, 16384], speed_directions=[1, 4, 16], memory_directions=[1, 16], warmup=3,
-                repeats=10, compile_at=[4096], time_limit=480.0, isolate=True),
+                repeats=10, compile_at=[4096], time_limit=600.0, isolate=True,
+                depth=dict(depths=[2, 4, 8, 16, 32, 64], width=1024, batch_size=4096, k=4)),
     "cpu": dict(batch_sizes=[64, 256], speed_directions=[1, 4, 16], memory_directions=[1, 16], warmup=2,
-                repeats=5, compile_at=[256], time_limit=1800.0, isolate=True),
+                repeats=5, compile_at=[256], time_limit=2400.0, isolate=True,
+                depth=dict(depths=[2, 8, 32], width=1024, batch_size=1024, k=4)),
     # for tests: seconds on the CPU; memory measured in this process, not a fresh one per case
     "tiny": dict(batch_sizes=[4], speed_directions=[1, 2], memory_directions=[1, 2], warmup=1, repeats=2,
-                 compile_at=[], time_limit=300.0, isolate=False),
+                 compile_at=[], time_limit=300.0, isolate=False, depth=dict(depths=[1, 2], width=8, batch_size=4, k=2)),
 }
 
 
@@ -45,6 +48,11 @@ def run(args: Any) -> None:
     peaks = memory.measure(device, models, preset["batch_sizes"], estimators, preset["memory_directions"],
                            compile_at, budget, preset["isolate"])
     memory.report(peaks, out, device, preset["isolate"])
+    shape = SimpleNamespace(**preset["depth"], warmup=1, repeats=min(preset["repeats"], 3))
+    depths = depth.measure(device, shape.depths, shape.width, shape.batch_size, depth.ESTIMATORS, shape.k,
+                           shape.warmup, shape.repeats, compile=bool(compile_at), budget=budget,
+                           isolate=preset["isolate"])
+    depth.report(depths, out, device, shape, preset["isolate"])
     wall = budget.elapsed()
 
     def counts(records: list[dict[str, Any]]) -> str:
@@ -62,11 +70,13 @@ def run(args: Any) -> None:
         f"{preset['warmup']}, repeats {preset['repeats']}; memory: k {preset['memory_directions']}; torch.compile'd "
         f"baseline at batch {compile_at or 'none'}",
         f"- wall time: {wall:.0f} s from the first case to the last report (time limit {time_limit:g} s)",
-        f"- speed: {counts(timings)}; memory: {counts(peaks)} (failed and skipped cases: the `error` column)",
+        f"- depth: MLP of width {shape.width}, L in {shape.depths}, batch {shape.batch_size}, k {shape.k}",
+        f"- speed: {counts(timings)}; memory: {counts(peaks)}; depth: {counts(depths)} (failed and skipped cases: the "
+        "`error` column)",
         "",
-        "Files: `speed.json`, `speed.md`, `memory.json`, `memory.md`, and with matplotlib `speed.png`, `memory.png`.",
+        "Files: `speed.*`, `memory.*`, `depth.*` (JSON, Markdown, and with matplotlib a PNG plot).",
     ]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"fg-bench all: done in {wall:.0f} s; the results are in {out}/ (README.md, speed.*, memory.*)")
+    print(f"fg-bench all: done in {wall:.0f} s; the results are in {out}/ (README.md, speed.*, memory.*, depth.*)")
