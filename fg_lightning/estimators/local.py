@@ -160,7 +160,18 @@ class LocalActivityPerturbation(_ActivityPerturbation):
     r""":class:`ActivityPerturbation` with local losses (Ren et al. 2023, "LG-FG-A"): the tangent stops at each block
     boundary, and each block's layers (its head's included) are estimated from that block's local loss, so the noise
     of one block's estimate comes only from that block's activations. Unbiased for :class:`LocalBackprop`'s gradient.
-    Ren et al. report MNIST test error 2.55 % (local backprop 2.41 %) and CIFAR-10 30.68 % (33.62 %)."""
+    Ren et al. report MNIST test error 2.55 % (local backprop 2.41 %) and CIFAR-10 30.68 % (33.62 %).
+
+    With group-wise losses (``MLP``/``CNN(groups=G)``, Ren et al. Sec. 4) the block's loss is replicated over G groups
+    of its output channels, replica :math:`L_g` seeing only group g's tangent. For the layer whose output channels are
+    those groups (``network.output_groups``: a block's last, before only ReLU, max-pool, GroupNorm), group g's
+    channels take :math:`\hat g_{z_g} = d_g u_g`, :math:`d_g = \partial L_g/\partial z \cdot u` (the pass's
+    ``group_derivs``): unbiased, since :math:`\partial L_g/\partial z_g = \partial L/\partial z_g`, with the noise
+    of group g's tangents only (not the whole layer's). The block's other layers take the block loss's derivative,
+    :math:`\sum_g d_g`. The target is unchanged: :math:`\nabla \sum_g L_g` is the plain local gradient. On the
+    small CNN of tests/test_cosine_floor.py with one-layer blocks the mean cosine rises from 0.44 to 0.67 with 4
+    groups. (The pass forms :math:`d_g` with the head's VJP: one step back through the head, besides the output
+    layers' one-layer steps.)"""
 
     needs_local_losses: ClassVar[bool] = True
 
@@ -170,7 +181,11 @@ class LocalWeightPerturbation(GradientEstimator):
     over all parameters, one forward-mode pass in which the tangent stops at each block boundary, and each block's
     parameters estimated from the derivatives of that block's local loss,
     :math:`\hat g_{B} = \frac1k \sum_k (\nabla_{B} L_B \cdot v_{Bk})\, v_{Bk}`. Unbiased for :class:`LocalBackprop`'s
-    gradient; the variance of a block's estimate grows with that block's parameter count only."""
+    gradient; the variance of a block's estimate grows with that block's parameter count only. With group-wise
+    losses (``groups=G``), the rows of the grouped layer's weight and bias that make group g's channels reach only
+    replica :math:`L_g` and take its derivative (which sees those rows' tangents, the block's earlier layers' and the
+    head's, not the other groups' rows) instead of the block loss's: unbiased, with less noise (measured: 0.7 of the
+    variance on those rows with 3 groups on a small MLP)."""
 
     unbiased = True
     needs_local_losses: ClassVar[bool] = True
