@@ -296,4 +296,4 @@ class PredictionWriter(BasePredictionWriter):
         path = os.path.join(folder, self.filename)
         torch.save({"probabilities": torch.cat([batch.detach().cpu() for batch in predictions]), "labels": labels,
                     "ckpt_path": trainer.ckpt_path}, path)
-        print(f"fg-cli: predictions of {len(labels)} test images written to {path}")
+        print(f"predictions of {len(labels)} test images written to {path}")
