@@ -282,11 +282,16 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.filename = filename
 
+    @staticmethod
+    def check(world_size: int) -> None:
+        if world_size > 1:
+            raise ValueError(f"predict writes the test set's probabilities in order to one file: run it on one "
+                             f"device (--trainer.devices 1), not {world_size} processes")
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict" and trainer.world_size > 1:
-            raise ValueError(f"predict writes the test set's probabilities in order to one file: run it on one "
-                             f"device (--trainer.devices 1), not {trainer.world_size} processes")
+        if stage == "predict":
+            self.check(trainer.world_size)
 
     @override
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any,

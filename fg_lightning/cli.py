@@ -201,6 +201,8 @@ class ForwardGradientCLI(LightningCLI):
             raise ConfigError(f"the trainer settings need a package that is not installed: {err}") from err
         if self.subcommand == "fit":
             check_strategy(trainer.strategy)  # Lightning's ddp, FSDP...: in one line, before any process starts
+        if self.subcommand == "predict":
+            PredictionWriter.check(trainer.world_size)  # before the processes start
         # The folders this run will make, taken away again if it fails before its first step (after_failure).
         loggers = [logger for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))]
         self._new_folders = [logger.log_dir for logger in loggers if not os.path.exists(logger.log_dir)]
