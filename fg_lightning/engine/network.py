@@ -103,6 +103,8 @@ class Network(nn.Module):
     alone.
     """
 
+    compilable = True  # its step runs under torch.compile (the torch backend's forward_ad pass does not)
+
     def __init__(
         self, layers: Sequence[tuple[str, Layer]], input_shape: Sequence[int], tangent_memory_mb: float | None = 256.0,
         heads: Mapping[str, Sequence[tuple[str, Layer]]] | None = None, groups: int = 1,

@@ -16,9 +16,7 @@ from fg_lightning.estimators.collective import Collective
 
 def compile_refusal(estimator: GradientEstimator, network: torch.nn.Module) -> str | None:
     """Why ``estimator``'s step on ``network`` cannot be compiled, in one line naming it, or None when it can."""
-    from fg_lightning.engine import Network
-
-    if not isinstance(network, Network):
+    if not getattr(network, "compilable", False):
         return (f"compile=True compiles the engine's hand-written step; {type(network).__name__} runs on the torch "
                 "backend (torch.autograd.forward_ad), which it does not compile: use an engine MLP or CNN, or "
                 "compile=False")
