@@ -241,7 +241,9 @@ def test_activity_cosine_is_over_100_times_naives_on_the_paper_mlp(fashion):
 # A small CNN, 100 steps of batch 128. Not here, measured: ActivityPerturbation on the CNN's own loss (its noise comes
 # from every conv activation of an example: 2.317 -> 2.314 at lr 0.03, diverging at 0.1) and LocalWeightPerturbation
 # (2.31 -> 2.304 at lr 0.03); both train the MLP (test_estimators.py).
-CNN_LR = {"local_activity": 0.3, "local_backprop": 0.3, "local_guess": 0.3}
+# local_activity at 0.2: at 0.3 a rounding-level change (1e-6 in the estimate) left the seed-0 run stuck at 2.317
+# (measured with seeds 0, 1, 2: 0.2 lowers the held-out loss by 0.48-0.55 at each, 0.3 by 0 to 0.58).
+CNN_LR = {"local_activity": 0.2, "local_backprop": 0.3, "local_guess": 0.3}
 
 
 @needs_fashion

@@ -75,10 +75,15 @@ class LocalLossModel(ActivityModel, Protocol):
 
     - ``local_loss_and_grad(x, labels) -> (loss, logits, grads, block losses)``: each block's local-loss gradient;
     - ``block_parameters()``: the full parameter names of each block, its head's included;
-    - ``named_layers()``: the network's own layers (not its heads), in order.
+    - ``named_layers()``: the network's own layers (not its heads), in order;
+    - ``output_groups(name) -> list[slice] | None``: with group-wise losses (``groups=G``), the slices of layer
+      ``name``'s output channels that reach each replicated loss alone (``JvpResult.group_derivs`` holds each one's
+      derivatives); None for a layer whose output is not split.
     """
 
     def local_loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]: ...
+
+    def output_groups(self, name: str) -> list[slice] | None: ...
 
     def block_parameters(self) -> list[list[str]]: ...
 
