@@ -431,10 +431,13 @@ class _ForwardPass:
         a tangent as large as the block's output."""
         network = self.network
         layers = network.head_layers(head)
+        groups = getattr(network, head).group_slices(h.shape[1])
+        if len(groups) == 1:  # one replica, the loss itself: one JVP through the head carries d_h and its own tangents
+            derivs = self.loss_jvp(*self.through(layers, [h, d_h]))[1]
+            return derivs, derivs.unsqueeze(-1)
         logits, d_own = self.through(layers, [h, None])  # the head's primal and its parameters' tangents
         own = self.loss_jvp(logits, d_own)[1]
         del d_own
-        groups = getattr(network, head).group_slices(h.shape[1])
         if d_h is None:
             return own, own.unsqueeze(-1).expand(*own.shape, len(groups)).clone()
         _, saved = network._primal(layers, h)
