@@ -533,3 +533,33 @@ def test_comm_reports_bytes_per_step_beside_the_gradient(tmp_path, capsys):
     assert records["momentum", None]["bytes_each_step"] == [4 * (n + 2), 4 * 3]  # a checkpoint, then forward mode
     assert records["input_qr", None]["bytes_per_step"] == 4 * 4 * (784 + 1024 + 1024) + 3 * 8 + 4 * 3
     assert "| mlp | naive |" in capsys.readouterr().out
+
+
+def test_model_switches_build_the_variant_and_leave_the_block_switches_to_local_estimators():
+    from fg_lightning.bench.common import build_network, model_switches
+
+    assert model_switches("cnn+block_size=1+groups=8+norm") == ("cnn", {"block_size": 1, "groups": 8, "norm": True})
+    assert model_switches("mlp") == ("mlp", {})
+    local = build_network("cnn+groups=2+norm", "local_activity")
+    plain = build_network("cnn+groups=2+norm", "backprop")  # no heads: groups left out, norm kept
+    assert local.has_local_losses and not plain.has_local_losses
+    assert any("norm" in name for name, _ in plain.named_layers())
+    assert [n for n, _ in build_network("cnn", "backprop").named_layers()] != [n for n, _ in plain.named_layers()]
+
+
+def test_accuracy_ablation_trains_the_recipe_variants_against_the_plain_cnns_backprop(tmp_path):
+    from fg_lightning.bench.accuracy import ABLATION
+
+    root, out = learnable_idx(tmp_path / "idx"), str(tmp_path / "out")
+    fg_bench(["accuracy", "--device", "cpu", "--dataset", "mnist", "--root", root, "--no-download", "--val-size", "32",
+              "--batch-size", "8", "--epochs", "1", "--limit-train-batches", "2", "--seeds", "1", "--grid-growth", "0",
+              "--ablation", "--estimators", "backprop", "local_activity", "--lrs", "0.1", "--out", out])
+    with open(os.path.join(out, "accuracy.json")) as f:
+        report = json.load(f)
+    board = {(r["model"], r["estimator"]): r for r in report["leaderboard"]}
+    assert report["meta"]["ablation"] is True
+    assert set(board) == {("cnn", "backprop")} | {(model, "local_activity") for model in ABLATION}
+    backprop = board["cnn", "backprop"]["test_acc"]
+    for model in ABLATION:
+        row = board[model, "local_activity"]
+        assert row["gap_vs_backprop"] == pytest.approx(row["test_acc"] - backprop)

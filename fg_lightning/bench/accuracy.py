@@ -28,6 +28,10 @@ COLUMNS = ["model", "estimator", "backward", "k", "lr", "at_grid_edge", "schedul
            "val_acc", "test_acc", "test_sd", "gap_vs_backprop", "test_acc_at_backprop_time", "wall_s", "diverged_lrs"]
 CLASSES = list(BACKWARD)  # the leaderboard ranks the estimators of each backward computation on their own
 GROWTH = 3.0  # the factor between a grid's edge and the rate added beyond it
+# --ablation: Ren et al.'s convolutional recipe piece by piece (issue 18): the CNN plain, with group-wise losses over 8
+# channel groups, with normalisation in the blocks, both, and both with blocks of one layer. Estimators without local
+# losses run on the plain CNN only; the variants' gap is to its backprop.
+ABLATION = ["cnn", "cnn+groups=8", "cnn+norm", "cnn+groups=8+norm", "cnn+block_size=1+groups=8+norm"]
 
 
 def lr_grid(name: str, lrs: list[float] | None) -> list[float]:
@@ -126,7 +130,7 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
     accuracy. A row gives the picked rate, its seeds' mean validation and test accuracy, the test accuracy's sd
     (``test_sd``, from two seeds on), the mean steps and wall time, ``at_grid_edge``, ``gap_vs_backprop`` (to
     backprop's mean), ``test_acc_at_backprop_time`` (:func:`at_backprop_time`) and ``diverged_lrs``."""
-    rows = []
+    rows, chosen_by_model = [], {}
     for model in models:
         chosen: dict[str, list[dict[str, Any]]] = {}
         for name in estimators:
@@ -150,12 +154,16 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
                        val_acc=statistics.fmean(r["val_acc"] for r in group), test_acc=statistics.fmean(tests),
                        test_sd=statistics.stdev(tests) if len(tests) > 1 else None,
                        wall_s=statistics.fmean(r["wall_s"] for r in group) if "wall_s" in group[0] else None)
-        if "backprop" in chosen:
-            backprop = statistics.fmean(r["test_acc"] for r in chosen["backprop"])
-            for row in rows:
-                if row["model"] == model and row["estimator"] in chosen:
-                    row["gap_vs_backprop"] = row["test_acc"] - backprop
-                    row["test_acc_at_backprop_time"] = at_backprop_time(chosen[row["estimator"]], chosen["backprop"])
+        chosen_by_model[model] = chosen
+    for model, chosen in chosen_by_model.items():  # a model's backprop, else its base model's (--ablation)
+        reference = chosen.get("backprop") or chosen_by_model.get(model.split("+")[0], {}).get("backprop")
+        if reference is None:
+            continue
+        backprop = statistics.fmean(r["test_acc"] for r in reference)
+        for row in rows:
+            if row["model"] == model and row["estimator"] in chosen:
+                row["gap_vs_backprop"] = row["test_acc"] - backprop
+                row["test_acc_at_backprop_time"] = at_backprop_time(chosen[row["estimator"]], reference)
     return sorted(rows, key=lambda r: (models.index(r["model"]), CLASSES.index(r["backward"]), r.get("test_acc") is None,
                                        -(r.get("test_acc") or 0)))
 
@@ -201,8 +209,11 @@ def run(args: Any) -> list[dict[str, Any]]:
                 "diverged": result["diverged"], "diverged_at": result["diverged_at"], "wall_s": result["train_s"],
                 "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "curve": curve, "picked": False}
 
-    for model in args.models:
+    models = ABLATION if getattr(args, "ablation", False) else args.models
+    for model in models:
         for name in args.estimators:
+            if "+" in model and not REGISTRY[name].needs_local_losses:
+                continue  # the variants' switches are the local-loss recipe: it runs on the base model
             k = args.k if REGISTRY[name].takes_k else None
             runs, grid, added = search(lr_grid(name, args.lrs),
                                        lambda lr: [train_one(model, name, k, lr, seed) for seed in seeds],
@@ -213,11 +224,12 @@ def run(args: Any) -> list[dict[str, Any]]:
                 r.update(grid=grid, grown=r["lr"] in added)
             records += runs
             grids[model, name] = grid, added
-    leaderboard = pick(records, args.models, args.estimators)
+    leaderboard = pick(records, models, args.estimators)
     meta = {**environment(device), "dataset": args.dataset, "train_size": len(data.train_set),
             "val_size": len(data.val_set), "test_size": len(data.test_set), "batch_size": args.batch_size,
             "epochs": args.epochs, "steps_per_epoch": epoch_steps, "schedule": args.schedule, "seeds": args.seeds,
-            "grid_growth": args.grid_growth, "limit_train_batches": args.limit_train_batches,
+            "grid_growth": args.grid_growth, "ablation": getattr(args, "ablation", False),
+            "limit_train_batches": args.limit_train_batches,
             "command": args.command_line}
     limited = "" if args.limit_train_batches is None else (
         f"**Each epoch was cut to {epoch_steps} of {batches} batches (`--limit-train-batches "

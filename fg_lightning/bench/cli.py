@@ -142,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--steps", type=_positive, default=1000)
             sub.add_argument("--cosine-every", type=_positive, default=1, help="steps between cosine measurements")
         if name == "accuracy":
+            sub.add_argument("--ablation", action="store_true",
+                             help="train on the CNN variants of Ren et al.'s recipe in place of --models: "
+                                  "groups=8, norm, both, and with block_size=1 (the local-loss estimators; the others "
+                                  "on the plain CNN)")
             sub.add_argument("--batch-size", "--batch-sizes", dest="batch_size", type=_positive, default=256,
                              help="one training batch size")
             sub.add_argument("--epochs", type=_positive, default=10, help="epochs per run, for every model")

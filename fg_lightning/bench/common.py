@@ -35,18 +35,36 @@ def registered(name: str) -> str:
     return name.removeprefix(TORCH).removeprefix(COMPILED)
 
 
+LOCAL_SWITCHES = ("block_size", "groups")  # network switches that shape the local-loss blocks only
+
+
+def model_switches(model: str) -> tuple[str, dict[str, Any]]:
+    """``"cnn+groups=8+norm"`` -> ``("cnn", {"groups": 8, "norm": True})``: a model and the switches of its network
+    (``MLP``/``CNN`` arguments; a bare name is True)."""
+    base, *parts = model.split("+")
+    switches = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        switches[key] = int(value) if value else True
+    return base, switches
+
+
 def build_network(model: str, estimator: str | GradientEstimator | None = None, seed: int = 0,
                   **kwargs: Any) -> Network:
-    """``MLP`` / ``CNN`` (``model``) from ``seed``, so every case of a model starts from the same weights, with local
-    loss heads (``local_losses=True``) only when ``estimator`` — a registry name, an instance, or a stock baseline's
-    name (never) — needs them."""
+    """``MLP`` / ``CNN`` (``model``, optionally with switches: ``"cnn+groups=8+norm"``) from ``seed``, so every case
+    of a model starts from the same weights, with local loss heads (``local_losses=True``) only when ``estimator`` — a
+    registry name, an instance, or a stock baseline's name (never) — needs them; without heads the switches of the
+    local-loss blocks (``block_size``, ``groups``) are left out."""
     if isinstance(estimator, str):
         local = estimator not in STOCK and REGISTRY[registered(estimator)].needs_local_losses
     else:
         local = estimator is not None and estimator.needs_local_losses
+    base, switches = model_switches(model)
     if local:
         kwargs["local_losses"] = True
-    return MODELS[model](seed=seed, **kwargs)
+    else:
+        switches = {key: value for key, value in switches.items() if key not in LOCAL_SWITCHES}
+    return MODELS[base](seed=seed, **switches, **kwargs)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
