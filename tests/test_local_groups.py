@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_local import FASHION, fashion, needs_fashion  # noqa: F401  (a fixture)
+from test_local import FASHION, fashion, held_out_losses, needs_fashion  # noqa: F401  (a fixture)
 from torch import nn
 
 from fg_lightning.engine import CNN, MLP, GivenTangents, to_torch
-from fg_lightning.estimators import LocalActivityPerturbation, LocalWeightPerturbation, apply_estimate
+from fg_lightning.estimators import LocalActivityPerturbation, LocalWeightPerturbation
 
 NETS = {
     "mlp": (lambda **kw: MLP(in_features=12, hidden=(6, 4), num_classes=4, seed=1, local_losses=True, **kw), (5, 12)),
@@ -203,15 +203,7 @@ def test_groups_and_one_layer_blocks_train_the_cnn_with_local_activity(fashion):
     """100 steps of batch 128 of LocalActivityPerturbation (k = 1) on a small CNN with one-layer blocks and 4 groups.
     Measured, held-out loss from 2.306 after 100 steps at lr 0.1 / 0.2 / 0.3: without the switches 1.60 / 2.04 /
     3.42 (diverging), block_size=1 1.71 / 2.15 / 2.23, groups=4 1.76 / 1.90 / 1.63, both 1.55 / 1.54 / 1.75."""
-    x_val, labels_val = fashion.val_set.tensors
-    x_all, labels_all = fashion.train_set.tensors
     net = CNN(channels=(8, 16, 16), hidden=32, seed=0, local_losses=True, block_size=1, groups=4)
-    estimator = LocalActivityPerturbation(seed=0)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.2)
-    untrained = float(F.cross_entropy(net(x_val), labels_val))
-    for step in range(100):
-        x, labels = x_all[step * 128:(step + 1) * 128], labels_all[step * 128:(step + 1) * 128]
-        apply_estimate(estimator.estimate(net, x, labels, step), net, optimizer, step, estimator)
-    loss = float(F.cross_entropy(net(x_val), labels_val))
+    untrained, loss = held_out_losses(net, LocalActivityPerturbation(seed=0), 0.2, fashion)
     print(f"block_size=1, groups=4: held-out loss {untrained:.3f} -> {loss:.3f} after 100 steps")
     assert untrained - loss > 0.4, (untrained, loss)
