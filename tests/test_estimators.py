@@ -230,10 +230,10 @@ def test_registry_flags_come_from_the_estimators():
     assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {
         "multi_direction", "orthogonal", "partition", "activity", "local_activity", "local_weight"}
     assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {
-        "orthogonal", "input_approx", "momentum", "local_guess"}
+        "orthogonal", "input_approx", "momentum", "local_guess", "local_guess_example"}
     assert REGISTRY["orthogonal"].make(k=3).aggregation == "orthogonal"
     assert {name for name, spec in REGISTRY.items() if spec.needs_local_losses} == {
-        "local_activity", "local_weight", "local_backprop", "local_guess"}
+        "local_activity", "local_weight", "local_backprop", "local_guess", "local_guess_example"}
     assert REGISTRY["partition"].make(k=7).k == 7 and REGISTRY["naive"].make(k=7).k == 1
 
 

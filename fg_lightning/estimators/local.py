@@ -27,6 +27,7 @@ from fg_lightning.estimators.base import (
     ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, check_positive_int,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
+from fg_lightning.estimators.per_example import ExampleGuesses, local_backward, unsupported
 
 
 def _block_of_layers(network: LocalLossModel) -> dict[str, int]:
@@ -231,10 +232,39 @@ class LocalGuess(GradientEstimator):
     global gradient on its guess, :math:`\hat g_B = (d_B / |v_B|^2)\, v_B`. The heads follow their local gradient.
     For the last block the guess is the global gradient itself, taken as it is. Biased (a projection), but far better aligned than a
     random direction; Fournier et al. find it closes much of the gap to backprop, with an overhead of a local backward
-    and a forward-mode pass with a tangent per block but the last."""
+    and a forward-mode pass with a tangent per block but the last.
+
+    ``projection="example"`` projects each *example's* gradient on that example's guess, as Fournier et al. do:
+    :math:`\hat g_B = \frac1B \sum_b (\nabla \ell_b \cdot v_{B,b} / |v_{B,b}|^2)\, v_{B,b}`, :math:`v_{B,b}` example
+    :math:`b`'s local-loss gradient of block :math:`B`'s parameters, :math:`\ell_b` its network loss (the default,
+    ``"batch"``, is the formula above with batch means). Its length on a block is at most the mean of the examples'
+    gradient norms there, and it is exact where each example's guess is parallel to its gradient. Still one local
+    backward, one forward-mode pass of K = blocks − 1 directions and no autograd
+    (:mod:`fg_lightning.estimators.per_example`): each example's guess enters the pass as the activity tangent it
+    gives its own example (for a ``Linear`` layer :math:`\delta_b (|h_b|^2 + 1)`, :math:`h_b` its input,
+    :math:`\delta_b` its local output gradient), the pass's per-example derivatives are the
+    :math:`\nabla \ell_b \cdot v_{B,b}`, and the update is each guessed layer's own weight VJP with the output
+    gradient scaled per example, :math:`c_b \delta_b`. Its cost beyond ``"batch"``: that one weight VJP per guessed
+    layer; the guessed layers' inputs and output gradients kept from the local backward to the end of the pass
+    (about backprop's activations, where ``"batch"`` keeps one block's at a time); and a ``Conv2d``'s per-example
+    weight gradients, materialised (``(out, in·k²)`` per example, with the unfolded input) a batch chunk of at most
+    about 64 MB of float32 at a time, where a ``Linear`` layer's are never formed (closed forms). It needs the
+    engine's network: the torch backend has no local losses, and ``validate()`` says so in one line."""
 
     unbiased = False
     needs_local_losses: ClassVar[bool] = True
+
+    def __init__(self, projection: str = "batch", seed: int = 0) -> None:
+        super().__init__(seed)
+        if not isinstance(projection, str) or projection not in ("batch", "example"):
+            raise ValueError(f"projection must be 'batch' or 'example', got projection={projection!r}")
+        self.projection = projection
+
+    def validate(self, network: LocalLossModel) -> None:
+        super().validate(network)
+        why = unsupported(network) if self.projection == "example" else None
+        if why is not None:
+            raise ValueError(f"LocalGuess(projection='example') forms per-example local gradients: {why}")
 
     def exact_gradient(self, network: LocalLossModel, x: Tensor, labels: Tensor,
                        comm: Collective = ONE_PROCESS) -> dict[str, Tensor]:
@@ -243,6 +273,8 @@ class LocalGuess(GradientEstimator):
 
     def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
+        if self.projection == "example":
+            return self._example_estimate(network, x, labels, comm)
         loss, _, local, _ = network.local_loss_and_grad(x, labels)
         # data parallel: the guesses are the union batch's local gradients (one all-reduce), the same on every rank
         _, local = comm.mean_gradient(len(x), loss, local)
@@ -264,3 +296,23 @@ class LocalGuess(GradientEstimator):
         for name, index in block_of.items():
             grads[name] = local[name] * scale[index]
         return Estimate(result.loss, result.logits, grads)
+
+    def _example_estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, comm: Collective) -> Estimate:
+        """``projection="example"``: each example's gradient projected on its own guess, averaged."""
+        grads, taps = local_backward(network, x, labels)  # the heads and the last block keep their local gradient
+        source = ExampleGuesses(taps, len(network.block_parameters()) - 1)
+        result = network.jvp(x, labels, source)  # (K, B): ∇(ℓ_b / B) · v_{i,b}
+        sq_norms = source.sq_norms
+        scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
+                            torch.zeros_like(sq_norms))  # c_b: with the output gradients' 1/B, Σ_b c_b v_b is the mean
+        for name in list(taps):
+            tap = taps.pop(name)
+            per_example = scale[tap.block].view(-1, *[1] * (tap.out_grad.dim() - 1))
+            d_output = tap.out_grad * per_example  # c_b δ_b: Σ_b c_b v_b from the layer's own VJP
+            for param, grad in network.layer_grads(name, tap.layer, tap.layer_input, d_output).items():
+                grads[f"{name}.{param}"] = grad
+            del tap
+        # data parallel: every part is a mean over this rank's examples; one all-reduce of the gradient
+        loss, grads = comm.mean_gradient(len(x), result.loss,
+                                         {name: grads[name] for name, _ in network.named_parameters()})
+        return Estimate(loss, result.logits, grads)

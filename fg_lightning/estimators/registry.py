@@ -127,5 +127,7 @@ for _spec in (
                   grid=(0.03, 0.1, 0.3), training=Training(1e-2)),
     EstimatorSpec("local_guess", LocalGuess, backward="block", lr={"mlp": 0.3, "cnn": 0.1},
                   grid=(0.03, 0.1, 0.3), training=Training(1e-2)),
+    EstimatorSpec("local_guess_example", LocalGuess, {"projection": "example"}, backward="block",
+                  lr={"mlp": 0.3, "cnn": 0.1}, grid=(0.03, 0.1, 0.3), training=Training(1e-2)),
 ):
     register(_spec)
