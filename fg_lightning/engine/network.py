@@ -357,7 +357,7 @@ class _ForwardPass:
     def __init__(self, network: Network, x: Tensor, labels: Tensor, source: TangentSource) -> None:
         self.network, self.x, self.labels, self.source = network, x, labels, source
         self.tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
-        self.activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents
+        self.activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents, when in chunks
         self.num_dirs: int | None = None
         self.chunk = 1  # directions per pass, decided once K is known
         self.start = 0  # the first direction of this pass
@@ -403,15 +403,18 @@ class _ForwardPass:
             ask = self.source.perturbs_activities and self.start == 0
             layer_input = carry[0] if ask else None
             carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
+            activity = None
             if ask:
                 activity = self.source.activity(name, layer, layer_input, carry[0])
                 if activity is not None:
                     self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
-                    self.activities[name] = activity
+                    if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
+                        self.activities[name] = activity
             layer_input = None
-            if name in self.activities:
-                activity = self.part(self.activities[name])
+            activity = self.part(self.activities[name]) if name in self.activities else activity
+            if activity is not None:
                 carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
+            del activity
         return carry
 
     def loss_jvp(self, logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -459,6 +462,8 @@ class _ForwardPass:
             if head is not None:  # the block's local loss; the tangent stops here
                 derivs, groups = self.head_jvp(head, carry[0], carry.pop(1))
                 carry.append(None)
+                if self.chunk >= self.num_dirs:  # every direction in this pass: the block's derivatives are known
+                    self.source.block_done(index, derivs, groups)
                 block_derivs[index].append(derivs)
                 group_derivs[index].append(groups)
                 del derivs, groups

@@ -82,6 +82,7 @@ class TangentSource:
       as MeZO's seed replay): the engine's pass then keeps none of them (one layer's tangents alive at a time, asked
       again in a later chunk of directions), its result carries no ``tangents``, and the estimator asks again to form
       its estimate. (The torch backend, one pass per direction, keeps them as it does any source's.)
+    - :meth:`block_done` (a local source): a block's derivatives, as soon as they are known.
     """
 
     perturbs_activities: bool = False
@@ -94,6 +95,12 @@ class TangentSource:
 
     def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Optional[Tensor]:
         return None
+
+    def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor) -> None:
+        """Called by the engine's pass of a ``local`` source as soon as block ``index``'s local-loss derivatives are
+        known (``(K, ...)``, and its groups' ``(K, ..., G)``), when one pass carries every direction: the block's
+        update can be formed now and what it keeps released (activity perturbation's weight steps). It may run the
+        layers' own VJPs (``layer_grads``), not a pass of the network. The result carries the same derivatives."""
 
 
 class WeightTangents(TangentSource):

@@ -174,7 +174,11 @@ class Partition(GradientEstimator):
 
 class _PartTangents(TangentSource):
     """Partition's ``k`` directions: row ``j`` of a parameter's tangent holds the flat source vector ``v`` on the
-    coordinates of part ``j`` and zeros elsewhere, built as the pass reaches the parameter's layer."""
+    coordinates of part ``j`` and zeros elsewhere, built as the pass reaches the parameter's layer. ``replayable``: built
+    again from ``v`` whenever asked, so the engine's pass keeps none of them (one layer's ``k`` padded tangents alive
+    at a time, not ``k`` parameter-sized ones); the estimate needs only ``v`` and the derivatives."""
+
+    replayable = True
 
     def __init__(self, k: int, layout: dict[str, tuple[torch.Size, int]], part_ids: Tensor, source: Tensor) -> None:
         self.k, self.layout, self.part_ids, self.source = k, layout, part_ids, source

@@ -17,7 +17,8 @@ boundary and each block (with its head) learns from its own head's loss: what th
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -50,37 +51,21 @@ class _ActivityPerturbation(GradientEstimator):
     def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
         offset, total = comm.batch_rows(len(x))  # this rank's rows of the union batch
-        source = _ActivityTangents(self, network, offset, total)
+        source = _ActivityTangents(self, network, labels, offset, total)
         result = network.jvp(x, labels, source)
-        grads: dict[str, Tensor] = {}
-
-        def add_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> None:
-            layer_grads = network.layer_grads(name, layer, layer_input, d_output)  # one layer's VJP, a local step
-            for param, grad in layer_grads.items():  # summed over the layer's calls
-                key = f"{name}.{param}"
-                grads[key] = grad if key not in grads else grads[key] + grad
-
-        # the output layers: the loss's derivative comes with the forward pass, a one-layer local step
-        for name, (layer, layer_input, output) in source.exact.items():
-            add_grads(name, layer, layer_input, network.logits_grad(output, labels))
-        if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for _, _, o in source.exact.values()):
+        if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for o in source.exact.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
                              "layer, but the network changes its output before the loss: use exact_output=False")
-        local = self.needs_local_losses
-        derivs = result.block_derivs if local else [result.dir_derivs]
-        block_of = _block_of_layers(network) if local else {}
-        for name, layer, layer_input, u in source.perturbed:
-            block = block_of.get(name, 0)
-            d = derivs[block]  # (K, B): each example's derivative of its block's loss
-            groups = network.output_groups(name) if local else None
-            if groups is None:
-                g_z = torch.einsum("kb,kb...->b...", d, u)
-            else:  # (K, B, G): each group's channels with the derivative of its own replicated loss
-                g_z = _grouped_estimate(result.group_derivs[block], u, groups)
-            add_grads(name, layer, layer_input, g_z.div_(self.k))  # ĝ_z, mean of K
+        # the blocks the pass did not finish as it went: the network's loss, the only block without local losses;
+        # every block when the pass ran in chunks of directions
+        if self.needs_local_losses:
+            for index, (derivs, groups) in enumerate(zip(result.block_derivs, result.group_derivs)):
+                source.block_done(index, derivs, groups)
+        else:
+            source.block_done(0, result.dir_derivs, None)
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
         loss, grads = comm.mean_gradient(len(x), result.loss,
-                                         {name: grads[name] for name, _ in network.named_parameters()})
+                                         {name: source.grads[name] for name, _ in network.named_parameters()})
         return Estimate(loss, result.logits, grads)
 
     def validate(self, network: ActivityModel) -> None:
@@ -91,47 +76,108 @@ class _ActivityPerturbation(GradientEstimator):
                              "parameterised layer: its gradient is exact; use Backprop")
 
 
-def _grouped_estimate(derivs: Tensor, u: Tensor, groups: list[slice]) -> Tensor:
-    """``Σ_k d_k u_k`` per example, ``(B, C, ...)``, for a layer whose output channels are split into its block's
-    groups (``groups``: their slices): each group's channels of ``u (K, B, C, ...)`` with the derivative of that
-    group's replicated loss, ``derivs[..., g]`` of ``(K, B, G)``."""
-    parts = [torch.einsum("kb,kb...->b...", derivs[..., g], u[:, :, part]) for g, part in enumerate(groups)]
-    return torch.cat(parts, 1)
+@dataclass
+class _Call:
+    """One call of a parameterised layer in an activity-perturbed pass: what its weight step needs once its block's
+    loss derivatives are known. ``state``: the generator's state before its tangents were drawn (None for an output
+    layer, which is not perturbed); ``output``: its output, kept for the ReLU mask or an output layer's logits."""
+
+    name: str
+    layer: Layer
+    layer_input: Tensor
+    output: Tensor | None
+    state: Tensor | None = None
+    shape: torch.Size = torch.Size()  # of its output; ``like``: an empty tensor of its device and dtype
+    like: Tensor | None = None
 
 
 class _ActivityTangents(TangentSource):
     """Activity perturbation's tangents: ``k`` Gaussian tangents per example on the output of each call of every
     parameterised layer but the output layers (with ``exact_output``), zero where the following ReLU is off (with
-    ``relu_mask``). It keeps what the weight step after the pass needs: each perturbed call's layer, input and
-    tangent, and each output layer's input and output."""
+    ``relu_mask``); and the one-layer weight steps that turn them into the estimate (:meth:`block_done`).
+
+    No tangent is kept: the pass adds it to the layer's output tangent and drops it, and :meth:`block_done` draws it
+    again, one direction at a time, from the generator state recorded before the draw (seed replay). What a call
+    keeps until its block's derivatives are known is what backprop keeps: the layer's input, and for the ReLU mask
+    its output (which the engine's in-place ReLU turns into the next layer's input, keeping its sign). With local
+    losses the engine calls :meth:`block_done` as it evaluates each block's head, so that one block's inputs are
+    alive at a time."""
 
     perturbs_activities = True
     per_example = True
 
-    def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, offset: int, total: int) -> None:
-        self.estimator, self.offset, self.total = estimator, offset, total
+    def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, labels: Tensor, offset: int,
+                 total: int) -> None:
+        self.estimator, self.network, self.labels, self.offset, self.total = estimator, network, labels, offset, total
         self.local = estimator.needs_local_losses
         self.masked = network.relu_followed() if estimator.relu_mask else set()
         self.outputs = network.logit_layers() if estimator.exact_output else set()
-        self.perturbed: list[tuple[str, Layer, Tensor, Tensor]] = []  # per call: (name, layer, its input, u (K, B, …))
-        self.exact: dict[str, tuple[Layer, Tensor, Tensor]] = {}  # output layer -> (layer, its input, its output)
+        self.block_of = _block_of_layers(network) if self.local else {}
+        self.pending: dict[int, list[_Call]] = {}  # per block, its calls in order
+        self.exact: dict[str, Tensor] = {}  # output layer -> its output (the logits of a loss)
+        self.grads: dict[str, Tensor] = {}  # the estimate, summed over each layer's calls
 
     def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor) -> Tensor | None:
+        calls = self.pending.setdefault(self.block_of.get(name, 0), [])
         if name in self.outputs:
             if name in self.exact:
                 raise ValueError(f"{type(self.estimator).__name__}(exact_output=True): the output layer {name!r} is "
                                  "called more than once in one forward, so its output is not only the logits: use "
                                  "exact_output=False")
-            self.exact[name] = (layer, layer_input, output)
+            self.exact[name] = output
+            calls.append(_Call(name, layer, layer_input, output))
             return None
-        # per-example noise drawn for the union batch (the same on every rank), this rank's rows taken
-        u = self.estimator.randn(self.estimator.k, self.total, *output.shape[1:], like=output)
-        if self.total != len(output):
-            u = u.narrow(1, self.offset, len(output)).clone()
-        if name in self.masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
+        generator = self.estimator.generator(output.device)
+        call = _Call(name, layer, layer_input, output if name in self.masked else None, generator.get_state(),
+                     output.shape, output.new_empty(0))
+        u = output.new_empty((self.estimator.k, *output.shape))
+        for direction, draw in zip(u, self.draws(generator, output.shape, output)):  # one draw more alive, not k
+            direction.copy_(draw)
+        if call.output is not None:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
             u.mul_(output > 0)
-        self.perturbed.append((name, layer, layer_input, u))
+        calls.append(call)
         return u
+
+    def draws(self, generator: torch.Generator, shape: torch.Size, like: Tensor) -> Iterator[Tensor]:
+        """A call's ``k`` tangents for an output of ``shape`` ``(B, ...)``, one at a time, on ``like``'s device and
+        dtype: per-example noise drawn for the union batch (the same on every rank), this rank's rows taken."""
+        for _ in range(self.estimator.k):
+            u = torch.randn((self.total, *shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
+            yield u if self.total == shape[0] else u.narrow(0, self.offset, shape[0])
+
+    def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None) -> None:
+        """Block ``index``'s loss derivatives are known (``(K, B)``; ``(K, B, G)`` for its G group losses): each of
+        its calls' weight estimate, from ``ĝ_z = (1/K) Σ_k d_k u_k`` (the tangents drawn again) and the layer's own
+        VJP at its input (a one-layer step), or for an output layer from the loss's derivative. Each call is
+        released once used; a block is done once."""
+        calls = self.pending.pop(index, [])
+        while calls:
+            call = calls.pop()
+            if call.state is None:  # an output layer: the loss's derivative comes with the forward pass
+                g_z = self.network.logits_grad(call.output, self.labels)
+            else:
+                g_z = self.output_estimate(call, derivs, group_derivs)
+            for param, grad in self.network.layer_grads(call.name, call.layer, call.layer_input, g_z).items():
+                key = f"{call.name}.{param}"
+                self.grads[key] = grad if key not in self.grads else self.grads[key] + grad
+            del call, g_z
+
+    def output_estimate(self, call: _Call, derivs: Tensor, group_derivs: Tensor | None) -> Tensor:
+        """``ĝ_z = (1/K) Σ_k d_k u_k`` of one call, its tangents drawn again one at a time. For a layer whose output
+        channels are its block's groups (``network.output_groups``), each group's channels take the derivative of
+        that group's replicated loss, ``group_derivs[..., g]``."""
+        groups = self.network.output_groups(call.name) if self.local else None
+        if groups is not None:  # (K, B, C): each channel with its group's derivative
+            derivs = torch.cat([group_derivs[..., g, None].expand(-1, -1, part.stop - part.start)
+                                for g, part in enumerate(groups)], -1)
+        generator = torch.Generator(device=call.like.device)
+        generator.set_state(call.state)
+        g_z = call.like.new_zeros(call.shape)
+        for d, u in zip(derivs, self.draws(generator, call.shape, call.like)):
+            g_z.addcmul_(d.view(*d.shape, *[1] * (len(call.shape) - d.dim())), u)
+        if call.output is not None:  # the ReLU mask: the output's sign is kept by the in-place ReLU
+            g_z.mul_(call.output > 0)
+        return g_z.div_(self.estimator.k)
 
 
 class ActivityPerturbation(_ActivityPerturbation):

@@ -1,0 +1,111 @@
+"""Activity perturbation keeps no tangent: the pass drops each call's tangents and the estimate draws them again from
+the generator state recorded before the draw (seed replay), and with local losses each block's weight steps run as
+soon as its head is evaluated, releasing its inputs. Here: the estimate is the one formed from the very tangents the
+pass used (recorded as it ran), in one pass and in chunks, with and without local losses and groups; and a block's
+inputs are released before the next block's head."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from fg_lightning.engine import CNN, MLP
+from fg_lightning.estimators import ActivityPerturbation, LocalActivityPerturbation
+from fg_lightning.estimators import local as local_module
+
+NETS = {
+    "mlp": (lambda **kw: MLP(in_features=12, hidden=(6, 8, 4), num_classes=4, seed=1, **kw), (5, 12)),
+    "cnn": (lambda **kw: CNN(channels=(4, 6, 4), image_size=12, hidden=6, num_classes=4, seed=1, **kw), (3, 1, 12, 12)),
+}
+VARIANTS = {
+    "global": (ActivityPerturbation, {}),
+    "local": (LocalActivityPerturbation, {"local_losses": True}),
+    "local-groups": (LocalActivityPerturbation, {"local_losses": True, "block_size": 1, "groups": 2}),
+}
+
+
+def recording(monkeypatch):
+    """Records every perturbed call's tangents as the pass draws them ((name, layer input, u)) and the pass's
+    result."""
+    calls, results = [], []
+    activity = local_module._ActivityTangents.activity
+
+    def record(self, name, layer, layer_input, output):
+        u = activity(self, name, layer, layer_input, output)
+        if u is not None:
+            calls.append((name, layer, layer_input.clone(), u.clone()))
+        return u
+
+    monkeypatch.setattr(local_module._ActivityTangents, "activity", record)
+    return calls, results
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model", NETS)
+def test_the_estimate_is_formed_from_the_tangents_the_pass_used(model, variant, chunked, monkeypatch):
+    cls, switches = VARIANTS[variant]
+    make, shape = NETS[model]
+    net = make(**switches, tangent_memory_mb=1e-4 if chunked else None).double()
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(*shape, generator=gen, dtype=torch.float64), torch.randint(0, 4, (shape[0],), generator=gen)
+    calls, _ = recording(monkeypatch)
+    jvp, results = net.jvp, []
+    monkeypatch.setattr(net, "jvp", lambda *args: results.append(jvp(*args)) or results[-1])
+    estimator = cls(k=3, seed=7)
+    estimate = estimator.estimate(net, x, labels, step=0)
+
+    # the estimate as the stored-tangent path formed it: ĝ_z = (1/K) Σ_k d_k u_k with each call's recorded u
+    (result,) = results
+    block_of = local_module._block_of_layers(net) if net.has_local_losses else {}
+    expected = {}
+    for name, layer, layer_input, u in calls:
+        block = block_of.get(name, 0)
+        derivs = result.block_derivs[block] if net.has_local_losses else result.dir_derivs
+        groups = net.output_groups(name) if net.has_local_losses else None
+        if groups is None:
+            g_z = torch.einsum("kb,kb...->b...", derivs, u)
+        else:
+            group_derivs = result.group_derivs[block]
+            g_z = torch.cat([torch.einsum("kb,kb...->b...", group_derivs[..., g], u[:, :, part])
+                             for g, part in enumerate(groups)], 1)
+        for param, grad in net.layer_grads(name, layer, layer_input, g_z / 3).items():
+            expected[f"{name}.{param}"] = grad + expected.get(f"{name}.{param}", 0)
+    assert expected and (variant != "local-groups" or any(net.output_groups(n) for n, *_ in calls))
+    for name, grad in expected.items():
+        torch.testing.assert_close(estimate.grads[name], grad, msg=name)
+
+
+def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch):
+    """With local losses, one block's inputs are alive at a time: after block i's weight steps (run by the pass as its
+    head is evaluated, before the pass goes on), no input of block i's own layers is referenced any more."""
+    net = MLP(in_features=12, hidden=(8, 8, 8, 8), num_classes=4, seed=1, local_losses=True)
+    x, labels = torch.randn(16, 12), torch.randint(0, 4, (16,))
+    inputs: dict[int, list] = {}
+    activity, block_done = local_module._ActivityTangents.activity, local_module._ActivityTangents.block_done
+    alive_after: dict[int, int] = {}
+    drawn_later: dict[int, list[int]] = {}
+
+    def watch(self, name, layer, layer_input, output):
+        if layer_input is not x and not name.startswith("head"):  # the caller holds the batch; a head's input is
+            # the block's output, the next block's input
+            inputs.setdefault(self.block_of[name], []).append(weakref.ref(layer_input))
+        return activity(self, name, layer, layer_input, output)
+
+    def done(self, index, derivs, group_derivs):
+        if index not in alive_after:  # its first call: the pass has not reached a later block yet
+            drawn_later[index] = sorted(b for b in self.pending if b > index)
+        block_done(self, index, derivs, group_derivs)
+        gc.collect()
+        alive_after.setdefault(index, sum(ref() is not None for ref in inputs.get(index, [])))
+
+    monkeypatch.setattr(local_module._ActivityTangents, "activity", watch)
+    monkeypatch.setattr(local_module._ActivityTangents, "block_done", done)
+    LocalActivityPerturbation(k=2).estimate(net, x, labels, step=0)
+    hidden_blocks = range(len(net.blocks) - 1)
+    assert all(inputs.get(i) for i in hidden_blocks[1:])  # each later hidden block's layers were watched
+    assert alive_after == {i: 0 for i in range(len(net.blocks))}
+    assert drawn_later == {i: [] for i in range(len(net.blocks))}
