@@ -48,6 +48,7 @@ LAYER_CASES = [
     ("group-norm", lambda: GroupNorm(3, 6), (4, 6)),
     ("group-norm-4d", lambda: GroupNorm(2, 4, eps=1e-3), (3, 4, 3, 5)),
     ("layer-norm-4d", lambda: GroupNorm(1, 3), (2, 3, 4, 4)),
+    ("group-norm-bands", lambda: GroupNorm(2, 4, bands=(3, 2)), (3, 4, 5, 5)),  # CNN(norm=True, patches=2)
 ]
 
 

@@ -316,19 +316,46 @@ class GroupNorm(Layer):
     with the block's groups, it keeps each group of channels apart.
 
     Its Jacobian is symmetric, so VJP and JVP are the same map: ``(d − mean(d) − x̂·mean(d x̂)) / σ``, means over the
-    group."""
+    group.
 
-    def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
+    ``bands`` (a feature map's, ``(B, C, H, W)``) cuts its rows and its columns into bands of those sizes (summing to
+    H and to W): μ and σ² are then taken over each group's channels within each cell of that grid, so that the cells
+    stay apart (the CNN's ``patches``, as Ren et al.'s LocalMixer normalises each token's group on its own)."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5, bands: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if groups < 1 or channels < 1 or channels % groups:
             raise ValueError(f"GroupNorm needs groups dividing channels, got groups={groups}, channels={channels}")
+        if bands is not None and (not bands or any(size < 1 for size in bands)):
+            raise ValueError(f"GroupNorm needs bands of positive sizes, got bands={bands!r}")
         self.groups, self.channels, self.eps = groups, channels, eps
+        self.bands = None if bands is None else tuple(bands)
+        if bands is not None:  # each position's band; not in the state dict
+            self.register_buffer("band", torch.repeat_interleave(torch.arange(len(bands)), torch.tensor(bands)),
+                                 persistent=False)
+
+    def _cell_mean(self, t: Tensor) -> Tensor:
+        """``t (..., G, C/G, H, W)``: the mean over each group's channels in each cell of the bands' grid, broadcast
+        back to ``(..., G, 1, H, W)``."""
+        height, width = t.shape[-2:]
+        if sum(self.bands) != height or sum(self.bands) != width:
+            raise ValueError(f"GroupNorm with bands {self.bands} needs a {sum(self.bands)}×{sum(self.bands)} feature "
+                             f"map, got {height}×{width}")
+        onehot = F.one_hot(self.band, len(self.bands)).to(t.dtype)  # (H, P): position -> its band
+        counts = t.shape[-3] * torch.outer(onehot.sum(0), onehot.sum(0))  # (P, P): elements per cell and group
+        means = (onehot.T @ t.sum(-3) @ onehot).div_(counts)  # (..., G, P, P)
+        return means[..., self.band, :][..., self.band].unsqueeze(-3)
 
     def _grouped(self, x: Tensor, batch_dims: int) -> Tensor:
         """``(*lead, C, ...) -> (*lead, G, C/G · spatial)``, ``lead`` the first ``batch_dims`` axes."""
         return x.reshape(*x.shape[:batch_dims], self.groups, -1)
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        if self.bands is not None:
+            grouped = x.reshape(x.shape[0], self.groups, -1, *x.shape[2:])  # (B, G, C/G, H, W)
+            mean = self._cell_mean(grouped)
+            inv_std = (self._cell_mean((grouped - mean).square_()) + self.eps).rsqrt_()
+            return ((grouped - mean) * inv_std).view(x.shape), (grouped, mean, inv_std)
         grouped = self._grouped(x, 1)  # (B, G, n)
         mean = grouped.mean(-1, keepdim=True)
         inv_std = (grouped.var(-1, unbiased=False, keepdim=True) + self.eps).rsqrt()
@@ -340,9 +367,13 @@ class GroupNorm(Layer):
 
     def _through(self, saved: tuple[Tensor, Tensor, Tensor], d: Tensor, batch_dims: int) -> Tensor:
         """The Jacobian times ``d`` (``(B, C, ...)``, or ``(K, B, C, ...)`` with ``batch_dims=2``)."""
-        grouped, mean, inv_std = saved  # (B, G, n), (B, G, 1), (B, G, 1)
+        grouped, mean, inv_std = saved  # (B, G, n), (B, G, 1), (B, G, 1); with bands (B, G, C/G, H, W), (B, G, 1, H, W)
         normalised = (grouped - mean) * inv_std  # x̂
         shape = d.shape
+        if self.bands is not None:
+            d = d.reshape(*shape[:batch_dims], self.groups, -1, *shape[-2:])
+            d = d - self._cell_mean(d) - normalised * self._cell_mean(d * normalised)
+            return d.mul_(inv_std).view(shape)
         d = self._grouped(d, batch_dims)
         d = d - d.mean(-1, keepdim=True) - normalised * (d * normalised).mean(-1, keepdim=True)
         return d.mul_(inv_std).view(shape)

@@ -30,7 +30,11 @@ class JvpResult:
     (``(*block_derivs[i].shape, G)``) those of its G replicated group losses (Ren et al. 2023, Sec. 4): group ``g``'s
     entry sees only the tangent of the head input's group ``g`` (and the head's own parameter tangents), so
     ``block_derivs[i]`` is their sum with the head's share counted once; with G = 1 (the last block, and any block
-    of a network without groups) ``group_derivs[i][..., 0]`` is ``block_derivs[i]``."""
+    of a network without groups) ``group_derivs[i][..., 0]`` is ``block_derivs[i]``. ``patch_derivs[i]``
+    (``(*block_derivs[i].shape, G, P²)``) refines them with patch-wise losses (``CNN(patches=P)``): entry ``[..., g,
+    p]`` is the replica of group ``g`` and patch ``p`` (row-major in the P×P grid of the head input's positions),
+    which sees only the tangent of that cell of the head input (and the head's own parameter tangents); P² = 1 for a
+    block whose head has no patches (then it is ``group_derivs[i][..., None]``)."""
 
     loss: Tensor
     logits: Tensor
@@ -38,6 +42,13 @@ class JvpResult:
     tangents: dict[str, Tangent]
     block_derivs: list[Tensor] | None = None
     group_derivs: list[Tensor] | None = None
+    patch_derivs: list[Tensor] | None = None
+
+
+def bands(size: int, parts: int) -> list[int]:
+    """The sizes of ``parts`` contiguous bands of ``size`` positions, as ``torch.tensor_split`` cuts them (the first
+    ``size % parts`` one longer)."""
+    return [size // parts + (index < size % parts) for index in range(parts)]
 
 
 class Head(nn.Module):
@@ -46,9 +57,16 @@ class Head(nn.Module):
 
     ``groups`` (Ren et al. 2023, Sec. 4, group-wise losses) splits the head input's channels (axis 1) into that many
     contiguous groups, as ``torch.tensor_split`` does, each with a replica of the head's loss: the same value, but
-    group ``g``'s replica sees only group ``g``'s tangent (a stop-gradient on the other groups)."""
+    group ``g``'s replica sees only group ``g``'s tangent (a stop-gradient on the other groups).
 
-    def __init__(self, layers: Sequence[tuple[str, Layer]], groups: int = 1) -> None:
+    ``patches`` P (Ren et al. 2023, Sec. 4, patch-wise losses), for a head that starts with a :class:`GlobalAvgPool`
+    of a feature map ``(B, C, H, W)``: its rows and its columns are cut into P bands each (as ``torch.tensor_split``
+    does), and each of the G·P² cells (group ``g``'s channels in patch ``p``, :meth:`cells`) has its own replica of
+    the head's loss, which sees only that cell's tangent. As in Ren et al.'s code, a replica is the loss of the
+    average over *all* positions (not of its patch's average): the same value for every cell, the stop-gradient on
+    the other cells being what makes it local."""
+
+    def __init__(self, layers: Sequence[tuple[str, Layer]], groups: int = 1, patches: int = 1) -> None:
         super().__init__()
         for name, layer in layers:
             if not isinstance(layer, Layer):
@@ -58,13 +76,34 @@ class Head(nn.Module):
         width = first.in_features if isinstance(first, Linear) else getattr(first, "in_channels", None)
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or (width and groups > width):
             raise ValueError(f"groups must be an int from 1 to the head input's width {width}, got groups={groups!r}")
-        self.groups = groups
+        if isinstance(patches, bool) or not isinstance(patches, int) or patches < 1:
+            raise ValueError(f"patches must be a positive int, got patches={patches!r}")
+        if patches > 1 and not (layers and isinstance(layers[0][1], GlobalAvgPool)):
+            raise ValueError(f"patches={patches} cuts the positions of a feature map: it needs a head that starts with "
+                             "a GlobalAvgPool")
+        self.groups, self.patches = groups, patches
 
     def group_slices(self, width: int) -> list[slice]:
         """The channels of each group, for a head input of ``width`` channels."""
         bounds = [len(part) for part in torch.arange(width).tensor_split(self.groups)]
         starts = [sum(bounds[:i]) for i in range(len(bounds))]
         return [slice(start, start + size) for start, size in zip(starts, bounds)]
+
+    def cells(self, shape: Sequence[int]) -> list[tuple[slice, slice, slice]]:
+        """``(channels, rows, columns)`` of each replica of a head input of ``shape`` ``(C, H, W)``, the G·P² cells in
+        the order of ``JvpResult.patch_derivs``' last two axes flattened: cell ``g·P² + i·P + j`` is group ``g``,
+        row band ``i``, column band ``j``."""
+        height, width = shape[1:]
+        if self.patches > min(height, width):
+            raise ValueError(f"patches={self.patches} needs a head input of at least {self.patches}×{self.patches} "
+                             f"positions, got {height}×{width}")
+        rows, cols = (self._slices(bands(size, self.patches)) for size in (height, width))
+        return [(group, row, col) for group in self.group_slices(shape[0]) for row in rows for col in cols]
+
+    @staticmethod
+    def _slices(sizes: Sequence[int]) -> list[slice]:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [slice(start, start + size) for start, size in zip(starts, sizes)]
 
     def named_layers(self) -> Iterator[tuple[str, Layer]]:
         return self.named_children()  # type: ignore[return-value]
@@ -101,13 +140,22 @@ class Network(nn.Module):
     (``∂L_g/∂h_g = ∂L/∂h_g``, ``∂L_g/∂h_g' = 0``): :meth:`local_loss_and_grad` is unchanged; what
     changes is the variance of a forward-mode estimate, whose noise for a group's activities comes from that group
     alone.
+
+    ``patches`` (P) further replicates the loss of each head that starts with a :class:`GlobalAvgPool` over the
+    P×P patches of its input's positions (see :class:`Head`): G·P² replicas ``L_{g,p}``, each with a stop-gradient
+    on every cell of the head input but (group ``g``, patch ``p``); the forward-mode pass gives each one's derivative
+    (``JvpResult.patch_derivs``), and :meth:`output_cells` says which output elements of a block's last layer reach
+    which replica. The objective is ``Σ_{g,p} L_{g,p}`` for the block's layers (the sum, as Ren et al.'s code) and
+    the head's own loss for the head; as with groups its exact gradient is the plain local gradient
+    (``∂L_{g,p}/∂h_{g,p} = ∂L/∂h_{g,p}``, and a cell reaches no other replica), so :meth:`local_loss_and_grad` is
+    unchanged.
     """
 
     compilable = True  # its step runs under torch.compile (the torch backend's forward_ad pass does not)
 
     def __init__(
         self, layers: Sequence[tuple[str, Layer]], input_shape: Sequence[int], tangent_memory_mb: float | None = 256.0,
-        heads: Mapping[str, Sequence[tuple[str, Layer]]] | None = None, groups: int = 1,
+        heads: Mapping[str, Sequence[tuple[str, Layer]]] | None = None, groups: int = 1, patches: int = 1,
     ) -> None:
         super().__init__()
         if not layers:
@@ -122,6 +170,9 @@ class Network(nn.Module):
         heads = dict(heads or {})
         if groups != 1 and not heads:
             raise ValueError(f"groups={groups!r} replicates the local losses of heads: it needs heads")
+        if patches != 1 and not any(layers and isinstance(layers[0][1], GlobalAvgPool) for layers in heads.values()):
+            raise ValueError(f"patches={patches!r} replicates the local losses of heads over the patches of a feature "
+                             "map: it needs a head that starts with a GlobalAvgPool")
         unknown = sorted(set(heads) - set(self._layer_names[:-1]))
         if unknown:
             raise ValueError(f"heads must follow a layer other than the last, got heads after {unknown}")
@@ -132,7 +183,8 @@ class Network(nn.Module):
             current.append(name)
             if name in heads:
                 head_name = f"head{len(self._blocks) + 1}"
-                self.add_module(head_name, Head(heads[name], groups))
+                spatial = bool(heads[name]) and isinstance(heads[name][0][1], GlobalAvgPool)
+                self.add_module(head_name, Head(heads[name], groups, patches if spatial else 1))
                 self._blocks.append((current, head_name))
                 current = []
         self._blocks.append((current, None))
@@ -191,6 +243,65 @@ class Network(nn.Module):
                 return None
             width = layers[0].out_features if isinstance(layers[0], Linear) else layers[0].out_channels
             return getattr(self, head).group_slices(width)
+        return None
+
+    def output_cells(self, name: str, shape: Sequence[int]) -> Tensor | None:
+        """For the last parameterised layer of a block whose head has patches (``patches=P``), when every layer between
+        it and the head keeps the head's cells apart: the replica each element of its output (of ``shape``, ``(B, C,
+        H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on the CPU) of indices into ``JvpResult.patch_derivs``'
+        last two axes flattened (:meth:`Head.cells`), −1 for an element that reaches no loss. Patch membership is
+        taken back through each layer: a ReLU keeps it, a max-pool whose windows do not overlap gives an input
+        position its window's output's cell (an input row or column that no window covers, −1), and a
+        :class:`GroupNorm` gives every element of a group (within a cell of its ``bands``) the one cell its outputs
+        reach (its statistics join them). ``None`` when an element would reach two replicas (say a GroupNorm over a
+        whole map, whose mean mixes the patches: then the block's layers take the group's or the block's
+        derivative, :meth:`output_groups`), and for any other layer."""
+        for names, head in self._blocks:
+            if head is None or name not in names:
+                continue
+            module = getattr(self, head)
+            layers = [getattr(self, n) for n in names[names.index(name):]]
+            if module.patches == 1 or not isinstance(layers[0], Conv2d) or len(shape) != 4:
+                return None
+            shapes = [tuple(shape[1:])]  # each layer's output, per example
+            for layer in layers[1:]:
+                if isinstance(layer, MaxPool2d):
+                    if layer.kernel_size > layer.stride:
+                        return None  # overlapping windows: a position may reach two cells
+                    c, h, w = shapes[-1]
+                    shapes.append((c, (h - layer.kernel_size) // layer.stride + 1,
+                                   (w - layer.kernel_size) // layer.stride + 1))
+                elif isinstance(layer, (ReLU, GroupNorm)):
+                    shapes.append(shapes[-1])
+                else:
+                    return None
+            cell = torch.full(shapes[-1], -1, dtype=torch.long)
+            for index, part in enumerate(module.cells(shapes[-1])):
+                cell[part] = index
+            for layer, (c, h, w) in zip(reversed(layers[1:]), reversed(shapes[:-1])):
+                if isinstance(layer, MaxPool2d):
+                    stride, kernel = layer.stride, layer.kernel_size
+                    rows, cols = torch.arange(h), torch.arange(w)
+                    row_ok = (rows // stride < cell.shape[1]) & (rows % stride < kernel)
+                    col_ok = (cols // stride < cell.shape[2]) & (cols % stride < kernel)
+                    cell = cell[:, (rows // stride).clamp(max=cell.shape[1] - 1)][:, :, (cols // stride).clamp(
+                        max=cell.shape[2] - 1)]
+                    cell[:, ~row_ok] = -1
+                    cell[:, :, ~col_ok] = -1
+                elif isinstance(layer, GroupNorm):
+                    spans = Head._slices(layer.bands) if layer.bands is not None else [slice(None)]
+                    joined = cell.clone()
+                    for group in torch.arange(c).chunk(layer.groups):
+                        for row in spans:
+                            for col in spans:
+                                region = (slice(int(group[0]), int(group[-1]) + 1), row, col)
+                                reached = cell[region].unique()
+                                reached = reached[reached >= 0]
+                                if len(reached) > 1:
+                                    return None
+                                joined[region] = reached[0] if len(reached) else -1
+                    cell = joined
+            return cell
         return None
 
     def relu_followed(self) -> set[str]:
@@ -424,49 +535,63 @@ class _ForwardPass:
             return cross_entropy(logits, self.labels), logits.new_zeros(shape)
         return cross_entropy_jvp(logits, self.labels, d_logits, per_example=per_example)
 
-    def head_jvp(self, head: str, h: Tensor, d_h: Tensor | None) -> tuple[Tensor, Tensor]:
+    def head_jvp(self, head: str, h: Tensor, d_h: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """A block's local loss, the tangent stopping at its output ``h``: ``(derivatives of the loss, those of each
-        group's replica (..., G))``. Replica ``g`` sees the head's own parameter tangents (asked of the source here)
-        and the tangent ``d_h`` on group ``g``'s channels only; the loss sees them once and all of ``d_h``.
+        group's replica (..., G), those of each group and patch's replica (..., G, P²))``. Replica ``g`` sees the
+        head's own parameter tangents (asked of the source here) and the tangent ``d_h`` on group ``g``'s channels
+        only, replica ``(g, p)`` on those channels in patch ``p`` only; the loss sees them once and all of ``d_h``.
 
-        The part of ``d_h`` is ``∂L/∂h · d_h`` summed over each group's channels, ``∂L/∂h`` (each example's, ``(B, C,
-        ...)``) from the head's VJP: one step back through the small head instead of G forward passes through it of
-        a tangent as large as the block's output."""
+        The part of ``d_h`` is ``∂L/∂h · d_h`` summed over each cell, ``∂L/∂h`` (each example's, ``(B, C, ...)``)
+        from the head's VJP: one step back through the small head instead of G·P² forward passes through it of a
+        tangent as large as the block's output."""
         network = self.network
         layers = network.head_layers(head)
-        groups = getattr(network, head).group_slices(h.shape[1])
-        if len(groups) == 1:  # one replica, the loss itself: one JVP through the head carries d_h and its own tangents
+        module = getattr(network, head)
+        groups = module.group_slices(h.shape[1])
+        cells = module.cells(h.shape[1:]) if module.patches > 1 else [(part,) for part in groups]
+        if len(cells) == 1:  # one replica, the loss itself: one JVP through the head carries d_h and its own tangents
             derivs = self.loss_jvp(*self.through(layers, [h, d_h]))[1]
-            return derivs, derivs.unsqueeze(-1)
+            return derivs, derivs[..., None], derivs[..., None, None]
         logits, d_own = self.through(layers, [h, None])  # the head's primal and its parameters' tangents
         own = self.loss_jvp(logits, d_own)[1]
         del d_own
         if d_h is None:
-            return own, own.unsqueeze(-1).expand(*own.shape, len(groups)).clone()
-        _, saved = network._primal(layers, h)
-        grad_h = network._backward(layers, saved, network.logits_grad(logits, self.labels), {}, need_input_grad=True)
-        del logits, saved
-        spec = "kb...,b...->kb" if self.source.per_example else "kb...,b...->k"
-        masked = torch.stack([torch.einsum(spec, d_h[:, :, part], grad_h[:, part]) for part in groups], -1)
-        return own + masked.sum(-1), masked.add_(own.unsqueeze(-1))
+            masked = own.new_zeros(*own.shape, len(cells))
+        else:
+            _, saved = network._primal(layers, h)
+            grad_h = network._backward(layers, saved, network.logits_grad(logits, self.labels), {},
+                                       need_input_grad=True)
+            del saved
+            spec = "kb...,b...->kb" if self.source.per_example else "kb...,b...->k"
+            every = slice(None)
+            masked = torch.stack([torch.einsum(spec, d_h[(every, every, *cell)], grad_h[(every, *cell)])
+                                  for cell in cells], -1)
+        del logits
+        masked = masked.view(*own.shape, len(groups), len(cells) // len(groups))
+        grouped = masked.sum(-1)
+        return own + grouped.sum(-1), grouped.add_(own[..., None]), masked.add_(own[..., None, None])
 
-    def one_pass(self, block_derivs: list[list[Tensor]],
-                 group_derivs: list[list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    def one_pass(self, block_derivs: list[list[Tensor]], group_derivs: list[list[Tensor]],
+                 patch_derivs: list[list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         """One primal pass with this chunk's directions: ``(loss, logits, derivatives)``; each head's local-loss
-        derivatives are appended to ``block_derivs``, its groups' to ``group_derivs``."""
+        derivatives are appended to ``block_derivs``, its groups' to ``group_derivs``, its cells' to
+        ``patch_derivs``."""
         network = self.network
         blocks = network._blocks if self.source.local else [(network._layer_names, None)]
         carry: list = [self.x, None]  # (primal, tangent), held only here so a layer can release them early
         for index, (names, head) in enumerate(blocks):
             carry = self.through([(name, getattr(network, name)) for name in names], carry)
             if head is not None:  # the block's local loss; the tangent stops here
-                derivs, groups = self.head_jvp(head, carry[0], carry.pop(1))
+                derivs, groups, cells = self.head_jvp(head, carry[0], carry.pop(1))
                 carry.append(None)
                 if self.chunk >= self.num_dirs:  # every direction in this pass: the block's derivatives are known
-                    self.source.block_done(index, derivs, groups)
+                    # (the cells' only where the head has patches: a source written before them is called as before)
+                    self.source.block_done(index, derivs, groups, **({"patch_derivs": cells} if cells.shape[-1] > 1
+                                                                     else {}))
                 block_derivs[index].append(derivs)
                 group_derivs[index].append(groups)
-                del derivs, groups
+                patch_derivs[index].append(cells)
+                del derivs, groups, cells
         if self.num_dirs is None:
             raise ValueError("the tangent source gave no tangent for any parameter: there is no direction to "
                              "differentiate along")
@@ -475,6 +600,7 @@ class _ForwardPass:
         loss, derivs = self.loss_jvp(logits, d_logits)
         block_derivs[-1].append(derivs)
         group_derivs[-1].append(derivs.unsqueeze(-1))
+        patch_derivs[-1].append(derivs[..., None, None])
         return loss, logits, derivs
 
     def run(self) -> JvpResult:
@@ -482,8 +608,9 @@ class _ForwardPass:
         dir_derivs: list[Tensor] = []
         block_derivs: list[list[Tensor]] = [[] for _ in self.network._blocks]
         group_derivs: list[list[Tensor]] = [[] for _ in self.network._blocks]
+        patch_derivs: list[list[Tensor]] = [[] for _ in self.network._blocks]
         while True:  # one pass per chunk of directions; usually a single pass
-            pass_loss, pass_logits, derivs = self.one_pass(block_derivs, group_derivs)
+            pass_loss, pass_logits, derivs = self.one_pass(block_derivs, group_derivs, patch_derivs)
             if loss is None:
                 loss, logits = pass_loss, pass_logits
             del pass_logits
@@ -494,7 +621,8 @@ class _ForwardPass:
         local = self.source.local
         return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=self.tangents,
                          block_derivs=[torch.cat(d) for d in block_derivs] if local else None,
-                         group_derivs=[torch.cat(d) for d in group_derivs] if local else None)
+                         group_derivs=[torch.cat(d) for d in group_derivs] if local else None,
+                         patch_derivs=[torch.cat(d) for d in patch_derivs] if local else None)
 
 
 @contextlib.contextmanager
@@ -521,12 +649,13 @@ def _block_ends(hidden_layers: int, block_size: int | None, local_losses: bool, 
     return list(default) if block_size is None else list(range(block_size, hidden_layers + 1, block_size))
 
 
-def _norm(index: int, width: int, norm: bool, groups: int) -> list[tuple[str, Layer]]:
-    """``norm{index}``, a :class:`GroupNorm` over the network's groups of a hidden layer's ``width`` channels, when
-    ``norm``; nothing otherwise."""
+def _norm(index: int, width: int, norm: bool, groups: int,
+          bands: Sequence[int] | None = None) -> list[tuple[str, Layer]]:
+    """``norm{index}``, a :class:`GroupNorm` over the network's groups of a hidden layer's ``width`` channels (within
+    each cell of ``bands``' grid, given), when ``norm``; nothing otherwise."""
     if not isinstance(norm, bool):
         raise ValueError(f"norm must be True or False, got norm={norm!r}")
-    return [(f"norm{index}", GroupNorm(groups, width))] if norm else []
+    return [(f"norm{index}", GroupNorm(groups, width, bands=None if bands is None else tuple(bands)))] if norm else []
 
 
 class MLP(Network):
@@ -540,14 +669,17 @@ class MLP(Network):
     after every n-th hidden layer only (default 1: every hidden layer); ``groups`` replicates each head's loss over
     that many groups of its input features (see :class:`Network`). ``norm=True`` puts a :class:`GroupNorm`
     (``norm{i}``, over the ``groups`` groups) between each hidden layer and its ReLU, as Ren et al. normalise inside
-    each block; it has no parameters.
+    each block; it has no parameters. ``patches`` (a CNN switch) is refused.
     """
 
     def __init__(
         self, in_features: int = 784, hidden: Sequence[int] = (1024, 1024), num_classes: int = 10, seed: int | None = None,
         tangent_memory_mb: float | None = 256.0, local_losses: bool = False, block_size: int | None = None,
-        groups: int = 1, norm: bool = False,
+        groups: int = 1, norm: bool = False, patches: int = 1,
     ) -> None:
+        if patches != 1:
+            raise ValueError(f"patches={patches!r} cuts a feature map's positions into patch-wise losses: the MLP has "
+                             "no positions (a CNN switch)")
         sizes = [in_features, *hidden, num_classes]
         if any(size < 1 for size in sizes):
             raise ValueError(
@@ -581,6 +713,16 @@ class CNN(Network):
     replicates each head's loss over that many groups of its input channels (see :class:`Network`). ``norm=True``
     puts a :class:`GroupNorm` (``norm{i}``, over the ``groups`` groups of channels and their positions) between each
     hidden layer and its ReLU.
+
+    ``patches=P`` (Ren et al. 2023, Sec. 4, patch-wise losses) cuts each conv block's head input (its pooled map)
+    into a P×P grid of patches (``torch.tensor_split`` bands of rows and of columns) and replicates the head's loss
+    over the G·P² cells of groups and patches (see :class:`Network`), so that an activity tangent at one position
+    reaches only its own patch's replica. A conv output position belongs to the patch of the pooled position its
+    2×2 window gives (the last row and column of an odd map, which no window covers, reach no loss). With ``norm``,
+    each conv stage's GroupNorm takes its statistics within each cell (its bands: the pooled grid's, doubled, the
+    uncovered row and column joining the last band), as Ren et al. normalise each token on its own; a norm over the
+    whole map would join the patches. P must be at most the smallest pooled map's size (3 on 28×28 inputs), and
+    needs a block that ends at a conv stage.
     """
 
     def __init__(
@@ -598,26 +740,43 @@ class CNN(Network):
         block_size: int | None = None,
         groups: int = 1,
         norm: bool = False,
+        patches: int = 1,
     ) -> None:
         ends = _block_ends(len(channels) + 1, block_size, local_losses, groups, default=range(1, len(channels) + 1))
         if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
             raise ValueError(
                 f"CNN needs positive sizes, got channels={tuple(channels)}, hidden={hidden}, num_classes={num_classes}"
             )
-        size = image_size
+        size, conv_sizes = image_size, []
         for _ in channels:
-            size = (size + 2 * padding - kernel_size + 1) // 2
+            conv_sizes.append(size + 2 * padding - kernel_size + 1)
+            size = conv_sizes[-1] // 2
             if size < 1:
                 raise ValueError(
                     f"image_size={image_size} is too small for {len(channels)} conv+pool stages "
                     f"with kernel_size={kernel_size}, padding={padding}"
                 )
+        if isinstance(patches, bool) or not isinstance(patches, int) or not 1 <= patches <= size:
+            raise ValueError(f"patches must be an int from 1 to the smallest pooled map's size {size}, "
+                             f"got patches={patches!r}")
+        if patches > 1 and not local_losses:
+            raise ValueError(f"patches={patches} replicates the local losses of the conv blocks' heads: it needs "
+                             "local_losses=True")
+        if patches > 1 and not any(end <= len(channels) for end in ends):
+            raise ValueError(f"patches={patches} cuts a conv block's head input: no block ends at a conv stage "
+                             f"(block_size={block_size!r})")
+
+        def cell_bands(conv: int) -> list[int] | None:  # a conv output's bands: its pooled map's, doubled
+            if patches == 1:
+                return None
+            pooled = [2 * band for band in bands(conv // 2, patches)]
+            return [*pooled[:-1], pooled[-1] + conv % 2]
         layers: list[tuple[str, Layer]] = []
         with _seeded(seed):
             for index, (c_in, c_out) in enumerate(zip([in_channels, *channels[:-1]], channels), start=1):
                 layers += [
                     (f"conv{index}", Conv2d(c_in, c_out, kernel_size, padding=padding)),
-                    *_norm(index, c_out, norm, groups),
+                    *_norm(index, c_out, norm, groups, cell_bands(conv_sizes[index - 1])),
                     (f"relu{index}", ReLU(inplace=True)),
                     (f"pool{index}", MaxPool2d(2)),
                 ]
@@ -634,4 +793,4 @@ class CNN(Network):
             if last in ends:  # drawn after the others, so that they are initialised as without it
                 heads[last] = (f"relu{last}", [("fc", Linear(hidden, num_classes))])
         super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
-                         heads=dict(heads[i] for i in ends), groups=groups)
+                         heads=dict(heads[i] for i in ends), groups=groups, patches=patches)

@@ -5,10 +5,25 @@ Used as the oracle in tests and as the stock-PyTorch baseline in benchmarks; the
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU
 from fg_lightning.engine.network import Head, Network
+
+
+class _BandedGroupNorm(nn.Module):
+    """``GroupNorm(bands=...)``'s twin: ``F.group_norm`` on each cell of the bands' grid on its own."""
+
+    def __init__(self, groups: int, bands: tuple[int, ...], eps: float) -> None:
+        super().__init__()
+        self.groups, self.bands, self.eps = groups, bands, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = [torch.cat([F.group_norm(cell, self.groups, eps=self.eps) for cell in band.split(self.bands, 3)], 3)
+                for band in x.split(self.bands, 2)]
+        return torch.cat(rows, 2)
 
 
 def _stock_layer(layer: Layer) -> nn.Module:
@@ -23,6 +38,8 @@ def _stock_layer(layer: Layer) -> nn.Module:
         return nn.MaxPool2d(layer.kernel_size, layer.stride)
     elif isinstance(layer, Flatten):
         return nn.Flatten()
+    elif isinstance(layer, GroupNorm) and layer.bands is not None:
+        return _BandedGroupNorm(layer.groups, layer.bands, layer.eps)
     elif isinstance(layer, GroupNorm):
         return nn.GroupNorm(layer.groups, layer.channels, eps=layer.eps, affine=False)
     elif isinstance(layer, GlobalAvgPool):

@@ -96,9 +96,11 @@ class TangentSource:
     def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Optional[Tensor]:
         return None
 
-    def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor) -> None:
+    def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor,
+                   patch_derivs: Optional[Tensor] = None) -> None:
         """Called by the engine's pass of a ``local`` source as soon as block ``index``'s local-loss derivatives are
-        known (``(K, ...)``, and its groups' ``(K, ..., G)``), when one pass carries every direction: the block's
+        known (``(K, ...)``, and its groups' ``(K, ..., G)``; its groups and patches' ``(K, ..., G, P²)``, passed only
+        where its head has patches), when one pass carries every direction: the block's
         update can be formed now and what it keeps released (activity perturbation's weight steps). It may run the
         layers' own VJPs (``layer_grads``), not a pass of the network. The result carries the same derivatives."""
 

@@ -78,7 +78,10 @@ class LocalLossModel(ActivityModel, Protocol):
     - ``named_layers()``: the network's own layers (not its heads), in order;
     - ``output_groups(name) -> list[slice] | None``: with group-wise losses (``groups=G``), the slices of layer
       ``name``'s output channels that reach each replicated loss alone (``JvpResult.group_derivs`` holds each one's
-      derivatives); None for a layer whose output is not split.
+      derivatives); None for a layer whose output is not split;
+    - ``output_cells(name, shape) -> Tensor | None``: with patch-wise losses (``CNN(patches=P)``), the group and
+      patch replica each element of layer ``name``'s output reaches alone (``JvpResult.patch_derivs``); asked only of
+      a network whose pass gives patch derivatives.
     """
 
     def local_loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], list[Tensor]]: ...

@@ -75,14 +75,20 @@ class Collective:
         # the derivatives of a block's group losses (Network(groups=G)): sent only where G > 1; with one group they
         # are the block's own
         grouped = [i for i, d in enumerate(result.group_derivs or []) if d.shape[-1] > 1]
+        # and of its group and patch losses (CNN(patches=P)): sent only where P > 1
+        patched = [i for i, d in enumerate(result.patch_derivs or []) if d.shape[-1] > 1]
         loss, dir_derivs, *rest = self.batch_mean(
-            [result.loss, result.dir_derivs, *blocks, *(result.group_derivs[i] for i in grouped)], batch_size)
+            [result.loss, result.dir_derivs, *blocks, *(result.group_derivs[i] for i in grouped),
+             *(result.patch_derivs[i] for i in patched)], batch_size)
         block_derivs = None if result.block_derivs is None else [*rest[:len(blocks)], dir_derivs]
         group_derivs = None if result.group_derivs is None else [d.unsqueeze(-1) for d in block_derivs]
         for i, d in zip(grouped, rest[len(blocks):]):
             group_derivs[i] = d
+        patch_derivs = None if result.patch_derivs is None else [d.unsqueeze(-1) for d in group_derivs]
+        for i, d in zip(patched, rest[len(blocks) + len(grouped):]):
+            patch_derivs[i] = d
         return dataclasses.replace(result, loss=loss, dir_derivs=dir_derivs, block_derivs=block_derivs,
-                                   group_derivs=group_derivs)
+                                   group_derivs=group_derivs, patch_derivs=patch_derivs)
 
     def mean_gradient(self, batch_size: int, loss: Tensor,
                       grads: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

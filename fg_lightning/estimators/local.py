@@ -59,8 +59,9 @@ class _ActivityPerturbation(GradientEstimator):
         # the blocks the pass did not finish as it went: the network's loss, the only block without local losses;
         # every block when the pass ran in chunks of directions
         if self.needs_local_losses:
-            for index, (derivs, groups) in enumerate(zip(result.block_derivs, result.group_derivs)):
-                source.block_done(index, derivs, groups)
+            for index, (derivs, groups, cells) in enumerate(zip(result.block_derivs, result.group_derivs,
+                                                                 result.patch_derivs)):
+                source.block_done(index, derivs, groups, **({"patch_derivs": cells} if cells.shape[-1] > 1 else {}))
         else:
             source.block_done(0, result.dir_derivs, None)
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
@@ -145,8 +146,10 @@ class _ActivityTangents(TangentSource):
             u = torch.randn((self.total, *shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
             yield u if self.total == shape[0] else u.narrow(0, self.offset, shape[0])
 
-    def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None) -> None:
-        """Block ``index``'s loss derivatives are known (``(K, B)``; ``(K, B, G)`` for its G group losses): each of
+    def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None,
+                   patch_derivs: Tensor | None = None) -> None:
+        """Block ``index``'s loss derivatives are known (``(K, B)``; ``(K, B, G)`` for its G group losses, ``(K, B, G,
+        P²)`` for its group and patch losses): each of
         its calls' weight estimate, from ``ĝ_z = (1/K) Σ_k d_k u_k`` (the tangents drawn again) and the layer's own
         VJP at its input (a one-layer step), or for an output layer from the loss's derivative. Each call is
         released once used; a block is done once."""
@@ -156,17 +159,25 @@ class _ActivityTangents(TangentSource):
             if call.state is None:  # an output layer: the loss's derivative comes with the forward pass
                 g_z = self.network.logits_grad(call.output, self.labels)
             else:
-                g_z = self.output_estimate(call, derivs, group_derivs)
+                g_z = self.output_estimate(call, derivs, group_derivs, patch_derivs)
             for param, grad in self.network.layer_grads(call.name, call.layer, call.layer_input, g_z).items():
                 key = f"{call.name}.{param}"
                 self.grads[key] = grad if key not in self.grads else self.grads[key] + grad
             del call, g_z
 
-    def output_estimate(self, call: _Call, derivs: Tensor, group_derivs: Tensor | None) -> Tensor:
+    def output_estimate(self, call: _Call, derivs: Tensor, group_derivs: Tensor | None,
+                        patch_derivs: Tensor | None = None) -> Tensor:
         """``ĝ_z = (1/K) Σ_k d_k u_k`` of one call, its tangents drawn again one at a time. For a layer whose output
         channels are its block's groups (``network.output_groups``), each group's channels take the derivative of
-        that group's replicated loss, ``group_derivs[..., g]``."""
-        groups = self.network.output_groups(call.name) if self.local else None
+        that group's replicated loss, ``group_derivs[..., g]``; with patch-wise losses, each output element whose
+        group and patch are known (``network.output_cells``) that cell's replica's, ``patch_derivs[..., g, p]`` (0
+        for an element that reaches no loss)."""
+        cells = None if patch_derivs is None else self.network.output_cells(call.name, call.shape)
+        groups = self.network.output_groups(call.name) if self.local and cells is None else None
+        if cells is not None:  # per direction (B, C, H, W): each element with its cell's derivative, or 0
+            flat = torch.cat([patch_derivs.flatten(-2), patch_derivs.new_zeros(*patch_derivs.shape[:-2], 1)], -1)
+            cells = cells.masked_fill(cells < 0, flat.shape[-1] - 1).to(flat.device)
+            derivs = (d[:, cells] for d in flat)
         if groups is not None:  # (K, B, C): each channel with its group's derivative
             derivs = torch.cat([group_derivs[..., g, None].expand(-1, -1, part.stop - part.start)
                                 for g, part in enumerate(groups)], -1)
@@ -175,6 +186,7 @@ class _ActivityTangents(TangentSource):
         g_z = call.like.new_zeros(call.shape)
         for d, u in zip(derivs, self.draws(generator, call.shape, call.like)):
             g_z.addcmul_(d.view(*d.shape, *[1] * (len(call.shape) - d.dim())), u)
+            del d
         if call.output is not None:  # the ReLU mask: the output's sign is kept by the in-place ReLU
             g_z.mul_(call.output > 0)
         return g_z.div_(self.estimator.k)
