@@ -16,7 +16,7 @@ from fg_lightning.bench import common
 from fg_lightning.bench import accuracy
 from fg_lightning.bench.accuracy import accuracy_at_time, at_backprop_time, lr_grid, pick, search, seed_loader
 from fg_lightning.bench.cli import main as fg_bench
-from fg_lightning.bench.common import build_network, environment, tangent_flops, train
+from fg_lightning.bench.common import activation_sizes, build_network, environment, tangent_flops, train
 from fg_lightning.bench.memory import forward_bound_mb
 from fg_lightning.bench.budget import Budget, slug
 from fg_lightning.engine import CNN, MLP
@@ -70,39 +70,90 @@ def test_speed(tmp_path, capsys):
 
 
 def test_speed_quick_preset(tmp_path):
-    """--quick: the MLP at batch 256, one and four directions, whatever --models / --batch-sizes said."""
+    """--quick: the MLP at batch 256, one and four directions, 5 repeats, whatever --models / --batch-sizes said."""
     out = str(tmp_path)
     fg_bench(["speed", "--quick", "--device", "cpu", "--out", out, "--models", "cnn", "--estimators", "naive",
               "multi_direction", "--no-compile", "--no-torch-backend"])
     records = load(out, "speed")
     assert {(r["model"], r["batch_size"]) for r in records} == {("mlp", 256)}
     assert {r["k"] for r in records if r["estimator"] == "multi_direction"} == {1, 4}
-    assert json.load(open(os.path.join(out, "speed.json")))["meta"]["repeats"] == 10
+    assert json.load(open(os.path.join(out, "speed.json")))["meta"]["repeats"] == 5
 
 
-def test_depth(tmp_path):
-    """fg-bench depth's cases at two depths of a tiny MLP, measured in this process (the command runs each memory
-    case in a fresh one): every case has its peak, its time and its ratios, and the report and plot are written."""
+QUICK_OPTIONS = {
+    "speed": dict(models=["mlp"], batch_sizes=[256], directions=[1, 4], warmup=2, repeats=5),
+    "memory": dict(models=["mlp"], batch_sizes=[256], directions=[1, 4], compile=False, torch_backend=False),
+    "depth": dict(models=["mlp", "cnn"], depths=[2, 8], width=256, batch_size=256, cnn_batch_size=16,
+                  estimators=["backprop", "naive_replayed", "local_activity"], warmup=1, repeats=2, compile=False),
+    "accuracy": dict(models=["mlp"], epochs=1, limit_train_batches=5, seeds=1, grid_growth=0, k=4),
+    "quality": dict(models=["mlp"], directions=[4], draws=5),
+    "stability": dict(models=["mlp"], batch_sizes=[128], lrs=[1e-2, 1e-1], steps=20, k=4),
+    "momentum": dict(models=["mlp"], steps=40, cosine_every=10),
+}
+
+
+@pytest.mark.parametrize("command", sorted(QUICK_OPTIONS))
+def test_quick_presets_parse_into_their_options(command, capsys):
+    """--quick on every long command: its options in place of the user's (the others, --out, --device, stay), the
+    defaults without it, and its measured wall time in --help."""
+    from fg_lightning.bench.cli import QUICK, QUICK_MEASURED, parse
+
+    assert set(QUICK) == set(QUICK_OPTIONS)
+    user = [command, "--device", "cpu", "--out", "somewhere", "--models", "cnn"]
+    quick = parse([*user, "--quick"])
+    assert {key: getattr(quick, key) for key in QUICK_OPTIONS[command]} == QUICK_OPTIONS[command]
+    assert (quick.device, quick.out, quick.quick) == ("cpu", "somewhere", True)
+    assert quick.command_line == f"fg-bench {' '.join(user)} --quick"
+    plain = parse(user)
+    assert {key: getattr(plain, key) for key in QUICK_OPTIONS[command]} != QUICK_OPTIONS[command]
+    assert " s " in QUICK_MEASURED[command]  # a measured time, not a placeholder
+    with pytest.raises(SystemExit):
+        parse([command, "--help"])
+    assert f"measured {QUICK_MEASURED[command]}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_depth(tmp_path, capsys):
+    """fg-bench depth's cases at two depths of a tiny MLP and a tiny plain CNN, measured in this process (the command
+    runs each memory case in a fresh one): every case has its peak, its time and its ratios, each printed its
+    progress line first, and the report and plot are written."""
     from argparse import Namespace
 
     from fg_lightning.bench import depth
 
     records = depth.measure("cpu", [1, 2], width=16, batch_size=8, estimators=depth.ESTIMATORS, k=2, warmup=1,
-                            repeats=2, compile=False, isolate=False)
-    assert {(r["depth"], r["estimator"]) for r in records} == {
-        (d, name) for d in (1, 2) for name in ("stock_autograd", "stock_func_jvp", "stock_checkpointed",
-                                               *depth.ESTIMATORS)}
+                            repeats=2, compile=False, isolate=False, models=["mlp", "cnn"], channels=2,
+                            cnn_batch_size=3)
+    names = ("stock_autograd", "stock_func_jvp", "stock_checkpointed", *depth.ESTIMATORS)
+    assert [(r["model"], r["depth"], r["estimator"]) for r in records] == [
+        (model, d, name) for model in ("mlp", "cnn") for d in (1, 2) for name in names]
     for record in records:
         assert "error" not in record, record
         assert record["peak_mb"] >= 0 and record["ms_median"] > 0 and record["params_mb"] > 0
-    made_up = [{"depth": d, "estimator": name, "peak_mb": peak} for d, name, peak in
+        assert record["batch_size"] == {"mlp": 8, "cnn": 3}[record["model"]]
+    # the plain CNN: L 3x3 convolutions that keep the 28x28 maps (same padding, no pooling), then a global average
+    # pool and the classifier; with local losses a head after every ReLU
+    network = build_network("deep_cnn", "local_activity", depth=3, channels=2)
+    assert [(name, out) for name, _, out in activation_sizes(network, 1)] == [
+        (name, 2 * 28 * 28) for i in (1, 2, 3) for name in (f"conv{i}", f"relu{i}")] + [("pool", 2), ("fc", 10)]
+    assert [name for name, _ in network.named_children() if name.startswith("head")] == ["head1", "head2", "head3"]
+    cnn = {r["depth"]: r["params_mb"] for r in records if r["model"] == "cnn"}
+    assert cnn[2] - cnn[1] == pytest.approx(4 * (2 * 2 * 9 + 2) / 2**20)  # one more 3x3 conv of 2 channels
+    printed = capsys.readouterr().out
+    assert "fg-bench depth [1/36, 0 s] mlp 16x1 batch 8 stock_autograd\n" in printed
+    assert " s left in depth] cnn 2ch x2 batch 3 local_activity k=2\n" in printed and "fg-bench depth [36/36, " in printed
+    made_up = [{"model": model, "depth": d, "estimator": name, "peak_mb": peak * scale} for model, scale in
+               (("mlp", 1), ("cnn", 10)) for d, name, peak in
                [(1, "backprop", 4.0), (1, "stock_checkpointed", 2.0), (1, "naive", 1.0), (2, "backprop", 8.0),
                 (2, "stock_checkpointed", 4.0), (2, "naive", 1.5)]]
     depth._ratios(made_up)
-    assert [(r["ratio_vs_backprop"], r["ratio_vs_checkpointed"], r["growth_vs_shallowest"]) for r in made_up][-1] == (
-        1.5 / 8, 1.5 / 4, 1.5)
-    depth.report(records, str(tmp_path), "cpu", Namespace(width=16, batch_size=8, warmup=1, repeats=2), isolate=False)
+    for row in (made_up[5], made_up[-1]):  # each model against its own references at its own shallowest depth
+        assert (row["ratio_vs_backprop"], row["ratio_vs_checkpointed"], row["growth_vs_shallowest"]) == (
+            1.5 / 8, 1.5 / 4, 1.5)
+    depth.report(records, str(tmp_path), "cpu", Namespace(width=16, channels=2, batch_size=8, cnn_batch_size=3,
+                                                          warmup=1, repeats=2), isolate=False)
     assert len(load(str(tmp_path), "depth")) == len(records)
+    notes = open(os.path.join(str(tmp_path), "depth.md")).read()
+    assert "MLP 784-16x L-10 at batch 8" in notes and "CNN of L 3×3 convolutions of 2 channels" in notes
     assert_plot(str(tmp_path), "depth")
 
 
@@ -119,7 +170,7 @@ def test_memory(tmp_path):
     assert_plot(out, "memory")
 
 
-def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
+def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root, capsys):
     out = str(tmp_path)
     data = ["--dataset", "mnist", "--root", idx_root, "--no-download", "--batch-sizes", "8", "--val-size", "16"]
     fg_bench(["quality", "--device", "cpu", "--out", out, "--models", "mlp", "--draws", "2", "--directions", "2", *data])
@@ -129,6 +180,10 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
     assert overall["backprop"]["cosine_mean"] == pytest.approx(1.0) and overall["backprop"]["gain"] == pytest.approx(1.0)
     assert {r["param"] for r in quality} >= {"fc1.weight", "fc3.bias"}
     assert_plot(out, "quality_mlp")
+    printed = capsys.readouterr().out
+    cases = len(common.cases(list(REGISTRY), [2]))
+    assert f"fg-bench quality [1/{cases}, " in printed and f"fg-bench quality [{cases}/{cases}, " in printed
+    assert " s left in quality] mlp batch 8 multi_direction k=2\n" in printed
 
     fg_bench(["stability", "--device", "cpu", "--out", out, "--models", "mlp", "--estimators", "backprop", "naive",
               "--steps", "3", "--lrs", "1e-3", "1e6", *data])
@@ -136,6 +191,9 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
     assert [(r["estimator"], r["lr"], r["diverged"]) for r in stability] == [
         ("backprop", 1e-3, False), ("backprop", 1e6, True), ("naive", 1e-3, False), ("naive", 1e6, True)]
     assert "Largest learning rate" in open(os.path.join(out, "stability.md")).read()
+    printed = capsys.readouterr().out
+    assert "fg-bench stability [1/4, 0 s] mlp backprop lr=0.001\n" in printed
+    assert " s left in stability] mlp naive lr=1e+06\n" in printed and "fg-bench stability [4/4, " in printed
 
     fg_bench(["momentum", "--device", "cpu", "--out", out, "--models", "mlp", "--steps", "3", "--cosine-every", "1",
               *data])
@@ -146,6 +204,8 @@ def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root):
     decay_1 = [r for r in momentum if r["run"].startswith("momentum decay=1.0")][0]
     assert decay_1["cosine_checkpoint"] > 0.5 and decay_1["gain_checkpoint"] > 1  # step 0 is a checkpoint
     assert_plot(out, "momentum_mlp")
+    printed = capsys.readouterr().out
+    assert "fg-bench momentum [1/9, 0 s] mlp backprop\n" in printed and "fg-bench momentum [9/9, " in printed
 
 
 def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
@@ -155,7 +215,11 @@ def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
     # 1e-6 barely moves from the initialisation (chance accuracy), 0.1 learns the task with backprop, 1e6 diverges
     fg_bench(["accuracy", *data, "--models", "mlp", "cnn", "--estimators", "backprop", "naive",
               "--lrs", "1e-6", "0.1", "1e6", "--out", out])
-    assert "| mlp | backprop |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| mlp | backprop |" in printed
+    # a progress line before each of the 2 models x 2 estimators x 3 rates x 1 seed runs, with the time left
+    assert "fg-bench accuracy [1/12, 0 s] mlp backprop lr=1e-06 seed 0\n" in printed
+    assert " s left in accuracy] cnn naive lr=1e+06 seed 0\n" in printed and "fg-bench accuracy [12/12, " in printed
     runs = load(out, "accuracy")
     with open(os.path.join(out, "accuracy.json")) as f:
         report = json.load(f)
@@ -238,7 +302,7 @@ def test_accuracy_picks_by_validation_not_test():
     assert "gap_vs_backprop" not in pick([run("naive", 1e-4, 0.5, 0.6)], ["mlp"], ["naive"])[0]
 
 
-def test_accuracy_seeds_on_learnable_idx_files(tmp_path, monkeypatch):
+def test_accuracy_seeds_on_learnable_idx_files(tmp_path, monkeypatch, capsys):
     """--seeds 2: every rate runs with seeds 0 and 1, each with its own weights, estimator seed and batch order; the
     leaderboard gives the mean and sd over the seeds; the same seed alone gives the same numbers; the grid grew
     below its smallest rate (the largest diverged), once (--grid-growth 1)."""
@@ -255,6 +319,9 @@ def test_accuracy_seeds_on_learnable_idx_files(tmp_path, monkeypatch):
     fg_bench(["accuracy", *data, "--estimators", "backprop", "naive", "--lrs", "1e-3", "1e6", "--seeds", "2",
               "--grid-growth", "1", "--out", out])
     runs = load(out, "accuracy")
+    printed = capsys.readouterr().out  # 2 x 2 rates x 2 seeds announced, then each grid's added rate's 2 seeds
+    assert "fg-bench accuracy [4/8, " in printed and "fg-bench accuracy [5/10, " in printed
+    assert "fg-bench accuracy [12/12, " in printed
     assert [(r["estimator"], r["lr"], r["seed"]) for r in runs] == [
         (name, lr, seed) for name in ("backprop", "naive") for lr in (1e-3, 1e6, 3.33e-4) for seed in (0, 1)]
     assert all(r["grid"] == [1e-3, 1e6, 3.33e-4] and r["grown"] == (r["lr"] == 3.33e-4) for r in runs)
@@ -479,6 +546,7 @@ def test_all_tiny_preset(tmp_path, capsys):
     fg_bench(["all", "--preset", "tiny", "--device", "cpu", "--out", out])
     printed = capsys.readouterr().out
     assert "fg-bench speed [1/" in printed and f"the results are in {out}/" in printed
+    assert "fg-bench depth [1/36, " in printed and "] cnn 2ch x2 batch 2 local_activity k=2\n" in printed
     for name in ("speed", "memory"):
         records = load(out, name)
         assert not [r for r in records if "error" in r]
@@ -489,12 +557,15 @@ def test_all_tiny_preset(tmp_path, capsys):
             assert ks == {1, 2}
         assert_plot(out, name)
     depths = load(out, "depth")
-    assert not [r for r in depths if "error" in r] and {r["depth"] for r in depths} == {1, 2}
-    assert {"stock_autograd", "stock_checkpointed", "naive_replayed", "local_activity"} <= {r["estimator"] for r in depths}
+    assert not [r for r in depths if "error" in r] and {(r["model"], r["depth"]) for r in depths} == {
+        (model, d) for model in ("mlp", "cnn") for d in (1, 2)}
+    for model in ("mlp", "cnn"):
+        assert {"stock_autograd", "stock_checkpointed", "naive_replayed", "local_activity"} <= {
+            r["estimator"] for r in depths if r["model"] == model}
     readme = open(os.path.join(out, "README.md")).read()
     assert f"fg-bench all --preset tiny --device cpu --out {out}" in readme
     assert environment(torch.device("cpu"))["device_name"] in readme and torch.__version__ in readme
-    assert "wall time:" in readme
+    assert "wall time:" in readme and "CNN of 2 channels at batch 2" in readme
 
 
 def test_all_time_limit_skips_the_rest(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from fg_lightning.bench.budget import Progress, with_k
 from fg_lightning.bench.common import (
     build_network, environment, evaluate, pyplot, real_data, train, write_report,
 )
@@ -187,6 +188,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     grids: dict[tuple[str, str], tuple[list[float], list[float]]] = {}  # (model, estimator): (grid as run, added)
 
     def train_one(model: str, name: str, k: int | None, lr: float, seed: int) -> dict[str, Any]:
+        progress.case(f"{model} {with_k(name, k)} lr={lr:g} seed {seed}")
         network, curve = build_network(model, name, seed=seed).to(device), []
 
         def on_epoch_end(epoch: int, step: int, seconds: float) -> None:
@@ -212,20 +214,26 @@ def run(args: Any) -> list[dict[str, Any]]:
                 "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "curve": curve, "picked": False}
 
     models = ABLATION if getattr(args, "ablation", False) else args.models
-    for model in models:
-        for name in args.estimators:
-            if "+" in model and not REGISTRY[name].needs_local_losses:
-                continue  # the variants' switches are the local-loss recipe: it runs on the base model
-            k = args.k if REGISTRY[name].takes_k else None
-            runs, grid, added = search(lr_grid(name, args.lrs),
-                                       lambda lr: [train_one(model, name, k, lr, seed) for seed in seeds],
-                                       args.grid_growth)
-            if added:
-                print(f"fg-bench accuracy: {model} {name}: the grid grew by {', '.join(f'{lr:g}' for lr in added)}")
-            for r in runs:
-                r.update(grid=grid, grown=r["lr"] in added)
-            records += runs
-            grids[model, name] = grid, added
+    # the variants' switches are the local-loss recipe: the other estimators run on the base model only
+    pairs = [(model, name) for model in models for name in args.estimators
+             if "+" not in model or REGISTRY[name].needs_local_losses]
+    progress = Progress("accuracy", sum(len(lr_grid(name, args.lrs)) for _, name in pairs) * len(seeds))
+    for model, name in pairs:
+        k = args.k if REGISTRY[name].takes_k else None
+        first = lr_grid(name, args.lrs)
+
+        def run_rate(lr: float) -> list[dict[str, Any]]:
+            if lr not in first:  # a rate the grid grew by: cases beyond those announced
+                progress.more(len(seeds))
+            return [train_one(model, name, k, lr, seed) for seed in seeds]
+
+        runs, grid, added = search(first, run_rate, args.grid_growth)
+        if added:
+            print(f"fg-bench accuracy: {model} {name}: the grid grew by {', '.join(f'{lr:g}' for lr in added)}")
+        for r in runs:
+            r.update(grid=grid, grown=r["lr"] in added)
+        records += runs
+        grids[model, name] = grid, added
     leaderboard = pick(records, models, args.estimators)
     meta = {**environment(device), "dataset": args.dataset, "train_size": len(data.train_set),
             "val_size": len(data.val_set), "test_size": len(data.test_set), "batch_size": args.batch_size,

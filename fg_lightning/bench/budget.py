@@ -1,5 +1,6 @@
-"""The per-case bookkeeping that ``fg-bench speed``, ``memory`` and ``all`` share: a progress line with the time
-left, the time limit, the memory check before a case, and a failing case recorded instead of ending the run."""
+"""The per-case bookkeeping of the fg-bench commands: the progress line every long command prints before each case
+(:class:`Progress`: case i/N, elapsed, time left), and for ``speed``, ``memory``, ``depth`` and ``all`` the time
+limit, the memory check before a case, and a failing case recorded instead of ending the run (:class:`Budget`)."""
 
 from __future__ import annotations
 
@@ -38,23 +39,47 @@ def tangent_bytes(network: Network, batch_size: int, k: int) -> int:
     return 4 * (carried + 1) * batch_size * network.widest_activation(network.input_shape)
 
 
-class Budget:
-    """Runs the cases of ``fg-bench speed`` and ``memory`` one at a time: prints a progress line with the time left,
-    records a case as skipped once ``time_limit`` seconds have passed or when it would not fit in memory, records a
-    failing case (CUDA out of memory, torch.compile without a compiler) instead of stopping, and frees the GPU's
-    cached memory after each case."""
+class Progress:
+    """The progress line of every long fg-bench command, printed before each case:
+    ``fg-bench depth [3/20, 41 s, ~232 s left in depth] mlp 1024x8 batch 4096 naive`` (the case's number of the
+    command's ``total``, seconds since the start, and the time left at the mean pace of the cases so far)."""
 
-    def __init__(self, time_limit: float | None = None) -> None:
-        self.time_limit = time_limit
+    def __init__(self, name: str = "", total: int = 0) -> None:
         self.start = time.perf_counter()
-        self.phase("", 0)
+        self.phase(name, total)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def phase(self, name: str, total: int) -> None:
-        """The next ``total`` cases belong to ``name`` (``speed``, ``memory``)."""
+        """The next ``total`` cases belong to ``name`` (``speed``, ``accuracy``, …)."""
         self.name, self.total, self.done, self.phase_start = name, total, 0, time.perf_counter()
+
+    def more(self, cases: int) -> None:
+        """``cases`` more than announced (``accuracy``'s grid growing past its edge)."""
+        self.total += cases
+
+    def case(self, label: str) -> None:
+        """Counts the next case and prints its progress line."""
+        self.done += 1
+        self.announce(label)
+
+    def announce(self, label: str) -> None:
+        """The progress line of the case just counted (``done``)."""
+        spent = time.perf_counter() - self.phase_start
+        left = f", ~{spent / (self.done - 1) * (self.total - self.done + 1):.0f} s left in {self.name}" if self.done > 1 else ""
+        print(f"fg-bench {self.name} [{self.done}/{self.total}, {self.elapsed():.0f} s{left}] {label}", flush=True)
+
+
+class Budget(Progress):
+    """Runs the cases of ``fg-bench speed``, ``memory`` and ``depth`` one at a time: prints a progress line with the
+    time left, records a case as skipped once ``time_limit`` seconds have passed or when it would not fit in memory,
+    records a failing case (CUDA out of memory, torch.compile without a compiler) instead of stopping, and frees the
+    GPU's cached memory after each case."""
+
+    def __init__(self, time_limit: float | None = None) -> None:
+        self.time_limit = time_limit
+        super().__init__()
 
     def run(self, label: str, case: Callable[[], Any], device: torch.device, need_bytes: int = 0) -> tuple[Any, str | None]:
         """``(case(), None)``, or ``(None, why)`` when the case was skipped or failed."""
@@ -65,9 +90,7 @@ class Budget:
         free = free_bytes(device)
         if free is not None and need_bytes > free:
             return None, self._skip(label, f"would need at least {need_bytes / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
-        spent = time.perf_counter() - self.phase_start
-        left = f", ~{spent / (self.done - 1) * (self.total - self.done + 1):.0f} s left in {self.name}" if self.done > 1 else ""
-        print(f"fg-bench {self.name} [{self.done}/{self.total}, {elapsed:.0f} s{left}] {label}", flush=True)
+        self.announce(label)
         result = error = None
         try:
             result = case()
@@ -86,5 +109,10 @@ class Budget:
         return f"skipped: {why}"
 
 
+def with_k(name: str, k: int | None) -> str:
+    """``"multi_direction k=4"``, or the name alone for an estimator without k."""
+    return name if k is None else f"{name} k={k}"
+
+
 def case_label(model: str, batch_size: int, name: str, k: int | None) -> str:
-    return f"{model} batch {batch_size} {name}" + ("" if k is None else f" k={k}")
+    return f"{model} batch {batch_size} {with_k(name, k)}"

@@ -6,10 +6,13 @@
     fg-bench stability --lrs 1e-4 1e-3 1e-2
     fg-bench momentum
     fg-bench accuracy --dataset fashion_mnist --epochs 10 --schedule cosine
+    fg-bench depth --models mlp cnn --depths 2 8 32
     fg-bench comm --batch-sizes 256
     fg-bench all --device cuda
 
 Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
+The long ones (speed, memory, depth, quality, stability, momentum, accuracy) print a progress line before each case
+(case i/N, seconds so far, the time left) and take ``--quick``: a smoke look in at most 3 minutes on 2 CPU cores.
 
 ``all`` runs ``speed`` and ``memory`` for both networks, every registered estimator and the stock baselines, with
 a ``--preset``: ``gpu`` (the default on CUDA: batch 256, 4096 and 16384; k 1, 4, 16 for speed and 1, 16 for memory;
@@ -31,7 +34,7 @@ from typing import Sequence
 import torch
 
 from fg_lightning.bench.common import MODELS
-from fg_lightning.bench.depth import ESTIMATORS as DEPTH_ESTIMATORS
+from fg_lightning.bench.depth import ESTIMATORS as DEPTH_ESTIMATORS, MODELS as DEPTH_MODELS
 from fg_lightning.bench.suite import PRESETS
 from fg_lightning.estimators import REGISTRY
 
@@ -65,8 +68,33 @@ def _positive_float(value: str) -> float:
     return number
 
 
-# fg-bench speed --quick: every estimator and baseline on the MLP at batch 256, one and four directions.
-QUICK_SPEED = ("--models", "mlp", "--batch-sizes", "256", "--directions", "1", "4", "--warmup", "2", "--repeats", "10")
+# --quick: a smoke look at each long command in at most 3 minutes on 2 CPU cores; these options in place of the
+# user's (the user's others, --device, --out, --estimators, --dataset, stay). Measured wall times: QUICK_MEASURED.
+QUICK: dict[str, tuple[str, ...]] = {
+    # every estimator and baseline on the MLP at batch 256, one and four directions
+    "speed": ("--models", "mlp", "--batch-sizes", "256", "--directions", "1", "4", "--warmup", "2", "--repeats", "5"),
+    # every estimator and baseline on the MLP at batch 256, one and four directions (each case a fresh process)
+    "memory": ("--models", "mlp", "--batch-sizes", "256", "--directions", "1", "4", "--no-compile",
+               "--no-torch-backend"),
+    # both networks, narrow and at small batches, at two depths: the stock baselines against backprop, the replayed
+    # naive forward gradient (flat in depth) and local_activity (each case a fresh process)
+    "depth": ("--models", "mlp", "cnn", "--depths", "2", "8", "--width", "256", "--batch-size", "256",
+              "--cnn-batch-size", "16", "--estimators", "backprop", "naive_replayed", "local_activity", "--warmup", "1",
+              "--repeats", "2", "--no-compile"),
+    # the MLP, every estimator at each rate of its grid, one seed, one epoch cut to 5 batches, k = 4
+    "accuracy": ("--models", "mlp", "--epochs", "1", "--limit-train-batches", "5", "--seeds", "1", "--grid-growth",
+                 "0", "--k", "4"),
+    "quality": ("--models", "mlp", "--directions", "4", "--draws", "5"),
+    "stability": ("--models", "mlp", "--batch-sizes", "128", "--lrs", "1e-2", "1e-1", "--steps", "20", "--k", "4"),
+    "momentum": ("--models", "mlp", "--steps", "40", "--cosine-every", "10"),
+}
+# wall time of `fg-bench <command> --quick --device cpu` (Fashion-MNIST for the trainings) on the development machine's 2
+# cores, shared with two other engineers' test runs (the load average over the run): once while they ran (load 3-5),
+# once while one process ran (load 1). torch.compile's cache was warm (speed compiles four steps).
+QUICK_MEASURED = {"speed": "181 s at load 4, 27 s at load 1", "memory": "90 s at load 3-4, 79 s at load 1",
+                  "depth": "134 s at load 3, 81 s at load 1", "accuracy": "172 s at load 4, 28 s at load 1",
+                  "quality": "75 s at load 5.5, 11 s at load 1", "stability": "159 s at load 4, 19 s at load 1",
+                  "momentum": "166 s at load 4-5, 33 s at load 1"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,20 +118,25 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--warmup", type=_positive, default=5)
     speed.add_argument("--repeats", type=_positive, default=30)
     speed.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
-    speed.add_argument("--quick", action="store_true",
-                       help=f"minutes on 2 CPU cores: {' '.join(QUICK_SPEED)} (in place of those options)")
     memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
     memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
     memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
     for sub in (speed, memory):
         sub.add_argument("--no-torch-backend", dest="torch_backend", action="store_false",
                          help="skip the torch:<estimator> cases (the estimators on the torch backend, on the twin)")
-    depth = commands.add_parser("depth", help="peak memory and step time against depth: MLP of --width units, L layers")
+    depth = commands.add_parser("depth", help="peak memory and step time against depth: MLP of --width units and a "
+                                              "plain CNN of --channels channels, L layers")
     depth.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     depth.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
+    depth.add_argument("--models", nargs="+", choices=DEPTH_MODELS, default=list(DEPTH_MODELS),
+                       help="mlp: L hidden layers of --width units; cnn: L 3x3 convolutions of --channels channels, "
+                            "same padding, no pooling, then a global average pool and a linear classifier")
     depth.add_argument("--depths", nargs="+", type=_positive, default=[2, 4, 8, 16, 32, 64], help="hidden layers L")
     depth.add_argument("--width", type=_positive, default=1024)
-    depth.add_argument("--batch-size", type=_positive, default=4096)
+    depth.add_argument("--channels", type=_positive, default=32, help="the CNN's channels")
+    depth.add_argument("--batch-size", type=_positive, default=4096, help="the MLP's batch size")
+    depth.add_argument("--cnn-batch-size", type=_positive, default=256,
+                       help="the CNN's batch size (a 28x28 feature map of 32 channels is 24x the MLP's 1024 units)")
     depth.add_argument("--estimators", nargs="+", choices=list(REGISTRY), default=DEPTH_ESTIMATORS)
     depth.add_argument("--k", type=_positive, default=4, help="k for the estimators that take one")
     depth.add_argument("--warmup", type=_positive, default=1)
@@ -161,6 +194,11 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--grid-growth", type=_nonnegative, default=3,
                              help="rates at most added per estimator beyond the grid's edge (/3, x3) while the pick "
                                   "sits on it; 0: the grid as given")
+    for name, options in QUICK.items():
+        commands.choices[name].add_argument(
+            "--quick", action="store_true",
+            help=f"a smoke look, measured {QUICK_MEASURED[name]} on 2 shared CPU cores: {' '.join(options)} (in place "
+                 "of those options)")
     suite = commands.add_parser("all", help="speed and memory, every estimator and model, into results/<card>/")
     suite.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu with --device cuda, else cpu")
     suite.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,12 +209,18 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The options of ``fg-bench <argv>``; with ``--quick``, the command's :data:`QUICK` options in place of the ones
+    they name."""
     args = parser().parse_args(argv)
-    if getattr(args, "quick", False):  # the quick settings in place of the options they name
-        args = parser().parse_args([*argv, *QUICK_SPEED])
+    if getattr(args, "quick", False):
+        args = parser().parse_args([*argv, *QUICK[args.command]])
     args.command_line = shlex.join(["fg-bench", *argv])
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     import importlib
 
     from fg_lightning.data import DatasetNotFoundError

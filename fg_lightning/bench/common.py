@@ -17,13 +17,42 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fg_lightning
-from fg_lightning.engine import CNN, MLP, Network, to_torch
+from fg_lightning.engine import CNN, MLP, Conv2d, GlobalAvgPool, Linear, Network, ReLU, to_torch
 from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, cosine, training_step
 from fg_lightning.estimators.collective import Collective
 from fg_lightning.estimators.compiled import CompiledStep
 from fg_lightning.torch_network import TorchNetwork
 
 MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
+
+
+def deep_cnn(depth: int, channels: int = 32, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
+             seed: int | None = None, tangent_memory_mb: float | None = 256.0, local_losses: bool = False) -> Network:
+    """``fg-bench depth``'s plain deep CNN: ``depth`` 3×3 convolutions of ``channels`` channels (the first from
+    ``in_channels``), same padding, no pooling, each followed by ReLU, then a global average pool and a linear
+    classifier: layers ``conv1, relu1, …, conv{depth}, relu{depth}, pool, fc``. Every layer keeps the full
+    ``image_size``² feature maps. ``local_losses=True`` puts a head (``pool``, a spatial average, then ``fc``, a linear
+    classifier) after each ReLU, drawn after the network's own layers, so that they are initialised as without heads
+    (as the MLP's). ``seed`` draws the weights from a private RNG (the global one is left untouched)."""
+    if depth < 1 or channels < 1:
+        raise ValueError(f"deep_cnn needs depth >= 1 and channels >= 1, got depth={depth}, channels={channels}")
+    layers: list[tuple[str, Any]] = []
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for index in range(1, depth + 1):
+            layers += [(f"conv{index}", Conv2d(in_channels if index == 1 else channels, channels, 3, padding=1)),
+                       (f"relu{index}", ReLU(inplace=True))]
+        layers += [("pool", GlobalAvgPool()), ("fc", Linear(channels, num_classes))]
+        heads = {f"relu{i}": [("pool", GlobalAvgPool()), ("fc", Linear(channels, num_classes))]
+                 for i in range(1, depth + 1)} if local_losses else {}
+    return Network(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
+                   heads=heads)
+
+
+# networks that build_network makes besides MODELS (the choices of --models): fg-bench depth's
+DEPTH_NETWORKS: dict[str, Callable[..., Network]] = {"deep_cnn": deep_cnn}
+
 STOCK = ("stock_autograd", "stock_func_jvp", "stock_compiled", "stock_checkpointed")
 TORCH = "torch:"  # a case on the torch backend: "torch:naive"
 COMPILED = "compiled:"  # the engine's step under torch.compile (CompiledStep): "compiled:naive"
@@ -64,7 +93,7 @@ def build_network(model: str, estimator: str | GradientEstimator | None = None, 
         kwargs["local_losses"] = True
     else:
         switches = {key: value for key, value in switches.items() if key not in LOCAL_SWITCHES}
-    return MODELS[base](seed=seed, **switches, **kwargs)
+    return (MODELS.get(base) or DEPTH_NETWORKS[base])(seed=seed, **switches, **kwargs)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fg_lightning.bench.budget import Progress
 from fg_lightning.bench.common import build_network, environment, pyplot, real_batches, train, write_report
 from fg_lightning.estimators import Backprop, MomentumForwardGradient, NaiveForwardGradient
 
@@ -30,9 +31,12 @@ def runs(lr: float, reference_lr: float, fix_gap: int, decrease_gap: int) -> lis
 def run(args: Any) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     records: list[dict[str, Any]] = []
+    progress = Progress("momentum", len(args.models) * len(runs(args.lr, args.reference_lr, args.fix_gap,
+                                                                args.decrease_gap)))
     for model in args.models:
         loader, validation = real_batches(args, args.batch_sizes[0])
         for name, estimator, lr in runs(args.lr, args.reference_lr, args.fix_gap, args.decrease_gap):
+            progress.case(f"{model} {name}")
             result = train(build_network(model, estimator).to(device), estimator, lr, loader, args.steps, device,
                            validation, cosine_every=args.cosine_every)
             losses, measured = result["losses"], result["cosines"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fg_lightning.bench.budget import Progress, case_label
 from fg_lightning.bench.common import (
     build_network, cases, environment, pyplot, real_batches, train, write_report,
 )
@@ -20,6 +21,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     records: list[dict[str, Any]] = []
     errors: dict[tuple[str, str, int | None], dict[str, torch.Tensor]] = {}
+    progress = Progress("quality", len(args.models) * len(args.batch_sizes) * len(cases(args.estimators, args.directions)))
     for model in args.models:
         for batch_size in args.batch_sizes:
             loader, _ = real_batches(args, batch_size)
@@ -36,6 +38,7 @@ def run(args: Any) -> list[dict[str, Any]]:
                 return prepared[local]
 
             for name, k in cases(args.estimators, args.directions):
+                progress.case(case_label(model, batch_size, name, k))
                 network = network_for(name)
                 estimator = REGISTRY[name].make(k)
                 exact = estimator.exact_gradient(network, x, labels)  # LocalBackprop's gradient for the local ones

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fg_lightning.bench.budget import Progress, with_k
 from fg_lightning.bench.common import (
     build_network, environment, markdown_table, panels_per_model, real_batches, train, write_report,
 )
@@ -18,11 +19,13 @@ COLUMNS = ["model", "estimator", "k", "lr", "steps", "diverged", "diverged_at", 
 def run(args: Any) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     records: list[dict[str, Any]] = []
+    progress = Progress("stability", len(args.models) * len(args.estimators) * len(args.lrs))
     for model in args.models:
         loader, validation = real_batches(args, args.batch_sizes[0])
         for name in args.estimators:
             k = args.k if REGISTRY[name].takes_k else None
             for lr in args.lrs:
+                progress.case(f"{model} {with_k(name, k)} lr={lr:g}")
                 result = train(build_network(model, name).to(device), REGISTRY[name].make(k), lr, loader, args.steps,
                                device, validation)
                 losses = result.pop("losses")

@@ -17,16 +17,25 @@ from fg_lightning.estimators import REGISTRY
 
 # gpu: 80 speed and 68 memory cases, estimated at 3-5 minutes on one H100 (not yet measured: the README of a run
 # records its wall time). torch.compile compiles once per shape, so its baseline runs at one batch size only.
+# depth's plain CNN (32 channels, batch 256): by its FLOPs well under a minute of steps on a GPU plus one compile per
+# depth (not yet measured; its cases come after the MLP's, so the time limit skips them first). Not in the cpu
+# preset: its 30 cases at batch 32 took 914 s on the 2 shared CPU cores (load 4-7), over a third of that preset's
+# time limit on their own (`fg-bench depth --models cnn` runs them).
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(batch_sizes=[256, 4096, 16384], speed_directions=[1, 4, 16], memory_directions=[1, 16], warmup=3,
                 repeats=10, compile_at=[4096], time_limit=600.0, isolate=True,
-                depth=dict(depths=[2, 4, 8, 16, 32, 64], width=1024, batch_size=4096, k=4)),
+                depth=dict(depths=[2, 4, 8, 16, 32, 64], width=1024, batch_size=4096, k=4, models=["mlp", "cnn"],
+                           channels=32, cnn_batch_size=256)),
     "cpu": dict(batch_sizes=[64, 256], speed_directions=[1, 4, 16], memory_directions=[1, 16], warmup=2,
                 repeats=5, compile_at=[256], time_limit=2400.0, isolate=True,
-                depth=dict(depths=[2, 8, 32], width=1024, batch_size=1024, k=4)),
-    # for tests: seconds on the CPU; memory measured in this process, not a fresh one per case
+                depth=dict(depths=[2, 8, 32], width=1024, batch_size=1024, k=4, models=["mlp"], channels=32,
+                           cnn_batch_size=32)),
+    # for tests: seconds on the CPU; memory measured in this process, not a fresh one per case. The time limit is far
+    # beyond it: on 2 cores shared with two other test runs (load 7) its speed and memory cases alone took 300 s.
     "tiny": dict(batch_sizes=[4], speed_directions=[1, 2], memory_directions=[1, 2], warmup=1, repeats=2,
-                 compile_at=[], time_limit=300.0, isolate=False, depth=dict(depths=[1, 2], width=8, batch_size=4, k=2)),
+                 compile_at=[], time_limit=1800.0, isolate=False,
+                 depth=dict(depths=[1, 2], width=8, batch_size=4, k=2, models=["mlp", "cnn"], channels=2,
+                            cnn_batch_size=2)),
 }
 
 
@@ -51,7 +60,8 @@ def run(args: Any) -> None:
     shape = SimpleNamespace(**preset["depth"], warmup=1, repeats=min(preset["repeats"], 3))
     depths = depth.measure(device, shape.depths, shape.width, shape.batch_size, depth.ESTIMATORS, shape.k,
                            shape.warmup, shape.repeats, compile=bool(compile_at), budget=budget,
-                           isolate=preset["isolate"])
+                           isolate=preset["isolate"], models=shape.models, channels=shape.channels,
+                           cnn_batch_size=shape.cnn_batch_size)
     depth.report(depths, out, device, shape, preset["isolate"])
     wall = budget.elapsed()
 
@@ -70,7 +80,8 @@ def run(args: Any) -> None:
         f"{preset['warmup']}, repeats {preset['repeats']}; memory: k {preset['memory_directions']}; torch.compile'd "
         f"baseline at batch {compile_at or 'none'}",
         f"- wall time: {wall:.0f} s from the first case to the last report (time limit {time_limit:g} s)",
-        f"- depth: MLP of width {shape.width}, L in {shape.depths}, batch {shape.batch_size}, k {shape.k}",
+        f"- depth: L in {shape.depths}, k {shape.k}; MLP of width {shape.width} at batch {shape.batch_size}"
+        + (f", CNN of {shape.channels} channels at batch {shape.cnn_batch_size}" if "cnn" in shape.models else ""),
         f"- speed: {counts(timings)}; memory: {counts(peaks)}; depth: {counts(depths)} (failed and skipped cases: the "
         "`error` column)",
         "",
