@@ -14,6 +14,7 @@ from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside,
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.engine import CNN, MLP, to_torch
 from fg_lightning.estimators import REGISTRY, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate
+from fg_lightning.estimators import local as local_module
 from fg_lightning.module import ForwardGradientModule
 from fg_lightning.torch_network import TorchNetwork
 
@@ -256,7 +257,7 @@ def test_a_parameter_used_outside_its_modules_forward_is_refused_naming_it_and_t
     assert all(isinstance(p, nn.Parameter) for p in net.module.parameters())  # the pass left the model as it was
 
 
-def test_a_module_called_twice_gets_its_tangent_at_every_call():
+def test_a_module_called_twice_gets_its_tangent_at_every_call(monkeypatch):
     """fc1 runs twice per forward: weight perturbation carries the same tangent into both calls (forward mode's own
     gradient equals autograd's); activity perturbation perturbs each call with its own tangent and takes each call's
     own input for the weight step: with k = 10 tangents that form a scaled basis of both calls' outputs (5 + 5
@@ -268,10 +269,16 @@ def test_a_module_called_twice_gets_its_tangent_at_every_call():
     assert _exact_and_forward_mode_gradient(net, x, labels) < 1e-6
     _, _, exact = net.loss_and_grad(x, labels)
     basis = (10**0.5 * torch.eye(10, dtype=torch.float64)).unsqueeze(1).expand(10, 6, 10)
-    draws = iter([basis[..., :5], basis[..., 5:]])  # fc1's first call, its second (fc2, the output, is exact)
-    estimator = REGISTRY["activity"].make(k=10)
-    estimator.randn = lambda *shape, like: next(draws)
-    grads = estimator.estimate(net, x, labels, 0).grads
+    order: list = []  # the calls as the pass meets them: fc1's first, its second (fc2, the output, is exact)
+
+    def draws(self, call, generator):  # the same tangents in the pass and again in the weight step
+        if not any(seen is call for seen in order):
+            order.append(call)
+        return iter(basis[..., :5] if order[0] is call else basis[..., 5:])
+
+    with monkeypatch.context() as patched:
+        patched.setattr(local_module._ActivityTangents, "draws", draws)
+        grads = REGISTRY["activity"].make(k=10).estimate(net, x, labels, 0).grads
     for name, grad in exact.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
     with pytest.raises(ValueError, match="'fc1' is called more than once"):

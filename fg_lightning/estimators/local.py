@@ -132,19 +132,21 @@ class _ActivityTangents(TangentSource):
         call = _Call(name, layer, layer_input, output if name in self.masked else None, generator.get_state(),
                      output.shape, output.new_empty(0))
         u = output.new_empty((self.estimator.k, *output.shape))
-        for direction, draw in zip(u, self.draws(generator, output.shape, output)):  # one draw more alive, not k
+        for direction, draw in zip(u, self.draws(call, generator)):  # one draw more alive, not k
             direction.copy_(draw)
         if call.output is not None:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
             u.mul_(output > 0)
         calls.append(call)
         return u
 
-    def draws(self, generator: torch.Generator, shape: torch.Size, like: Tensor) -> Iterator[Tensor]:
-        """A call's ``k`` tangents for an output of ``shape`` ``(B, ...)``, one at a time, on ``like``'s device and
-        dtype: per-example noise drawn for the union batch (the same on every rank), this rank's rows taken."""
+    def draws(self, call: _Call, generator: torch.Generator) -> Iterator[Tensor]:
+        """``call``'s ``k`` tangents ``(B, ...)`` from ``generator``, one at a time: per-example noise drawn for the
+        union batch (the same on every rank), this rank's rows taken. The pass draws them from the estimator's
+        generator, the weight step again from a copy of its state before that draw."""
+        rows, rest, like = call.shape[0], call.shape[1:], call.like
         for _ in range(self.estimator.k):
-            u = torch.randn((self.total, *shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
-            yield u if self.total == shape[0] else u.narrow(0, self.offset, shape[0])
+            u = torch.randn((self.total, *rest), generator=generator, device=like.device, dtype=like.dtype)
+            yield u if self.total == rows else u.narrow(0, self.offset, rows)
 
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None,
                    patch_derivs: Tensor | None = None) -> None:
@@ -184,7 +186,7 @@ class _ActivityTangents(TangentSource):
         generator = torch.Generator(device=call.like.device)
         generator.set_state(call.state)
         g_z = call.like.new_zeros(call.shape)
-        for d, u in zip(derivs, self.draws(generator, call.shape, call.like)):
+        for d, u in zip(derivs, self.draws(call, generator)):
             g_z.addcmul_(d.view(*d.shape, *[1] * (len(call.shape) - d.dim())), u)
             del d
         if call.output is not None:  # the ReLU mask: the output's sign is kept by the in-place ReLU
