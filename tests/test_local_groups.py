@@ -72,12 +72,14 @@ def test_output_groups_are_the_last_layer_of_each_grouped_block():
 
 
 class Replicas(nn.Module):
-    """The torch twin of every block's replicated losses: block ``i`` from its input detached, then for each group the
-    head's loss of the block output with ``detach()`` on every other group's channels."""
+    """The torch twin of every block's replicated losses: block ``i`` from its input detached, then for each group
+    the head's loss of the block output with ``detach()`` on every other group's channels, ``(..., G)``; with
+    ``cells=True``, for each cell of the head input (a group's channels in one patch, ``patches=P``) the head's loss
+    with ``detach()`` on everything outside the cell, ``(..., G, P²)``."""
 
-    def __init__(self, net):
+    def __init__(self, net, cells=False):
         super().__init__()
-        self.net, self.body = [net], to_torch(net)
+        self.net, self.body, self.cells = [net], to_torch(net), cells
         self.heads = nn.ModuleDict({head: to_torch(net.get_submodule(head)) for _, head in net.blocks if head})
 
     def forward(self, x, labels, per_example):
@@ -88,16 +90,22 @@ class Replicas(nn.Module):
             for name in names:
                 h = self.body.get_submodule(name)(h)
             if head is None:
-                out.append(reduce(F.cross_entropy(h, labels, reduction="none"))[..., None])
+                loss = reduce(F.cross_entropy(h, labels, reduction="none"))
+                out.append(loss[..., None, None] if self.cells else loss[..., None])
                 continue
+            module = self.net[0].get_submodule(head)
+            if self.cells and module.patches > 1:
+                cells = module.cells(h.shape[1:])
+            else:
+                cells = [(part,) for part in module.group_slices(h.shape[1])]
             replicas = []
-            for part in self.net[0].get_submodule(head).group_slices(h.shape[1]):
-                mask = torch.zeros(h.shape[1], dtype=h.dtype)
-                mask[part] = 1
-                mask = mask.view(-1, *[1] * (h.dim() - 2))
-                h_g = h * mask + h.detach() * (1 - mask)  # the tangent of group g only
-                replicas.append(reduce(F.cross_entropy(self.heads[head](h_g), labels, reduction="none")))
-            out.append(torch.stack(replicas, -1))
+            for cell in cells:
+                mask = torch.zeros(h.shape[1:], dtype=h.dtype)
+                mask[cell] = 1
+                h_c = h * mask + h.detach() * (1 - mask)  # the tangent of this cell (or group) only
+                replicas.append(reduce(F.cross_entropy(self.heads[head](h_c), labels, reduction="none")))
+            stacked = torch.stack(replicas, -1)
+            out.append(stacked.unflatten(-1, (module.groups, -1)) if self.cells else stacked)
         return out
 
 

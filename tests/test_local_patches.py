@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from test_estimators import SEED, in_threads
 from test_local_groups import Replicas, twin_name
-from torch import nn
 
-from fg_lightning.engine import CNN, MLP, GivenTangents, GlobalAvgPool, Linear, Network, ReLU, to_torch
+from fg_lightning.engine import CNN, MLP, GivenTangents, GlobalAvgPool, Linear, Network, ReLU
 from fg_lightning.estimators import (
     LocalActivityPerturbation, LocalBackprop, LocalGuess, LocalWeightPerturbation,
 )
@@ -86,38 +85,6 @@ def test_the_conv_heads_have_patches_and_each_conv_output_element_its_cell():
     assert joined.output_cells("conv2", (3, 6, 7, 7)) is None and joined.output_groups("conv2") is not None
 
 
-class Cells(nn.Module):
-    """The torch twin of every block's group and patch replicas: block ``i`` from its input detached, then for each
-    cell of the head input the head's loss with ``detach()`` on everything outside the cell; ``(..., G, P²)``."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.body = [net], to_torch(net)
-        self.heads = nn.ModuleDict({head: to_torch(net.get_submodule(head)) for _, head in net.blocks if head})
-
-    def forward(self, x, labels, per_example):
-        reduce = (lambda loss: loss / len(labels)) if per_example else (lambda loss: loss.mean())
-        h, out = x, []
-        for names, head in self.net[0].blocks:
-            h = h.detach()
-            for name in names:
-                h = self.body.get_submodule(name)(h)
-            if head is None:
-                out.append(reduce(F.cross_entropy(h, labels, reduction="none"))[..., None, None])
-                continue
-            module = self.net[0].get_submodule(head)
-            cells = module.cells(h.shape[1:]) if module.patches > 1 else [(g,) for g in module.group_slices(h.shape[1])]
-            replicas = []
-            for cell in cells:
-                mask = torch.zeros(h.shape[1:], dtype=h.dtype)
-                mask[cell] = 1
-                h_c = h * mask + h.detach() * (1 - mask)  # the tangent of this cell only
-                replicas.append(reduce(F.cross_entropy(self.heads[head](h_c), labels, reduction="none")))
-            groups = module.groups
-            out.append(torch.stack(replicas, -1).unflatten(-1, (groups, len(cells) // groups)))
-        return out
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
@@ -132,7 +99,7 @@ def test_patch_derivs_are_each_replicas_jvp(per_example, chunked, variant):
     result = net.jvp(x, labels, source)
 
     params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
-    cells, groups = Cells(net), Replicas(net)
+    cells, groups = Replicas(net, cells=True), Replicas(net)
     for k in range(3):
         direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
         for twin, derivs in ((cells, result.patch_derivs), (groups, result.group_derivs)):
@@ -155,7 +122,7 @@ def test_local_backprop_is_the_gradient_of_the_patch_wise_objective(variant):
     """Autograd of Σ_{g,p} L_{g,p} (each replica with ``detach()`` outside its cell, the heads' parameters frozen)
     for the blocks' layers, and of each head's own loss for the heads: the engine's local gradient, in float64."""
     net, x, labels = problem(variant)
-    cells = Cells(net)
+    cells = Replicas(net, cells=True)
     frozen = {f"heads.{n}": p.detach() for n, p in cells.heads.named_parameters()}
     objective = sum(d.sum() for d in torch.func.functional_call(cells, frozen, (x, labels, False), strict=False))
     objective.backward()
