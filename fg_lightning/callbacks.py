@@ -31,6 +31,12 @@ class UpdateCallback(Callback):
 
     def on_before_update(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None: ...
 
+    def reads_estimate(self) -> bool:
+        """True when this step's ``on_update_end`` / ``on_after_update`` read ``estimate.grads`` (asked after
+        ``on_before_update``): the step then keeps its estimate instead of applying it as it is formed
+        (:func:`~fg_lightning.estimators.training_step`'s ``keep_estimate``)."""
+        return False
+
     def on_update_start(self, trainer: Trainer, pl_module: LightningModule) -> None: ...
 
     def on_update_end(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None: ...
@@ -201,6 +207,10 @@ class GradientCosine(UpdateCallback):
             self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels, pl_module.comm)
 
     @override
+    def reads_estimate(self) -> bool:
+        return self._exact is not None
+
+    @override
     def on_after_update(self, trainer: Trainer, pl_module: LightningModule, estimate: Estimate) -> None:
         if self._exact is None:
             return
@@ -223,7 +233,8 @@ class ExceptionCheckpoint(Callback):
     ``interrupted.ckpt`` in the run's own checkpoint folder (the first ``ModelCheckpoint``'s, else
     ``<log dir>/checkpoints``), and only once a step has been trained.
 
-    A divergence is raised before the parameters change, so its checkpoint holds the last finite parameters. Resume
+    A divergence is raised before the parameters change, so its checkpoint holds the last finite parameters (with an
+    update applied as it is formed, some of them may have taken the step: the error names them). Resume
     with ``--ckpt_path <run>/checkpoints/interrupted.ckpt`` (``fg-cli`` also finds it as ``--ckpt_path last``).
     Lightning's own ``OnExceptionCheckpoint`` needs its folder before the run has one, and its presence makes every
     later ``fit`` silently resume from the newest checkpoint it can find; this one does neither.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Iterable, Union
+import signal
+import threading
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -81,6 +84,29 @@ def resumable_loops(loops: dict[str, Any], trainer: Any, update_applied: bool) -
         stepped["_batches_that_stepped"] -= 1
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back until the block ends, then delivered to their own handlers (in the main thread;
+    elsewhere nothing is held): an update applied part by part as it is formed (``UpdateAsFormed``) is never left
+    half done by a Ctrl-C or a scheduler's SIGTERM, so the checkpoint written on the interrupt holds the whole step
+    or none of it, and the resumed run continues exactly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not set from Python
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
 class ForwardGradientModule(LightningModule):
     """Trains ``network`` with the updates that ``estimator`` produces (``automatic_optimization = False``).
 
@@ -91,9 +117,12 @@ class ForwardGradientModule(LightningModule):
     by default, as in the paper) steps through ``self.optimizers()``, so ``global_step`` counts optimizer steps and
     ``max_steps``, checkpoints and LR monitors behave as usual. The learning-rate scheduler, if any, is stepped after
     every ``interval`` (``"epoch"`` or ``"step"``; ``ReduceLROnPlateau`` on ``val/loss``), as Lightning steps one
-    under automatic optimisation. A non-finite loss or update raises :class:`DivergenceError` naming the step, the
-    estimator and the learning rate, before the parameters are touched (a non-finite *input* batch is named as
-    such). Validation and test are forward passes only; ``predict`` gives class probabilities. The estimator's state
+    under automatic optimisation. Under plain SGD with no clipping, activity perturbation applies each layer's update
+    as it forms it, with no ``.grad`` and no parameter-sized estimate (``applies_as_formed``), except on the steps a
+    callback reads the estimate (``UpdateCallback.reads_estimate``: GradientCosine's). A non-finite loss or update
+    raises :class:`DivergenceError` naming the step, the estimator and the learning rate, before the parameters are
+    touched (an update applied as formed: before the non-finite part, the error naming the parts already applied; a
+    non-finite *input* batch is named as such). Validation and test are forward passes only; ``predict`` gives class probabilities. The estimator's state
     (its generator, the momentum estimator's ranking) is saved in checkpoints, so resuming continues bit-for-bit; a
     checkpoint of another network or estimator raises :class:`CheckpointMismatchError` (built from a config, as by
     LightningCLI, its recorded settings are compared: :func:`~fg_lightning.checkpoints.check_settings`).
@@ -273,23 +302,25 @@ class ForwardGradientModule(LightningModule):
             callback.on_update_start(self.trainer, self)
         clip = None if self.gradient_clip_val is None else functools.partial(
             self.clip_gradients, optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
-        try:
-            if self.compiled_step is not None:
-                estimate = self.compiled_step(x, labels, step, optimizer, self.comm, before_step=clip)
-            else:
-                estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, self.comm,
-                                         before_step=clip)
-        except DivergenceError as err:
-            raise self._divergence(err, x, step) from None
-        except RuntimeError as err:
-            translated = self._out_of_memory(err, x, step)
-            if translated is err:
-                raise
-            raise translated from None
-        self._step_schedulers("step")
-        # The update is applied: a checkpoint written from here on (an exception in a callback, Ctrl-C) holds this
-        # step as done, so its schedule is stepped first (see resumable_loops).
-        self._state_before_update = None
+        with _signals_held():  # a Ctrl-C or SIGTERM lands after the step, not inside a half-applied update
+            try:
+                if self.compiled_step is not None:
+                    estimate = self.compiled_step(x, labels, step, optimizer, self.comm, before_step=clip)
+                else:
+                    estimate = training_step(self.estimator, self.network, x, labels, step, optimizer, self.comm,
+                                             before_step=clip,
+                                             keep_estimate=any(c.reads_estimate() for c in callbacks))
+            except DivergenceError as err:
+                raise self._divergence(err, x, step) from None
+            except RuntimeError as err:
+                translated = self._out_of_memory(err, x, step)
+                if translated is err:
+                    raise
+                raise translated from None
+            self._step_schedulers("step")
+            # The update is applied: a checkpoint written from here on (an exception in a callback, Ctrl-C) holds this
+            # step as done, so its schedule is stepped first (see resumable_loops).
+            self._state_before_update = None
         for callback in callbacks:
             callback.on_update_end(self.trainer, self, estimate)
         for callback in callbacks:

@@ -1,7 +1,8 @@
 """Every registered estimator under data parallelism, without Lightning: run as one of ``WORLD_SIZE`` gloo processes
 (``python ddp_worker.py <out file>`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set), it trains
-each estimator a few steps on this rank's share of fixed union batches and saves the parameters and the bytes
-communicated; ``test_distributed.py`` runs the same :func:`train` in one process on the union batches and compares.
+each estimator a few steps on this rank's share of fixed union batches, through ``training_step`` as the module trains
+(activity perturbation applying each layer's update as it forms it, one all-reduce per layer), and saves the
+parameters and the bytes communicated; ``test_distributed.py`` runs the same :func:`train` in one process on the union batches and compares.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from fg_lightning.engine import CNN, MLP, to_torch
-from fg_lightning.estimators import REGISTRY, apply_estimate
+from fg_lightning.estimators import REGISTRY, training_step
 from fg_lightning.estimators.collective import Collective, TorchCollective
 from fg_lightning.torch_network import TorchNetwork
 
@@ -60,9 +61,8 @@ def train(name: str, model: str, comm: Collective, rank: int = 0, world_size: in
     for step, batch in enumerate(union_batches(model)):
         x, labels = shard(batch, rank, world_size)
         before = comm.bytes
-        estimate = estimator.estimate(network, x, labels, step, comm)
+        estimate = training_step(estimator, network, x, labels, step, optimizer, comm)
         sent.append(comm.bytes - before)
-        apply_estimate(estimate, network, optimizer, step, estimator)
         losses.append(float(estimate.loss))
     return {"params": {n: p.detach().clone() for n, p in network.named_parameters()}, "losses": losses,
             "bytes": sent, "n": sum(p.numel() for p in network.parameters()), "exact": exact}

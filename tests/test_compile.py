@@ -58,8 +58,9 @@ def train(model, name, compiled, steps=4, backend=None):
     step_fn = CompiledStep(estimator, network, backend=backend) if compiled else None
     frames = []
     for index, (x, labels) in enumerate(batches(network, steps)):
-        if step_fn is None:
-            training_step(estimator, network, x, labels, index, optimizer, comm)
+        if step_fn is None:  # the estimate kept, as the compiled step keeps it (applied as formed, activity
+            # perturbation would send its gradient in one all-reduce per layer: the same parameters, test_update_as_formed)
+            training_step(estimator, network, x, labels, index, optimizer, comm, keep_estimate=True)
         else:
             step_fn(x, labels, index, optimizer, comm)
         frames.append(counters["frames"]["total"])

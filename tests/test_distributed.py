@@ -78,7 +78,10 @@ def test_random_directions_send_k_derivatives_the_loss_and_the_batch_size(name, 
 def test_gradient_estimators_send_the_gradient(name, two_ranks):
     for model in ("mlp", "cnn"):
         result = two_ranks[0][name, model]
-        extra = 8 if name == "activity" else 0  # activity also asks where its rows are in the union batch
+        # activity also asks where its rows are in the union batch, and sends each layer's gradient as it is formed
+        # (under plain SGD), each with the batch size
+        layers = len({n.rpartition(".")[0] for n, _ in make(name, model)[0].named_parameters()})
+        extra = 8 + 8 * layers if name == "activity" else 0
         assert result["bytes"] == [(result["n"] + 2) * 8 + extra] * 3
 
 

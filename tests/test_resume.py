@@ -98,11 +98,11 @@ def interrupt_before_update(monkeypatch, at_step):
     before the update, as a Ctrl-C would there; returns a function that undoes it."""
     original = module_file.training_step
 
-    def interrupted(estimator, network, x, labels, step, optimizer, comm, before_step=None):
+    def interrupted(estimator, network, x, labels, step, optimizer, comm, **kwargs):
         if step == at_step:
             estimator.estimate(network, x, labels, step, comm)
             raise KeyboardInterrupt
-        return original(estimator, network, x, labels, step, optimizer, comm, before_step)
+        return original(estimator, network, x, labels, step, optimizer, comm, **kwargs)
 
     monkeypatch.setattr(module_file, "training_step", interrupted)
     return lambda: monkeypatch.setattr(module_file, "training_step", original)

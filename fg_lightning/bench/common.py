@@ -398,7 +398,8 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
             exact = (estimator.exact_gradient(network, x, labels)  # what it estimates: LocalBackprop's for the local ones
                      if cosine_every and index % cosine_every == 0 else None)
             try:
-                estimate = training_step(estimator, network, x, labels, index, optimizer, comm)
+                estimate = training_step(estimator, network, x, labels, index, optimizer, comm,
+                                         keep_estimate=exact is not None)
             except DivergenceError:
                 diverged_at = index
                 break

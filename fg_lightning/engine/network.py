@@ -304,6 +304,19 @@ class Network(nn.Module):
             return cell
         return None
 
+    def primal_calls(self, x: Tensor) -> Iterator[tuple[str, Layer, Tensor, Tensor]]:
+        """The primal pass of the network's own layers again, yielding each call of a layer with parameters as ``(name,
+        layer, input, output)`` before it goes on from ``output``: what a one-layer weight step needs, recomputed
+        instead of kept (activity perturbation's). Only the current call's input and output are alive; the caller may
+        update the layer's parameters before asking for the next call, since its output is already computed."""
+        for name, layer in self.named_layers():
+            if layer.has_parameters:
+                output = layer(x)
+                yield name, layer, x, output
+                x = output
+            else:
+                x = layer(x)
+
     def relu_followed(self) -> set[str]:
         """Names of the body's layers whose output goes straight into a ReLU."""
         layers = list(self.named_layers())

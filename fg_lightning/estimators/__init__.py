@@ -5,8 +5,8 @@ field's methods beyond the paper (activity perturbation, local losses, local gue
 
 from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import (
-    ActivityModel, DivergenceError, Estimate, ForwardModel, GaussianTangents, GradientEstimator, LocalLossModel, ReplayedGrads, apply_estimate, check_finite, cosine, forward_gradient,
-    num_parameters, parameter_layout, training_step,
+    ActivityModel, AppliedGrads, DivergenceError, Estimate, ForwardModel, GaussianTangents, GradientEstimator, LocalLossModel, ReplayedGrads, UpdateAsFormed, apply_estimate, check_finite, cosine,
+    forward_gradient, num_parameters, parameter_layout, training_step,
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
 from fg_lightning.estimators.input_generated import InputApprox, InputQR
@@ -17,8 +17,8 @@ from fg_lightning.estimators.momentum import MomentumForwardGradient
 from fg_lightning.estimators.registry import REGISTRY, EstimatorSpec
 
 __all__ = [
-    "REGISTRY", "ActivityModel", "ActivityPerturbation", "GaussianTangents", "LocalLossModel", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
+    "REGISTRY", "ActivityModel", "AppliedGrads", "ActivityPerturbation", "GaussianTangents", "LocalLossModel", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
     "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "ForwardModel", "GradientEstimator", "InputApprox",
     "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "ReplayedGrads", "apply_estimate",
-    "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout", "training_step",
+    "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout", "training_step", "UpdateAsFormed",
 ]

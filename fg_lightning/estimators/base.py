@@ -56,7 +56,9 @@ class ActivityModel(ForwardModel, Protocol):
     - ``relu_followed()``: layers whose output goes straight into a ReLU (where the tangent may be masked);
     - ``logit_layers()``: layers whose output is the logits of a loss (their gradient is exact);
     - ``layer_grads(name, layer, layer_input, d_output)``: one layer's parameter gradients from its own VJP;
-    - ``logits_grad(logits, labels)``: ∂L/∂logits of the loss.
+    - ``logits_grad(logits, labels)``: ∂L/∂logits of the loss;
+    - optionally ``primal_calls(x)``: the primal pass again, call by call (the engine's networks), so that
+      :class:`~fg_lightning.estimators.ActivityPerturbation` recomputes each layer's input instead of keeping it.
     """
 
     def relu_followed(self) -> set[str]: ...
@@ -142,15 +144,81 @@ def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", 
         ok = {"direction weights": grads.weights.abs().sum() < limit}  # False for nan and inf too
     else:
         ok = {name: g.isfinite().all() for name, g in grads.items()}
-    finite = torch.stack([estimate.loss.isfinite(), *ok.values()])
-    if not bool(finite.all()):
-        what = "loss" if not bool(finite[0]) else "update"
-        bad = [name for name, fine in zip(ok, finite[1:].tolist()) if not fine]
-        raise DivergenceError(
-            f"training diverged at step {step}: non-finite {what} (loss={float(estimate.loss):.4g}"
-            f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
-            f"at learning rate {lr:g}. Lower the learning rate or pick a lower-variance estimator."
-        )
+    _check(estimate.loss, ok, step, estimator, lr)
+
+
+def _check(loss: Tensor | None, ok: dict[str, Tensor], step: int, estimator: "GradientEstimator", lr: float,
+           applied: typing.Sequence[str] = ()) -> None:
+    """Raise :class:`DivergenceError` unless ``loss`` (when given) and every flag of ``ok`` (a part of the update by
+    name, True where finite) hold; ``applied``: the parts an update applied as formed had already applied."""
+    fine = torch.stack(([loss.isfinite()] if loss is not None else []) + list(ok.values())).tolist()  # one sync
+    if all(fine):
+        return
+    what = "loss" if loss is not None and not fine.pop(0) else "update"
+    bad = [name for name, flag in zip(ok, fine) if not flag]
+    shown = f"loss={float(loss):.4g}" if loss is not None else "loss not yet known"
+    note = (f"; the update of {', '.join(applied)} was already applied as it was formed (plain SGD), the rest of the "
+            "step was not" if applied else "")
+    raise DivergenceError(
+        f"training diverged at step {step}: non-finite {what} ({shown}"
+        f"{', non-finite update of ' + ', '.join(bad) if bad else ''}) with estimator {estimator!r} "
+        f"at learning rate {lr:g}{note}. Lower the learning rate or pick a lower-variance estimator."
+    )
+
+
+class AppliedGrads(typing.Mapping[str, Tensor]):
+    """The estimate of a step whose update was applied part by part as the estimator formed it
+    (:class:`UpdateAsFormed`) and not kept: its parameter names, no values. Reading a value raises, naming how to
+    keep the estimate (``training_step(..., keep_estimate=True)``; the module does it on the steps a callback reads
+    it, e.g. :class:`~fg_lightning.callbacks.GradientCosine`'s)."""
+
+    def __init__(self, names: typing.Iterable[str]) -> None:
+        self.names = list(names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        raise RuntimeError(f"the estimate of {name!r} was applied as it was formed (plain SGD) and not kept: pass "
+                           "keep_estimate=True to training_step to read it")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class UpdateAsFormed:
+    """Plain SGD applied to each part of an estimate as the estimator forms it: ``update(grads)`` with one part's
+    gradient (a dict of this rank's batch means, by parameter name) averages it over ``comm``'s union batch (one
+    all-reduce per part), checks it is finite (:class:`DivergenceError` before it is applied, naming the parts already
+    applied) and steps ``p -= lr·ĝ_p``. An estimator that can form its estimate in parts
+    (``GradientEstimator.applies_as_formed``: activity perturbation, one layer at a time, each block's as soon as its
+    head's loss is known) then keeps no parameter-sized estimate; :func:`training_step` gives it one under plain SGD
+    with nothing that reads the estimate."""
+
+    def __init__(self, network: torch.nn.Module, lr: float, step: int, estimator: "GradientEstimator",
+                 comm: Collective, batch_size: int) -> None:
+        self.params = dict(network.named_parameters())
+        self.lr, self.step, self.estimator, self.comm, self.batch_size = lr, step, estimator, comm, batch_size
+        self.applied: list[str] = []
+
+    def __call__(self, grads: dict[str, Tensor]) -> None:
+        values = self.comm.batch_mean(list(grads.values()), self.batch_size)
+        _check(None, {name: v.isfinite().all() for name, v in zip(grads, values)}, self.step, self.estimator, self.lr,
+               self.applied)
+        with torch.no_grad():  # the torch backend's parameters require grad
+            for name, value in zip(grads, values):
+                self.params[name].add_(value, alpha=-self.lr)
+        self.applied.extend(grads)
+
+    def done(self, loss: Tensor, logits: Tensor) -> Estimate:
+        """The step's estimate once every part is applied: ``loss`` (this rank's batch mean) over the union batch,
+        checked finite; :class:`AppliedGrads` for its gradient."""
+        missing = [name for name in self.params if name not in self.applied]
+        if missing:
+            raise RuntimeError(f"{self.estimator!r} applied no update to {', '.join(missing)} in its step")
+        (loss,) = self.comm.batch_mean([loss], self.batch_size)
+        _check(loss, {}, self.step, self.estimator, self.lr, self.applied)
+        return Estimate(loss, logits, AppliedGrads(self.params))
 
 
 def apply_estimate(
@@ -202,14 +270,25 @@ def _plain_sgd_lr(optimizer: Any) -> float | None:
 def training_step(
     estimator: "GradientEstimator", network: ForwardModel, x: Tensor, labels: Tensor, step: int,
     optimizer: torch.optim.Optimizer, comm: Collective, before_step: Callable[[], None] | None = None,
+    keep_estimate: bool = False,
 ) -> Estimate:
     """The one training step: ``estimator``'s estimate for this batch at optimizer step ``step``, combined across the
     processes of ``comm`` (a :class:`~fg_lightning.estimators.collective.Collective`; required: the caller that
     trains knows which processes take part), then :func:`apply_estimate`. :class:`~fg_lightning.ForwardGradientModule`,
-    ``fg-bench`` and the tests all train through it."""
-    estimate = estimator.estimate(network, x, labels, step, comm)
-    apply_estimate(estimate, network, optimizer, step, estimator, before_step)
-    return estimate
+    ``fg-bench`` and the tests all train through it.
+
+    Under plain SGD with no ``before_step``, an estimator that ``applies_as_formed`` applies each part of its update
+    as it forms it (:class:`UpdateAsFormed`, inside ``optimizer.step``'s closure, so that Lightning counts the step),
+    and the returned estimate's ``grads`` is an :class:`AppliedGrads` with no values: pass ``keep_estimate=True`` on
+    a step whose estimate is read (the same parameters either way)."""
+    lr = None if keep_estimate or before_step is not None or not estimator.applies_as_formed else _plain_sgd_lr(optimizer)
+    if lr is None:
+        estimate = estimator.estimate(network, x, labels, step, comm)
+        apply_estimate(estimate, network, optimizer, step, estimator, before_step)
+        return estimate
+    update, estimates = UpdateAsFormed(network, lr, step, estimator, comm, len(x)), []
+    optimizer.step(lambda: estimates.append(estimator.estimate(network, x, labels, step, comm, update=update)))
+    return estimates[0]
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -238,6 +317,9 @@ class GradientEstimator:
     unbiased: bool = False  # a class default; an estimator whose arguments decide it sets it on the instance
     needs_local_losses: ClassVar[bool] = False  # trains a network cut into blocks with a loss head each
     requires: ClassVar[type] = ForwardModel  # the capability (a protocol) it asks of a network
+    # estimate() takes update=UpdateAsFormed(...) and applies each part of its update through it as it forms it,
+    # returning UpdateAsFormed.done(...)'s estimate (training_step decides when)
+    applies_as_formed: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):

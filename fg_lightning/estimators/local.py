@@ -17,6 +17,7 @@ boundary and each block (with its head) learns from its own head's loss: what th
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from fg_lightning.engine import GivenTangents, Layer, TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
-    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, check_positive_int,
+    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, UpdateAsFormed, check_positive_int,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 from fg_lightning.estimators.per_example import ExampleGuesses, local_backward, unsupported
@@ -38,6 +39,8 @@ def _block_of_layers(network: LocalLossModel) -> dict[str, int]:
 
 class _ActivityPerturbation(GradientEstimator):
     unbiased = True
+    applies_as_formed = True  # each layer's weight step, as its block's loss derivatives are known
+    recompute: bool = False  # the layers' inputs computed again once the loss is known (ActivityPerturbation's)
     requires: ClassVar[type] = ActivityModel
 
     def __init__(self, k: int = 1, relu_mask: bool = True, exact_output: bool = True, seed: int = 0) -> None:
@@ -49,9 +52,10 @@ class _ActivityPerturbation(GradientEstimator):
         self.relu_mask, self.exact_output = relu_mask, exact_output
 
     def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int,
-                 comm: Collective = ONE_PROCESS) -> Estimate:
+                 comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
         offset, total = comm.batch_rows(len(x))  # this rank's rows of the union batch
-        source = _ActivityTangents(self, network, labels, offset, total)
+        recompute = self.recompute and hasattr(network, "primal_calls")
+        source = _ActivityTangents(self, network, labels, offset, total, update, x if recompute else None)
         result = network.jvp(x, labels, source)
         if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for o in source.exact.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
@@ -64,6 +68,8 @@ class _ActivityPerturbation(GradientEstimator):
                 source.block_done(index, derivs, groups, **({"patch_derivs": cells} if cells.shape[-1] > 1 else {}))
         else:
             source.block_done(0, result.dir_derivs, None)
+        if update is not None:  # every layer's update is applied
+            return update.done(result.loss, result.logits)
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
         loss, grads = comm.mean_gradient(len(x), result.loss,
                                          {name: source.grads[name] for name, _ in network.named_parameters()})
@@ -100,23 +106,27 @@ class _ActivityTangents(TangentSource):
     No tangent is kept: the pass adds it to the layer's output tangent and drops it, and :meth:`block_done` draws it
     again, one direction at a time, from the generator state recorded before the draw (seed replay). What a call
     keeps until its block's derivatives are known is what backprop keeps: the layer's input, and for the ReLU mask
-    its output (which the engine's in-place ReLU turns into the next layer's input, keeping its sign). With local
-    losses the engine calls :meth:`block_done` as it evaluates each block's head, so that one block's inputs are
-    alive at a time."""
+    its output (which the engine's in-place ReLU turns into the next layer's input, keeping its sign), or, given the
+    batch as ``inputs``, nothing: a second primal pass (``network.primal_calls``) computes them again when the weight
+    steps run. With local losses the engine calls :meth:`block_done` as it evaluates each block's head, so that one
+    block's inputs are alive at a time. Given ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied
+    and dropped as soon as it is whole."""
 
     perturbs_activities = True
     per_example = True
 
     def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, labels: Tensor, offset: int,
-                 total: int) -> None:
+                 total: int, update: UpdateAsFormed | None = None, inputs: Tensor | None = None) -> None:
         self.estimator, self.network, self.labels, self.offset, self.total = estimator, network, labels, offset, total
+        self.update = update
+        self.inputs = inputs  # the batch, when the layers' inputs are recomputed (network.primal_calls), not kept
         self.local = estimator.needs_local_losses
         self.masked = network.relu_followed() if estimator.relu_mask else set()
         self.outputs = network.logit_layers() if estimator.exact_output else set()
         self.block_of = _block_of_layers(network) if self.local else {}
         self.pending: dict[int, list[_Call]] = {}  # per block, its calls in order
         self.exact: dict[str, Tensor] = {}  # output layer -> its output (the logits of a loss)
-        self.grads: dict[str, Tensor] = {}  # the estimate, summed over each layer's calls
+        self.grads: dict[str, Tensor] = {}  # the estimate, summed over each layer's calls (those not yet applied)
 
     def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor) -> Tensor | None:
         calls = self.pending.setdefault(self.block_of.get(name, 0), [])
@@ -126,15 +136,16 @@ class _ActivityTangents(TangentSource):
                                  "called more than once in one forward, so its output is not only the logits: use "
                                  "exact_output=False")
             self.exact[name] = output
-            calls.append(_Call(name, layer, layer_input, output))
+            calls.append(_Call(name, layer, layer_input if self.inputs is None else None, output))
             return None
         generator = self.estimator.generator(output.device)
-        call = _Call(name, layer, layer_input, output if name in self.masked else None, generator.get_state(),
-                     output.shape, output.new_empty(0))
+        kept = self.inputs is None
+        call = _Call(name, layer, layer_input if kept else None, output if kept and name in self.masked else None,
+                     generator.get_state(), output.shape, output.new_empty(0))
         u = output.new_empty((self.estimator.k, *output.shape))
         for direction, draw in zip(u, self.draws(call, generator)):  # one draw more alive, not k
             direction.copy_(draw)
-        if call.output is not None:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
+        if name in self.masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
             u.mul_(output > 0)
         calls.append(call)
         return u
@@ -156,16 +167,41 @@ class _ActivityTangents(TangentSource):
         VJP at its input (a one-layer step), or for an output layer from the loss's derivative. Each call is
         released once used; a block is done once."""
         calls = self.pending.pop(index, [])
-        while calls:
-            call = calls.pop()
+        left = collections.Counter(call.name for call in calls)  # a layer's calls are all in its block
+        for call in self._with_inputs(calls):
             if call.state is None:  # an output layer: the loss's derivative comes with the forward pass
                 g_z = self.network.logits_grad(call.output, self.labels)
             else:
                 g_z = self.output_estimate(call, derivs, group_derivs, patch_derivs)
+            keys = []
             for param, grad in self.network.layer_grads(call.name, call.layer, call.layer_input, g_z).items():
-                key = f"{call.name}.{param}"
+                keys.append(key := f"{call.name}.{param}")
                 self.grads[key] = grad if key not in self.grads else self.grads[key] + grad
+            left[call.name] -= 1
+            if self.update is not None and not left[call.name]:  # the layer's estimate is whole: applied, dropped
+                self.update({key: self.grads.pop(key) for key in keys})
             del call, g_z
+
+    def _with_inputs(self, calls: list[_Call]) -> Iterator[_Call]:
+        """``calls`` with their layer inputs (and outputs, where kept), each released once used: the last first when
+        the pass kept them; in the order of the pass when they are recomputed (``network.primal_calls``), each call's
+        as the recomputed pass reaches it, before its layer's update is applied."""
+        if self.inputs is None:
+            while calls:
+                yield calls.pop()
+            return
+        replayed = self.network.primal_calls(self.inputs)
+        for call in calls:
+            name, _, layer_input, output = next(replayed)
+            if name != call.name:
+                raise RuntimeError(f"the recomputed pass reached {name!r} where the forward-mode pass called "
+                                   f"{call.name!r}")
+            call.layer_input = layer_input
+            call.output = output if call.state is None or name in self.masked else None
+            del layer_input, output
+            yield call
+            call.layer_input = call.output = None
+        calls.clear()
 
     def output_estimate(self, call: _Call, derivs: Tensor, group_derivs: Tensor | None,
                         patch_derivs: Tensor | None = None) -> Tensor:
@@ -212,9 +248,19 @@ class ActivityPerturbation(_ActivityPerturbation):
     put its noise into every other layer's estimate: on the paper's MLP (one Fashion-MNIST batch of 256, k = 1) the
     mean cosine to the gradient is 0.064 with it exact and 0.020 with it perturbed (``exact_output=False``, every
     layer perturbed as in Ren et al.'s FG-A), against naive's 0.00047. The weight step needs each layer's input,
-    kept until the end of the pass (as backprop keeps its activations). Ren et al. report MNIST test error 3.24 % (backprop 2.66 %,
-    weight-perturbed forward gradient 9.25 %).
+    kept until the end of the pass (as backprop keeps its activations), or with ``recompute`` (default, on the engine's
+    networks) computed again by a second primal pass once the loss's derivatives are known, each layer's step formed
+    (and, under plain SGD, applied) as that pass reaches it: memory flat in depth, for one more primal pass. The
+    torch backend keeps the inputs. Ren et al. report MNIST test error 3.24 % (backprop 2.66 %, weight-perturbed
+    forward gradient 9.25 %).
     """
+
+    def __init__(self, k: int = 1, relu_mask: bool = True, exact_output: bool = True, recompute: bool = True,
+                 seed: int = 0) -> None:
+        super().__init__(k, relu_mask, exact_output, seed)
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True or False, got recompute={recompute!r}")
+        self.recompute = recompute
 
 
 class LocalActivityPerturbation(_ActivityPerturbation):
