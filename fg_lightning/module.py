@@ -118,7 +118,7 @@ class ForwardGradientModule(LightningModule):
     ``max_steps``, checkpoints and LR monitors behave as usual. The learning-rate scheduler, if any, is stepped after
     every ``interval`` (``"epoch"`` or ``"step"``; ``ReduceLROnPlateau`` on ``val/loss``), as Lightning steps one
     under automatic optimisation. Under plain SGD with no clipping, activity perturbation applies each layer's update
-    as it forms it, with no ``.grad`` and no parameter-sized estimate (``applies_as_formed``), except on the steps a
+    as it forms it, with no ``.grad`` and no parameter-sized estimate (``UpdateAsFormed``), except on the steps a
     callback reads the estimate (``UpdateCallback.reads_estimate``: GradientCosine's). A non-finite loss or update
     raises :class:`DivergenceError` naming the step, the estimator and the learning rate, before the parameters are
     touched (an update applied as formed: before the non-finite part, the error naming the parts already applied; a

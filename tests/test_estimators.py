@@ -702,42 +702,39 @@ def test_replayed_tangents_give_the_stored_paths_estimate_for_the_same_draws(agg
         assert torch.equal(got[name], grad), name
 
 
+@pytest.mark.parametrize("tangents", ["stored", "replayed"])
 @pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
-def test_replayed_estimate_under_plain_sgd_is_applied_one_parameter_at_a_time(aggregation):
-    """Under plain SGD a replayed estimate is applied as each parameter's part is formed: the parameters the ``.grad``
-    path gives (the same estimate through ``optimizer.step``), no ``.grad`` written, and never more than one formed
-    part alive at a time (an estimate that forms every part first, as the ``.grad`` path must, fails)."""
+def test_random_directions_under_plain_sgd_are_applied_one_parameter_at_a_time(aggregation, tangents, monkeypatch):
+    """Under plain SGD ``training_step`` applies each parameter's part of a random-direction estimate as it is formed
+    (UpdateAsFormed): the parameters of the kept estimate's ``.grad`` path, no ``.grad`` written, one parameter per
+    part, and never more than one formed part alive at a time (an estimate that forms every part first fails)."""
     import weakref
 
-    from fg_lightning.estimators import ReplayedGrads
+    from fg_lightning.estimators import AppliedGrads, UpdateAsFormed, training_step
 
-    def trained(fused, steps=3):
+    alive, most, parts = [], [0], []
+    original = UpdateAsFormed.__call__
+
+    def counted(self, grads, checked=False):
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(g) for g in grads.values()]
+        most[0] = max(most[0], len(alive))
+        parts.append(list(grads))
+        return original(self, grads, checked)
+
+    def trained(keep, steps=3):
         net, x, labels = small_problem()
-        estimator = MultiDirection(k=4, aggregation=aggregation, tangents="replayed", seed=3)
+        estimator = MultiDirection(k=4, aggregation=aggregation, tangents=tangents, seed=3)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
         for step in range(steps):
-            estimate = estimator.estimate(net, x, labels, step)
-            assert isinstance(estimate.grads, ReplayedGrads)
-            apply_estimate(estimate, net, optimizer, step, estimator, before_step=None if fused else lambda: None)
+            estimate = training_step(estimator, net, x, labels, step, optimizer, ONE_PROCESS, keep_estimate=keep)
+            assert isinstance(estimate.grads, AppliedGrads) != keep
         return net
 
-    alive, most = [], [0]
-    original = ReplayedGrads.__getitem__
-
-    def counted(self, name):
-        grad = original(self, name)
-        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(grad)]
-        most[0] = max(most[0], len(alive))
-        return grad
-
-    ReplayedGrads.__getitem__ = counted
-    try:
-        fused = trained(fused=True)
-    finally:
-        ReplayedGrads.__getitem__ = original
-    assert most[0] == 1
+    monkeypatch.setattr(UpdateAsFormed, "__call__", counted)
+    fused = trained(keep=False)
+    assert most[0] == 1 and len(parts) == 3 * len(list(fused.parameters())) and all(len(p) == 1 for p in parts)
     assert all(p.grad is None for p in fused.parameters())
-    reference = trained(fused=False)
+    reference = trained(keep=True)
     moved = small_problem()[0]
     for (name, got), want, start in zip(fused.named_parameters(), reference.parameters(), moved.parameters()):
         assert not torch.equal(got, start), name

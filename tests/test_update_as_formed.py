@@ -223,3 +223,18 @@ def test_a_ctrl_c_inside_an_update_applied_as_formed_lands_after_the_step(idx_ro
     fit(straight, 3)
     for (name, got), want in zip(interrupted.network.named_parameters(), straight.network.parameters()):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("tangents", ["stored", "replayed"])
+def test_random_directions_refuse_non_finite_weights_before_any_part_is_applied(tangents):
+    from fg_lightning.estimators import NaiveForwardGradient
+
+    net = MLP(in_features=12, hidden=(8, 8), num_classes=4, seed=1)
+    x, labels = batch((6, 12))
+    x[0, 0] = float("nan")
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(DivergenceError, match="non-finite update of direction weights") as info:
+        training_step(NaiveForwardGradient(tangents=tangents), net, x, labels, 0,
+                      torch.optim.SGD(net.parameters(), lr=0.1), ONE_PROCESS)
+    assert "already applied" not in str(info.value)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

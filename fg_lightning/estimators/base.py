@@ -6,6 +6,8 @@ An estimator turns one batch into an update direction. It only calls the engine 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
@@ -114,8 +116,8 @@ class Estimate:
 class ReplayedGrads(typing.Mapping[str, Tensor]):
     """An estimate kept as its direction weights and formed one parameter at a time, on each access: ``ĝ_p = Σ_j w_j
     v_j,p`` with ``v_j,p`` drawn again from its seed (:class:`ReplayedGaussianTangents`). Nothing parameter-sized is
-    kept, so that plain SGD (:func:`apply_estimate`) updates each parameter as its estimate is formed; every other
-    consumer (a torch optimizer's ``.grad``, clipping, the cosine callback) forms all of them, as an eager estimate."""
+    kept until a consumer (a torch optimizer's ``.grad``, clipping, the cosine callback) forms all of them, as an
+    eager estimate; plain SGD never does (:class:`UpdateAsFormed`)."""
 
     def __init__(self, weights: Tensor, source: "ReplayedGaussianTangents", params: dict[str, Tensor]) -> None:
         self.weights, self.source, self.params = weights, source, params
@@ -187,36 +189,38 @@ class AppliedGrads(typing.Mapping[str, Tensor]):
 
 
 class UpdateAsFormed:
-    """Plain SGD applied to each part of an estimate as the estimator forms it: ``update(grads)`` with one part's
-    gradient (a dict of this rank's batch means, by parameter name) averages it over ``comm``'s union batch (one
-    all-reduce per part), checks it is finite (:class:`DivergenceError` before it is applied, naming the parts already
-    applied) and steps ``p -= lr·ĝ_p``. An estimator that can form its estimate in parts
-    (``GradientEstimator.applies_as_formed``: activity perturbation, one layer at a time, each block's as soon as its
-    head's loss is known) then keeps no parameter-sized estimate; :func:`training_step` gives it one under plain SGD
-    with nothing that reads the estimate."""
+    """Plain SGD applied to each part of an estimate as the estimator forms it: ``update(grads)`` with one part (a
+    dict by parameter name of the union batch's gradient: the estimator has combined it across processes) checks it
+    is finite (:class:`DivergenceError` before it is applied, naming the parts already applied) and steps ``p -=
+    lr·ĝ_p``. An estimator whose ``estimate`` takes ``update`` then keeps no parameter-sized estimate (activity perturbation
+    applies each layer's as soon as its block's loss is known, the random-direction estimators each parameter's as
+    they form it from the pass's derivatives); :func:`training_step` gives it one under plain SGD with nothing that
+    reads the estimate, and it returns :meth:`done`'s estimate."""
 
-    def __init__(self, network: torch.nn.Module, lr: float, step: int, estimator: "GradientEstimator",
-                 comm: Collective, batch_size: int) -> None:
+    def __init__(self, network: torch.nn.Module, lr: float, step: int, estimator: "GradientEstimator") -> None:
         self.params = dict(network.named_parameters())
-        self.lr, self.step, self.estimator, self.comm, self.batch_size = lr, step, estimator, comm, batch_size
+        self.lr, self.step, self.estimator = lr, step, estimator
         self.applied: list[str] = []
 
-    def __call__(self, grads: dict[str, Tensor]) -> None:
-        values = self.comm.batch_mean(list(grads.values()), self.batch_size)
-        _check(None, {name: v.isfinite().all() for name, v in zip(grads, values)}, self.step, self.estimator, self.lr,
-               self.applied)
+    def check(self, ok: dict[str, Tensor]) -> None:
+        """Raise :class:`DivergenceError` unless every flag of ``ok`` (a part of the update by name: True where it is
+        finite) holds, one device sync: for an estimator that checks what its parts are formed from at once."""
+        _check(None, ok, self.step, self.estimator, self.lr, self.applied)
+
+    def __call__(self, grads: dict[str, Tensor], checked: bool = False) -> None:
+        if not checked:
+            self.check({name: grad.isfinite().all() for name, grad in grads.items()})
         with torch.no_grad():  # the torch backend's parameters require grad
-            for name, value in zip(grads, values):
-                self.params[name].add_(value, alpha=-self.lr)
+            for name, grad in grads.items():
+                self.params[name].add_(grad, alpha=-self.lr)
         self.applied.extend(grads)
 
     def done(self, loss: Tensor, logits: Tensor) -> Estimate:
-        """The step's estimate once every part is applied: ``loss`` (this rank's batch mean) over the union batch,
-        checked finite; :class:`AppliedGrads` for its gradient."""
+        """The step's estimate once every part is applied: ``loss`` (the union batch's), checked finite;
+        :class:`AppliedGrads` for its gradient."""
         missing = [name for name in self.params if name not in self.applied]
         if missing:
             raise RuntimeError(f"{self.estimator!r} applied no update to {', '.join(missing)} in its step")
-        (loss,) = self.comm.batch_mean([loss], self.batch_size)
         _check(loss, {}, self.step, self.estimator, self.lr, self.applied)
         return Estimate(loss, logits, AppliedGrads(self.params))
 
@@ -225,35 +229,34 @@ def apply_estimate(
     estimate: Estimate, network: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
     estimator: "GradientEstimator", before_step: Callable[[], None] | None = None, finite: Tensor | None = None,
 ) -> None:
-    """Take one optimizer step along ``estimate``: the one place where an estimate becomes an update.
+    """Take one optimizer step along a whole ``estimate`` (the other way an estimate becomes an update is part by part,
+    :class:`UpdateAsFormed`).
 
     Checks that the loss and every part of the estimate are finite (:class:`DivergenceError` otherwise, before any
     parameter changes), writes ``estimate.grads[name]`` as each parameter's ``.grad``, calls ``before_step`` (e.g.
     gradient clipping, which sees the estimate as ``.grad``), steps ``optimizer`` (any ``torch.optim.Optimizer``, or
     Lightning's wrapper of one) and clears the gradients again.
 
-    A :class:`ReplayedGrads` estimate under plain SGD and no ``before_step`` is applied one parameter at a time as it
-    is formed (``p -= lr·ĝ_p``, inside ``optimizer.step``'s closure, so that Lightning counts the step), with no
-    parameter-sized buffer beyond the one being formed. Any other optimizer needs every ``.grad`` at once: one
-    parameter-sized copy of the estimate.
+    A :class:`ReplayedGrads` estimate forms each ``.grad`` from its seed here: one parameter-sized copy of the
+    estimate, as any optimizer that reads ``.grad`` needs (under plain SGD :func:`training_step` applies it as it is
+    formed instead, :class:`UpdateAsFormed`).
     """
     if finite is None or not bool(finite):  # finite: the flag a compiled step computed in its graph, read once
         check_finite(estimate, step, estimator, optimizer.param_groups[0]["lr"])
-    lr = _plain_sgd_lr(optimizer) if isinstance(estimate.grads, ReplayedGrads) and before_step is None else None
-    if lr is not None:
-        def update() -> None:
-            with torch.no_grad():  # the torch backend's parameters require grad
-                for name, param in network.named_parameters():
-                    param.add_(estimate.grads[name], alpha=-lr)
-
-        optimizer.step(update)  # SGD runs the closure, then finds no .grad to step along
-        return
     for name, param in network.named_parameters():
         param.grad = estimate.grads[name]
     if before_step is not None:
         before_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+@functools.cache
+def _applies_as_formed(cls: type) -> bool:
+    """Whether ``cls.estimate`` takes ``update``: an :class:`UpdateAsFormed` through which it applies each part of its
+    update as it forms it, returning ``update.done(...)``'s estimate (a subclass that overrides ``estimate`` without
+    it gets the whole-estimate path)."""
+    return "update" in inspect.signature(cls.estimate).parameters
 
 
 def _plain_sgd_lr(optimizer: Any) -> float | None:
@@ -277,16 +280,17 @@ def training_step(
     trains knows which processes take part), then :func:`apply_estimate`. :class:`~fg_lightning.ForwardGradientModule`,
     ``fg-bench`` and the tests all train through it.
 
-    Under plain SGD with no ``before_step``, an estimator that ``applies_as_formed`` applies each part of its update
+    Under plain SGD with no ``before_step``, an estimator whose ``estimate`` takes ``update`` applies each part of its update
     as it forms it (:class:`UpdateAsFormed`, inside ``optimizer.step``'s closure, so that Lightning counts the step),
     and the returned estimate's ``grads`` is an :class:`AppliedGrads` with no values: pass ``keep_estimate=True`` on
     a step whose estimate is read (the same parameters either way)."""
-    lr = None if keep_estimate or before_step is not None or not estimator.applies_as_formed else _plain_sgd_lr(optimizer)
+    formed = not keep_estimate and before_step is None and _applies_as_formed(type(estimator))
+    lr = _plain_sgd_lr(optimizer) if formed else None
     if lr is None:
         estimate = estimator.estimate(network, x, labels, step, comm)
         apply_estimate(estimate, network, optimizer, step, estimator, before_step)
         return estimate
-    update, estimates = UpdateAsFormed(network, lr, step, estimator, comm, len(x)), []
+    update, estimates = UpdateAsFormed(network, lr, step, estimator), []
     optimizer.step(lambda: estimates.append(estimator.estimate(network, x, labels, step, comm, update=update)))
     return estimates[0]
 
@@ -317,9 +321,6 @@ class GradientEstimator:
     unbiased: bool = False  # a class default; an estimator whose arguments decide it sets it on the instance
     needs_local_losses: ClassVar[bool] = False  # trains a network cut into blocks with a loss head each
     requires: ClassVar[type] = ForwardModel  # the capability (a protocol) it asks of a network
-    # estimate() takes update=UpdateAsFormed(...) and applies each part of its update through it as it forms it,
-    # returning UpdateAsFormed.done(...)'s estimate (training_step decides when)
-    applies_as_formed: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from fg_lightning.engine import TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
-    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads, check_positive_int,
-    num_parameters, parameter_layout,
+    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads, UpdateAsFormed,
+    check_positive_int, num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
@@ -75,7 +75,7 @@ class MultiDirection(GradientEstimator):
                              "orthogonal aggregation needs k <= n")
 
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
-                 comm: Collective = ONE_PROCESS) -> Estimate:
+                 comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
         replayed = self.tangents == "replayed"
         source = ReplayedGaussianTangents(self, self.k, step, network) if replayed else GaussianTangents(self, self.k)
         result = comm.mean_derivatives(len(x), network.jvp(x, labels, source))
@@ -89,7 +89,14 @@ class MultiDirection(GradientEstimator):
         else:  # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
             gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in map(tangent, params))
             weights = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
-        if replayed:  # formed one parameter at a time where the update needs it
+        if update is not None:  # each parameter's part applied as it is formed, its kept tangent released
+            limit = torch.finfo(weights.dtype).max / 16  # as check_finite checks a ReplayedGrads estimate
+            update.check({"direction weights": weights.abs().sum() < limit})
+            for name in params:
+                update({name: weighted_sum(weights, source.draw(name, params[name]) if replayed
+                                           else result.tangents.pop(name))}, checked=True)
+            return update.done(result.loss, result.logits)
+        if replayed:  # formed one parameter at a time where the estimate is read
             return Estimate(result.loss, result.logits, ReplayedGrads(weights, source, params))
         return Estimate(result.loss, result.logits, {name: weighted_sum(weights, tangent(name)) for name in params})
 

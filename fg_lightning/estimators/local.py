@@ -39,7 +39,6 @@ def _block_of_layers(network: LocalLossModel) -> dict[str, int]:
 
 class _ActivityPerturbation(GradientEstimator):
     unbiased = True
-    applies_as_formed = True  # each layer's weight step, as its block's loss derivatives are known
     recompute: bool = False  # the layers' inputs computed again once the loss is known (ActivityPerturbation's)
     requires: ClassVar[type] = ActivityModel
 
@@ -53,9 +52,8 @@ class _ActivityPerturbation(GradientEstimator):
 
     def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
-        offset, total = comm.batch_rows(len(x))  # this rank's rows of the union batch
         recompute = self.recompute and hasattr(network, "primal_calls")
-        source = _ActivityTangents(self, network, labels, offset, total, update, x if recompute else None)
+        source = _ActivityTangents(self, network, labels, comm, update, x if recompute else None)
         result = network.jvp(x, labels, source)
         if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for o in source.exact.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
@@ -69,7 +67,7 @@ class _ActivityPerturbation(GradientEstimator):
         else:
             source.block_done(0, result.dir_derivs, None)
         if update is not None:  # every layer's update is applied
-            return update.done(result.loss, result.logits)
+            return update.done(comm.batch_mean([result.loss], len(x))[0], result.logits)
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
         loss, grads = comm.mean_gradient(len(x), result.loss,
                                          {name: source.grads[name] for name, _ in network.named_parameters()})
@@ -115,10 +113,10 @@ class _ActivityTangents(TangentSource):
     perturbs_activities = True
     per_example = True
 
-    def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, labels: Tensor, offset: int,
-                 total: int, update: UpdateAsFormed | None = None, inputs: Tensor | None = None) -> None:
-        self.estimator, self.network, self.labels, self.offset, self.total = estimator, network, labels, offset, total
-        self.update = update
+    def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, labels: Tensor, comm: Collective,
+                 update: UpdateAsFormed | None = None, inputs: Tensor | None = None) -> None:
+        self.estimator, self.network, self.labels, self.comm, self.update = estimator, network, labels, comm, update
+        self.offset, self.total = comm.batch_rows(len(labels))  # this rank's rows of the union batch
         self.inputs = inputs  # the batch, when the layers' inputs are recomputed (network.primal_calls), not kept
         self.local = estimator.needs_local_losses
         self.masked = network.relu_followed() if estimator.relu_mask else set()
@@ -179,7 +177,9 @@ class _ActivityTangents(TangentSource):
                 self.grads[key] = grad if key not in self.grads else self.grads[key] + grad
             left[call.name] -= 1
             if self.update is not None and not left[call.name]:  # the layer's estimate is whole: applied, dropped
-                self.update({key: self.grads.pop(key) for key in keys})
+                # (data parallel: over the union batch, one all-reduce per layer)
+                mean = self.comm.batch_mean([self.grads.pop(key) for key in keys], len(self.labels))
+                self.update(dict(zip(keys, mean)))
             del call, g_z
 
     def _with_inputs(self, calls: list[_Call]) -> Iterator[_Call]:
