@@ -634,3 +634,20 @@ def test_accuracy_ablation_trains_the_recipe_variants_against_the_plain_cnns_bac
     for model in ABLATION:
         row = board[model, "local_activity"]
         assert row["gap_vs_backprop"] == pytest.approx(row["test_acc"] - backprop)
+
+
+def test_accuracy_models_take_network_switches_and_refuse_unknown_ones(tmp_path, capsys):
+    root, out = learnable_idx(tmp_path / "idx"), str(tmp_path / "out")
+    fg_bench(["accuracy", "--device", "cpu", "--dataset", "mnist", "--root", root, "--no-download", "--val-size", "32",
+              "--batch-size", "8", "--epochs", "1", "--limit-train-batches", "2", "--seeds", "1", "--grid-growth", "0",
+              "--models", "mlp", "mlp+groups=2+norm", "--estimators", "backprop", "local_activity", "--lrs", "0.1",
+              "--out", out])
+    with open(os.path.join(out, "accuracy.json")) as f:
+        board = {(r["model"], r["estimator"]): r for r in json.load(f)["leaderboard"]}
+    assert set(board) == {("mlp", "backprop"), ("mlp", "local_activity"), ("mlp+groups=2+norm", "local_activity")}
+    row = board["mlp+groups=2+norm", "local_activity"]
+    assert row["gap_vs_backprop"] == pytest.approx(row["test_acc"] - board["mlp", "backprop"]["test_acc"])
+    for bad, said in (("rnn", "unknown model 'rnn'"), ("mlp+wings=3", "wings")):
+        with pytest.raises(SystemExit):
+            fg_bench(["accuracy", "--models", bad])
+        assert said in capsys.readouterr().err

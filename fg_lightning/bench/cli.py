@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from fg_lightning.bench.common import MODELS
+from fg_lightning.bench.common import MODELS, model_switches
 from fg_lightning.bench.depth import ESTIMATORS as DEPTH_ESTIMATORS, MODELS as DEPTH_MODELS
 from fg_lightning.bench.suite import PRESETS
 from fg_lightning.estimators import REGISTRY
@@ -52,6 +52,19 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return number
+
+
+def _model_variant(value: str) -> str:
+    """``mlp``, ``cnn``, or either with switches of its network (``cnn+groups=8+norm``), refused here if the network
+    does not take them."""
+    base, switches = model_switches(value)
+    if base not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {base!r} in {value!r}; expected one of {sorted(MODELS)}")
+    try:
+        MODELS[base](local_losses=True, **switches)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{value!r}: {err}") from None
+    return value
 
 
 def _nonnegative(value: str) -> int:
@@ -105,7 +118,12 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
-        sub.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
+        if name == "accuracy":  # a network's switches after "+": the recipe's variants, as --ablation's
+            sub.add_argument("--models", nargs="+", type=_model_variant, default=["mlp", "cnn"],
+                             help="mlp, cnn, or either with network switches, e.g. mlp+groups=8+norm (the local-loss "
+                                  "estimators train the variant, the others its base model)")
+        else:
+            sub.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
         if batch_sizes is not None:
             sub.add_argument("--batch-sizes", nargs="+", type=_positive, default=batch_sizes)
         sub.add_argument("--estimators", nargs="+", choices=list(REGISTRY), default=estimators)
