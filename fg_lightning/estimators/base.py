@@ -192,10 +192,10 @@ class UpdateAsFormed:
     """Plain SGD applied to each part of an estimate as the estimator forms it: ``update(grads)`` with one part (a
     dict by parameter name of the union batch's gradient: the estimator has combined it across processes) checks it
     is finite (:class:`DivergenceError` before it is applied, naming the parts already applied) and steps ``p -=
-    lr·ĝ_p``. An estimator whose ``estimate`` takes ``update`` then keeps no parameter-sized estimate (activity perturbation
-    applies each layer's as soon as its block's loss is known, the random-direction estimators each parameter's as
-    they form it from the pass's derivatives); :func:`training_step` gives it one under plain SGD with nothing that
-    reads the estimate, and it returns :meth:`done`'s estimate."""
+    lr·ĝ_p``. An estimator whose ``estimate`` takes ``update`` then keeps no parameter-sized estimate (activity
+    perturbation applies each layer's as soon as its block's loss is known, the random-direction estimators each
+    parameter's as they form it from the pass's derivatives); :func:`training_step` gives it one under plain SGD with
+    nothing that reads the estimate, and it returns :meth:`done`'s estimate."""
 
     def __init__(self, network: torch.nn.Module, lr: float, step: int, estimator: "GradientEstimator") -> None:
         self.params = dict(network.named_parameters())
@@ -280,10 +280,10 @@ def training_step(
     trains knows which processes take part), then :func:`apply_estimate`. :class:`~fg_lightning.ForwardGradientModule`,
     ``fg-bench`` and the tests all train through it.
 
-    Under plain SGD with no ``before_step``, an estimator whose ``estimate`` takes ``update`` applies each part of its update
-    as it forms it (:class:`UpdateAsFormed`, inside ``optimizer.step``'s closure, so that Lightning counts the step),
-    and the returned estimate's ``grads`` is an :class:`AppliedGrads` with no values: pass ``keep_estimate=True`` on
-    a step whose estimate is read (the same parameters either way)."""
+    Under plain SGD with no ``before_step``, an estimator whose ``estimate`` takes ``update`` applies each part of its
+    update as it forms it (:class:`UpdateAsFormed`, inside ``optimizer.step``'s closure, so that Lightning counts the
+    step), and the returned estimate's ``grads`` is an :class:`AppliedGrads` with no values: pass
+    ``keep_estimate=True`` on a step whose estimate is read (the same parameters either way)."""
     formed = not keep_estimate and before_step is None and _applies_as_formed(type(estimator))
     lr = _plain_sgd_lr(optimizer) if formed else None
     if lr is None:

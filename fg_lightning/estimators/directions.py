@@ -9,8 +9,8 @@ from torch import Tensor
 
 from fg_lightning.engine import TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
-    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads, UpdateAsFormed,
-    check_positive_int, num_parameters, parameter_layout,
+    Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads,
+    UpdateAsFormed, check_positive_int, num_parameters, parameter_layout,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
