@@ -271,7 +271,7 @@ def test_a_module_called_twice_gets_its_tangent_at_every_call(monkeypatch):
     basis = (10**0.5 * torch.eye(10, dtype=torch.float64)).unsqueeze(1).expand(10, 6, 10)
     order: list = []  # the calls as the pass meets them: fc1's first, its second (fc2, the output, is exact)
 
-    def draws(self, call, generator):  # the same tangents in the pass and again in the weight step
+    def draws(self, call, generator, into=None):  # the same tangents in the pass and again in the weight step
         if not any(seen is call for seen in order):
             order.append(call)
         return iter(basis[..., :5] if order[0] is call else basis[..., 5:])

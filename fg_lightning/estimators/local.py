@@ -141,21 +141,32 @@ class _ActivityTangents(TangentSource):
         call = _Call(name, layer, layer_input if kept else None, output if kept and name in self.masked else None,
                      generator.get_state(), output.shape, output.new_empty(0))
         u = output.new_empty((self.estimator.k, *output.shape))
-        for direction, draw in zip(u, self.draws(call, generator)):  # one draw more alive, not k
-            direction.copy_(draw)
+        for direction, draw in zip(u, self.draws(call, generator, into=u)):  # drawn in place where it can be
+            if draw.data_ptr() != direction.data_ptr():
+                direction.copy_(draw)
         if name in self.masked:  # ∂L/∂z = 0 where the ReLU is off: u there adds noise to ĝ_z and nothing to d
             u.mul_(output > 0)
         calls.append(call)
         return u
 
-    def draws(self, call: _Call, generator: torch.Generator) -> Iterator[Tensor]:
+    def draws(self, call: _Call, generator: torch.Generator, into: Tensor | None = None) -> Iterator[Tensor]:
         """``call``'s ``k`` tangents ``(B, ...)`` from ``generator``, one at a time: per-example noise drawn for the
         union batch (the same on every rank), this rank's rows taken. The pass draws them from the estimator's
-        generator, the weight step again from a copy of its state before that draw."""
+        generator, the weight step again from a copy of its state before that draw. Each is valid until the next is
+        drawn: where this rank's rows are the union batch, draw ``j`` is written into ``into[j]`` (the pass's
+        ``(k, B, ...)`` tangent), or else into one buffer reused for every draw (the same numbers, no allocation per
+        draw)."""
         rows, rest, like = call.shape[0], call.shape[1:], call.like
-        for _ in range(self.estimator.k):
-            u = torch.randn((self.total, *rest), generator=generator, device=like.device, dtype=like.dtype)
-            yield u if self.total == rows else u.narrow(0, self.offset, rows)
+        buffer = None
+        for j in range(self.estimator.k):
+            if self.total == rows:
+                out = into[j] if into is not None else buffer
+                buffer = torch.randn(call.shape, generator=generator, device=like.device, dtype=like.dtype,
+                                     **({} if out is None else {"out": out}))
+                yield buffer
+            else:
+                u = torch.randn((self.total, *rest), generator=generator, device=like.device, dtype=like.dtype)
+                yield u.narrow(0, self.offset, rows)
 
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None,
                    patch_derivs: Tensor | None = None) -> None:
