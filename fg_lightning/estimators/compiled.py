@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, apply_estimate
+from fg_lightning.estimators.base import Estimate, GradientEstimator, apply_estimate, finite
 from fg_lightning.estimators.collective import Collective
 
 
@@ -26,7 +26,7 @@ def compile_refusal(estimator: GradientEstimator, network: torch.nn.Module) -> s
 
 def finite_flag(estimate: Estimate) -> Tensor:
     """One 0-d bool: the loss and every part of the estimate are finite (computed in the compiled graph)."""
-    parts = [estimate.loss.isfinite(), *(grad.isfinite().all() for grad in estimate.grads.values())]
+    parts = [estimate.loss.isfinite(), *(finite(grad) for grad in estimate.grads.values())]
     return torch.stack(parts).all()
 
 
