@@ -238,3 +238,29 @@ def test_random_directions_refuse_non_finite_weights_before_any_part_is_applied(
                       torch.optim.SGD(net.parameters(), lr=0.1), ONE_PROCESS)
     assert "already applied" not in str(info.value)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_a_module_called_twice_on_the_torch_backend_is_applied_once_with_both_calls(monkeypatch):
+    """The torch backend keeps each call's input (no recompute there); fc1, called twice in one forward, is one part
+    applied once its two calls' estimates are summed: the kept estimate's parameters (float64)."""
+    from user_models import CalledTwice
+
+    from fg_lightning.torch_network import TorchNetwork
+
+    parts = []
+    call = UpdateAsFormed.__call__
+    monkeypatch.setattr(UpdateAsFormed, "__call__", lambda self, grads: parts.append(list(grads)) or call(self, grads))
+
+    def trained(keep):
+        torch.manual_seed(0)
+        net, estimator = TorchNetwork(CalledTwice().double()), ActivityPerturbation(k=3, seed=4)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(2):
+            x, labels = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+            training_step(estimator, net, x, labels, step, optimizer, ONE_PROCESS, keep_estimate=keep)
+        return net
+
+    applied, kept = trained(keep=False), trained(keep=True)
+    assert sorted(map(sorted, parts)) == sorted([["fc1.bias", "fc1.weight"], ["fc2.bias", "fc2.weight"]] * 2)
+    for (name, got), want in zip(applied.named_parameters(), kept.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14, msg=name)
