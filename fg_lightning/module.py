@@ -148,7 +148,7 @@ class ForwardGradientModule(LightningModule):
         num_classes: torch backend only: for the accuracy metrics (default: the last ``nn.Linear``'s out_features).
         compile: run each step's estimate under ``torch.compile`` (CUDA graphs on a GPU; one process; engine networks;
             :class:`~fg_lightning.estimators.compiled.CompiledStep`): the same parameters as eager, within float
-            rounding. An estimator that cannot be compiled (momentum, replayed tangents) is refused here, in one line.
+            rounding. An estimator that cannot be compiled (momentum) is refused here, in one line.
 
     Example::
 

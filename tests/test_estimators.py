@@ -678,28 +678,21 @@ def test_an_estimator_defined_outside_the_package_is_taken_by_registering_it():
         del REGISTRY["rademacher"]
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
-def test_replayed_tangents_give_the_stored_paths_estimate_for_the_same_draws(aggregation, monkeypatch):
-    """MultiDirection(tangents="replayed") draws each parameter's directions from a counter-based seed, keeps none of
-    them through the pass and draws them again for the estimate: the same estimate as the stored-tangent path given
-    those draws (float64, exactly), and the same draws again at the same step, other ones at the next."""
-    import fg_lightning.estimators.directions as directions
-    from fg_lightning.engine import GivenTangents
-    from fg_lightning.estimators.base import ReplayedGaussianTangents
-
+def test_replayed_tangents_give_the_stored_paths_estimates_at_the_same_seed(aggregation, chunked):
+    """MultiDirection(tangents="replayed") keeps none of its directions through the pass and draws them again from
+    the generator state recorded before the pass drew them: the stored path's estimates (exactly), step after step
+    (the estimator's generator advancing as the stored path's does), in one pass and in chunks of directions."""
     net, x, labels = small_problem()
-    net = net.double()
-    x = x.double()
-    replayed = MultiDirection(k=4, aggregation=aggregation, tangents="replayed", seed=3)
-    got = replayed.estimate(net, x, labels, 5).grads
-    assert all(torch.equal(got[n], g) for n, g in replayed.estimate(net, x, labels, 5).grads.items())
-    assert not torch.equal(got["fc1.weight"], replayed.estimate(net, x, labels, 6).grads["fc1.weight"])
-    source = ReplayedGaussianTangents(replayed, 4, 5, net)
-    draws = {name: source.draw(name, p) for name, p in net.named_parameters()}
-    monkeypatch.setattr(directions, "GaussianTangents", lambda estimator, k: GivenTangents(draws))
-    want = MultiDirection(k=4, aggregation=aggregation, seed=3).estimate(net, x, labels, 5).grads
-    for name, grad in want.items():
-        assert torch.equal(got[name], grad), name
+    net.tangent_memory_mb = 1e-3 if chunked else None
+    estimators = [MultiDirection(k=4, aggregation=aggregation, tangents=t, seed=3) for t in ("replayed", "stored")]
+    for step in range(3):
+        got, want = (estimator.estimate(net, x, labels, step).grads for estimator in estimators)
+        assert set(got) == set(want)
+        for name, grad in want.items():
+            assert torch.equal(got[name], grad), (step, name)
+    assert not torch.equal(got["fc1.weight"], estimators[0].estimate(net, x, labels, 3).grads["fc1.weight"])
 
 
 @pytest.mark.parametrize("tangents", ["stored", "replayed"])

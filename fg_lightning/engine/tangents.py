@@ -78,10 +78,10 @@ class TangentSource:
     - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
     - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
       ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
-    - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (counter-based draws,
-      as MeZO's seed replay): the engine's pass then keeps none of them (one layer's tangents alive at a time, asked
-      again in a later chunk of directions), its result carries no ``tangents``, and the estimator asks again to form
-      its estimate. (The torch backend, one pass per direction, keeps them as it does any source's.)
+    - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (drawn again from a
+      recorded generator state, as MeZO's seed replay): the engine's pass then keeps none of them (one layer's
+      tangents alive at a time, asked again in a later chunk of directions), its result carries no ``tangents``, and
+      the estimator asks again to form its estimate. (The torch backend, one pass per direction, keeps them as it does any source's.)
     - :meth:`block_done` (a local source): a block's derivatives, as soon as they are known.
     """
 

@@ -440,26 +440,35 @@ class GaussianTangents(TangentSource):
 
 
 class ReplayedGaussianTangents(TangentSource):
-    """``k`` standard normal directions over every trained parameter, each parameter's drawn from its own
-    counter-based seed ``(estimator seed, step, parameter index)`` (the seed replay of MeZO, Malladi et al. 2023), so
-    that they can be drawn again instead of kept: the engine's pass holds one layer's tangents at a time and the
-    estimate is formed by drawing each parameter's again (:meth:`draw`). The same on every rank, and a resumed run
-    draws the same without any generator state."""
+    """:class:`GaussianTangents`' directions, the very same numbers, drawn again instead of kept (the seed replay of
+    MeZO, Malladi et al. 2023, with the estimator's own generator): as the pass reaches a parameter its ``(k,
+    *shape)`` directions are drawn from the estimator's generator after its state is recorded, and drawn again from
+    that state whenever asked (:meth:`draw`). The engine's pass holds one layer's tangents at a time and the estimate
+    is formed by drawing each parameter's again. The estimator's generator advances as the stored path's does, so
+    the same seed gives the same estimates, resume and data-parallel draws as ``tangents="stored"``."""
 
     replayable = True
 
-    def __init__(self, estimator: GradientEstimator, k: int, step: int, network: ForwardModel) -> None:
-        self.k = k
-        base = (estimator.seed * 1_000_003 + step) * 1_000_033
-        self.seeds = {name: (base + index) % 2**63 for index, (name, _) in enumerate(network.named_parameters())}
+    def __init__(self, estimator: GradientEstimator, k: int) -> None:
+        self.estimator, self.k = estimator, k
+        self.states: dict[str, Tensor] = {}  # full parameter name -> the generator's state before its draw
 
     def draw(self, name: str, param: Tensor) -> Tensor:
-        """Parameter ``name``'s ``(k, *param.shape)`` directions, the same at every call."""
-        generator = torch.Generator(device=param.device).manual_seed(self.seeds[name])
+        """Parameter ``name``'s ``(k, *param.shape)`` directions, drawn again: the same at every call."""
+        generator = torch.Generator(device=param.device)
+        generator.set_state(self.states[name])
         return torch.randn((self.k, *param.shape), generator=generator, device=param.device, dtype=param.dtype)
 
     def weights(self, name: str, layer: Any, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {param: self.draw(f"{name}.{param}" if name else param, p) for param, p in params.items()}
+        tangents = {}
+        for param, p in params.items():
+            full = f"{name}.{param}" if name else param
+            if full in self.states:  # asked again (a later chunk of directions, a later pass)
+                tangents[param] = self.draw(full, p)
+            else:
+                self.states[full] = self.estimator.generator(p.device).get_state()
+                tangents[param] = self.estimator.randn(self.k, *p.shape, like=p)
+        return tangents
 
 
 def parameter_layout(network: ForwardModel) -> Iterator[tuple[str, torch.Size, int]]:

@@ -42,11 +42,11 @@ class MultiDirection(GradientEstimator):
     2e-3). Flügel et al. (2024), "Beyond Backpropagation: Optimization with Multi-Tangent Forward Gradients". The
     Gram matrix :math:`V^\top V` costs ``k² n`` multiply-adds (in float64).
 
-    ``tangents="replayed"``: each parameter's directions come from a counter-based seed and are drawn again to form
-    the estimate instead of being kept (:class:`ReplayedGaussianTangents`): the pass holds one layer's tangents at a
-    time, and the step one parameter-sized buffer (the estimate) where ``"stored"`` holds two (the tangents and the
-    estimate). The draws differ from the stored path's (another random stream); given the same draws both give the
-    same estimate.
+    ``tangents="replayed"``: each parameter's directions are drawn again from the generator state recorded before
+    the pass drew them, to form the estimate, instead of being kept (:class:`ReplayedGaussianTangents`): the same
+    numbers as ``"stored"`` at the same seed, for one more draw of every direction; the pass holds one layer's
+    tangents at a time. Under plain SGD (:func:`~fg_lightning.estimators.training_step`) each parameter's update is
+    applied as it is formed, so the step keeps nothing parameter-sized where ``"stored"`` keeps the tangents.
     """
 
     unbiased = True
@@ -61,12 +61,6 @@ class MultiDirection(GradientEstimator):
         self.aggregation, self.tangents = aggregation, tangents
         self.unbiased = aggregation == "mean"
 
-    def compile_refusal(self) -> str | None:
-        if self.tangents == "replayed":
-            return ("its directions come from a torch.Generator seeded per step and parameter inside the step, which "
-                    "torch.compile cannot trace: it would compile again at every step; use tangents='stored'")
-        return None
-
     def validate(self, network: ForwardModel) -> None:
         super().validate(network)
         n = num_parameters(network)
@@ -77,7 +71,7 @@ class MultiDirection(GradientEstimator):
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
         replayed = self.tangents == "replayed"
-        source = ReplayedGaussianTangents(self, self.k, step, network) if replayed else GaussianTangents(self, self.k)
+        source = ReplayedGaussianTangents(self, self.k) if replayed else GaussianTangents(self, self.k)
         result = comm.mean_derivatives(len(x), network.jvp(x, labels, source))
         params = dict(network.named_parameters())
 
