@@ -117,15 +117,17 @@ class ForwardGradientModule(LightningModule):
     by default, as in the paper) steps through ``self.optimizers()``, so ``global_step`` counts optimizer steps and
     ``max_steps``, checkpoints and LR monitors behave as usual. The learning-rate scheduler, if any, is stepped after
     every ``interval`` (``"epoch"`` or ``"step"``; ``ReduceLROnPlateau`` on ``val/loss``), as Lightning steps one
-    under automatic optimisation. Under plain SGD with no clipping, activity perturbation applies each layer's update
-    as it forms it, with no ``.grad`` and no parameter-sized estimate (``UpdateAsFormed``), except on the steps a
-    callback reads the estimate (``UpdateCallback.reads_estimate``: GradientCosine's). A non-finite loss or update
-    raises :class:`DivergenceError` naming the step, the estimator and the learning rate, before the parameters are
-    touched (an update applied as formed: before the non-finite part, the error naming the parts already applied; a
-    non-finite *input* batch is named as such). Validation and test are forward passes only; ``predict`` gives class probabilities. The estimator's state
-    (its generator, the momentum estimator's ranking) is saved in checkpoints, so resuming continues bit-for-bit; a
-    checkpoint of another network or estimator raises :class:`CheckpointMismatchError` (built from a config, as by
-    LightningCLI, its recorded settings are compared: :func:`~fg_lightning.checkpoints.check_settings`).
+    under automatic optimisation. Under plain SGD with no clipping, activity perturbation and the random-direction
+    estimators apply each part of their update (a layer's, a parameter's) as they form it, with no ``.grad`` and no
+    parameter-sized estimate (``UpdateAsFormed``), except on the steps a callback reads the estimate
+    (``UpdateCallback.reads_estimate``: GradientCosine's); a Ctrl-C or SIGTERM is held until the step is whole. A
+    non-finite loss or update raises :class:`DivergenceError` naming the step, the estimator and the learning rate,
+    before the parameters are touched (an update applied as formed: before the non-finite part, the error naming the
+    parts already applied; a non-finite *input* batch is named as such). Validation and test are forward passes only;
+    ``predict`` gives class probabilities. The estimator's state (its generator, the momentum estimator's ranking) is
+    saved in checkpoints, so resuming continues bit-for-bit; a checkpoint of another network or estimator raises
+    :class:`CheckpointMismatchError` (built from a config, as by LightningCLI, its recorded settings are compared:
+    :func:`~fg_lightning.checkpoints.check_settings`).
 
     Several processes (``Trainer(strategy="fg_ddp", devices=N, num_nodes=M)``, see :mod:`fg_lightning.distributed`):
     every rank starts from rank 0's parameters and estimator state, the estimator exchanges what its update needs
