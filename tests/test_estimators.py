@@ -743,3 +743,14 @@ def test_replayed_estimate_is_checked_for_divergence_by_its_weights():
     with pytest.raises(DivergenceError, match="direction weights"):
         apply_estimate(estimate, net, torch.optim.SGD(net.parameters(), lr=0.1), 0, estimator)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_direction_weights_too_large_for_their_draws_are_refused():
+    """Finite weights whose product with a Gaussian draw could overflow (|w| sum above max/16) are refused: the
+    estimate they form would not be finite."""
+    from fg_lightning.estimators.base import weights_finite
+
+    big = torch.finfo(torch.float32).max
+    assert bool(weights_finite(torch.tensor([big / 32]))["direction weights"])
+    assert not bool(weights_finite(torch.tensor([big / 8]))["direction weights"])
+    assert torch.isinf(torch.tensor([big / 8]) * 9).all()  # a draw of 9 overflows such a weight

@@ -116,6 +116,21 @@ def twin_name(net, name):
 VARIANTS = {"groups": {}, "groups-norm": {"groups": 2, "norm": True}}  # norm: a GroupNorm in every block
 
 
+def twin_local_grads(net, replicas, x, labels):
+    """The twin's parameters, each with its autograd gradient of the local objective: Σ of the replicas' losses
+    (``replicas(x, labels, False)``, the heads' parameters frozen) for the blocks' layers, and each head's own loss of
+    its block's detached output for the heads."""
+    frozen = {f"heads.{n}": p.detach() for n, p in replicas.heads.named_parameters()}
+    sum(d.sum() for d in torch.func.functional_call(replicas, frozen, (x, labels, False), strict=False)).backward()
+    h = x
+    for names, head in net.blocks:  # each head on its own loss of the block output, detached
+        for name in names:
+            h = replicas.body.get_submodule(name)(h).detach()
+        if head:
+            F.cross_entropy(replicas.heads[head](h), labels).backward()
+    return dict(replicas.named_parameters())
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
@@ -153,16 +168,7 @@ def test_local_backprop_is_the_gradient_of_the_group_wise_objective(model, varia
     net, x, labels = problem(model, **VARIANTS[variant])
     replicas = Replicas(net)
     heads = {name for name, _ in replicas.heads.named_parameters()}
-    frozen = {f"heads.{n}": p.detach() for n, p in replicas.heads.named_parameters()}
-    body_loss = sum(d.sum() for d in torch.func.functional_call(replicas, frozen, (x, labels, False), strict=False))
-    body_loss.backward()
-    h = x
-    for names, head in net.blocks:  # each head on its own loss of the block output, detached
-        for name in names:
-            h = replicas.body.get_submodule(name)(h).detach()
-        if head:
-            F.cross_entropy(replicas.heads[head](h), labels).backward()
-    twin = dict(replicas.named_parameters())
+    twin = twin_local_grads(net, replicas, x, labels)
     grads = net.local_loss_and_grad(x, labels)[2]
     for name in grads:
         expected = twin[twin_name(net, name)].grad

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_estimators import SEED, in_threads
-from test_local_groups import Replicas, twin_name
+from test_local_groups import Replicas, twin_local_grads, twin_name
 
 from fg_lightning.engine import CNN, MLP, GivenTangents, GlobalAvgPool, Linear, Network, ReLU
 from fg_lightning.estimators import (
@@ -122,17 +121,7 @@ def test_local_backprop_is_the_gradient_of_the_patch_wise_objective(variant):
     """Autograd of Σ_{g,p} L_{g,p} (each replica with ``detach()`` outside its cell, the heads' parameters frozen)
     for the blocks' layers, and of each head's own loss for the heads: the engine's local gradient, in float64."""
     net, x, labels = problem(variant)
-    cells = Replicas(net, cells=True)
-    frozen = {f"heads.{n}": p.detach() for n, p in cells.heads.named_parameters()}
-    objective = sum(d.sum() for d in torch.func.functional_call(cells, frozen, (x, labels, False), strict=False))
-    objective.backward()
-    h = x
-    for names, head in net.blocks:  # each head on its own loss of the block output, detached
-        for name in names:
-            h = cells.body.get_submodule(name)(h).detach()
-        if head:
-            F.cross_entropy(cells.heads[head](h), labels).backward()
-    twin = dict(cells.named_parameters())
+    twin = twin_local_grads(net, Replicas(net, cells=True), x, labels)
     grads = net.local_loss_and_grad(x, labels)[2]
     assert set(grads) == {name for name, _ in net.named_parameters()}
     for name in grads:

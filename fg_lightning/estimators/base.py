@@ -143,14 +143,19 @@ def finite(tensor: Tensor) -> Tensor:
     return tensor.sum().isfinite()
 
 
+def weights_finite(weights: Tensor) -> dict[str, Tensor]:
+    """The finite check of an estimate formed from Gaussian directions, ``ĝ = Σ_j w_j v_j``, by its direction weights:
+    finite, and small enough that no draw (below 16 in magnitude: a chance under 1e-50 per draw to exceed it) times
+    their sum overflows. ``{"direction weights": flag}`` (False for nan and inf too)."""
+    return {"direction weights": weights.abs().sum() < torch.finfo(weights.dtype).max / 16}
+
+
 def check_finite(estimate: Estimate, step: int, estimator: "GradientEstimator", lr: float) -> None:
     """Raise :class:`DivergenceError` if the loss or any part of the update is not finite (one device sync). A
-    :class:`ReplayedGrads` estimate is checked by its weights: finite, and small enough that no Gaussian draw (below
-    16 in magnitude: a chance under 1e-50 per draw to exceed it) times their sum overflows."""
+    :class:`ReplayedGrads` estimate is checked by its weights (:func:`weights_finite`)."""
     grads = estimate.grads
     if isinstance(grads, ReplayedGrads):
-        limit = torch.finfo(grads.weights.dtype).max / 16
-        ok = {"direction weights": grads.weights.abs().sum() < limit}  # False for nan and inf too
+        ok = weights_finite(grads.weights)
     else:
         ok = {name: finite(g) for name, g in grads.items()}
     _check(estimate.loss, ok, step, estimator, lr)

@@ -10,7 +10,7 @@ from torch import Tensor
 from fg_lightning.engine import TangentSource, weighted_sum
 from fg_lightning.estimators.base import (
     Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads,
-    UpdateAsFormed, check_positive_int, num_parameters, parameter_layout,
+    UpdateAsFormed, check_positive_int, num_parameters, parameter_layout, weights_finite,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
@@ -84,8 +84,7 @@ class MultiDirection(GradientEstimator):
             gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in map(tangent, params))
             weights = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
         if update is not None:  # each parameter's part applied as it is formed, its kept tangent released
-            limit = torch.finfo(weights.dtype).max / 16  # as check_finite checks a ReplayedGrads estimate
-            update.check({"direction weights": weights.abs().sum() < limit})
+            update.check(weights_finite(weights))
             for name in params:
                 update({name: weighted_sum(weights, source.draw(name, params[name]) if replayed
                                            else result.tangents.pop(name))}, checked=True)
