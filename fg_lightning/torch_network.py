@@ -25,11 +25,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source
+from fg_lightning.engine.layers import picked
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -76,6 +78,7 @@ class TorchNetwork(nn.Module):
                              "pass num_classes")
         self.num_classes = num_classes
         self._checked: set[bool] = set()  # the kinds of pass (activity tangents or not) compared with autograd
+        self._masks: dict[str, list[nn.Module]] | None = None  # activity_mask's, found once
         self._check_parameters()
         with warnings.catch_warnings():  # torch's forward mode loads its decompositions through torch.jit.script, which
             warnings.simplefilter("ignore", FutureWarning)  # torch deprecates: load them now, without that warning
@@ -210,16 +213,42 @@ class TorchNetwork(nn.Module):
         self._checked.add(activities)
 
     # -- what activity perturbation asks besides jvp ---------------------------------------------------------------
-    def relu_followed(self) -> set[str]:
-        """Modules that own trained parameters and are followed by an ``nn.ReLU`` in an ``nn.Sequential`` (a ReLU
-        called as a function is not seen: no mask there, which costs variance, not correctness)."""
+    def _masking(self) -> dict[str, list[nn.Module]]:
+        """Modules that own trained parameters and are followed by an ``nn.ReLU`` in an ``nn.Sequential``: that ReLU,
+        and the ``nn.MaxPool2d`` right after it if one is (a ReLU called as a function is not seen: no mask there,
+        which costs variance, not correctness)."""
         names = {module: name for module, (name, _) in self._layers().items()}
-        followed = set()
+        masking = {}
         for parent in self.module.modules():
             if isinstance(parent, nn.Sequential):
                 children = list(parent.children())
-                followed |= {names[a] for a, b in zip(children, children[1:]) if a in names and isinstance(b, nn.ReLU)}
-        return followed
+                for a, b, c in zip(children, children[1:], [*children[2:], None]):
+                    if a in names and isinstance(b, nn.ReLU):
+                        masking[names[a]] = [b, *([c] if isinstance(c, nn.MaxPool2d) else [])]
+        return masking
+
+    def activity_norms(self, name: str) -> list:
+        """None: the torch backend perturbs each module's own output (the engine's networks perturb past their
+        normalisations)."""
+        return []
+
+    def activity_mask(self, name: str, site: Tensor) -> Tensor | None:
+        """Where the loss's derivative with respect to module ``name``'s output can be non-zero, as far as this backend
+        sees (:meth:`_masking`): off where the following ``nn.ReLU`` is off and, where an ``nn.MaxPool2d`` follows it,
+        at the positions its windows do not pick (the indices of ``F.max_pool2d``, which its derivative uses too);
+        ``None`` elsewhere."""
+        if self._masks is None:
+            self._masks = self._masking()
+        layers = self._masks.get(name)
+        if layers is None:
+            return None
+        mask = site > 0
+        if len(layers) == 2 and site.dim() == 4:
+            pool = layers[1]
+            _, indices = F.max_pool2d(site.clamp(min=0), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                      ceil_mode=pool.ceil_mode, return_indices=True)
+            mask.logical_and_(picked(site.shape, indices))
+        return mask
 
     def logit_layers(self) -> set[str]:
         """The module taken to give the logits: the last, in registration order, that owns trained parameters

@@ -107,17 +107,22 @@ def test_each_blocks_update_is_applied_before_the_pass_draws_the_next_block(monk
         assert first_apply < events.index(("draw", block + 1))
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("model", NETS)
-def test_recomputed_inputs_give_the_kept_inputs_estimate_and_none_is_kept(model, chunked, monkeypatch):
+def test_recomputed_inputs_give_the_kept_inputs_estimate_and_none_is_kept(model, chunked, norm, monkeypatch):
+    """With ``norm``, each hidden layer is perturbed past its GroupNorm: the kept path keeps the layer's output (for
+    the norm's VJP) and its mask, the recomputed path computes both again."""
     make, shape = NETS[model]
-    net = make(tangent_memory_mb=1e-4 if chunked else None)
+    net = make(tangent_memory_mb=1e-4 if chunked else None, norm=norm)
     x, labels = batch(shape)
     held = []
     block_done = local_module._ActivityTangents.block_done
 
     def done(self, index, *args, **kwargs):
         held.extend(call.layer_input is not None for calls in self.pending.values() for call in calls)
+        held.extend((call.output is not None) == (norm or call.state is None) and call.mask is not None
+                    for calls in self.pending.values() for call in calls if call.state is not None)
         return block_done(self, index, *args, **kwargs)
 
     monkeypatch.setattr(local_module._ActivityTangents, "block_done", done)

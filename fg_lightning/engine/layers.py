@@ -231,6 +231,14 @@ class ReLU(Layer):
         return self.forward(x), dx
 
 
+def picked(shape: torch.Size, indices: Tensor) -> Tensor:
+    """The positions of a ``(B, C, H, W)`` input that a 2-d max-pool's windows pick (``indices``, ``(B, C, H', W')``
+    into each H·W plane, as ``F.max_pool2d(..., return_indices=True)`` gives them): ``True`` there, ``False`` where
+    the pool's derivative is zero."""
+    keep = torch.zeros(shape[:2].numel(), shape[2] * shape[3], dtype=torch.bool, device=indices.device)
+    return keep.scatter_(1, indices.flatten(2).flatten(0, 1), True).view(shape)
+
+
 class MaxPool2d(Layer):
     """Max pooling over ``kernel_size × kernel_size`` windows (stride = kernel_size by default, floor mode)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fg_lightning.engine.layers import (
-    Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU,
+    Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU, picked,
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, directions
@@ -317,10 +318,42 @@ class Network(nn.Module):
             else:
                 x = layer(x)
 
-    def relu_followed(self) -> set[str]:
-        """Names of the body's layers whose output goes straight into a ReLU."""
-        layers = list(self.named_layers())
-        return {name for (name, _), (_, after) in zip(layers, layers[1:]) if isinstance(after, ReLU)}
+    def _after(self, name: str) -> tuple[list[Layer], list[Layer]]:
+        """The parameter-free layers right after body layer ``name``: its normalisations (``GroupNorm``, per example),
+        then the ReLU and max-pool layers that follow them (up to and including the first max-pool)."""
+        layers = [layer for _, layer in self.named_layers()]
+        after = layers[self._layer_names.index(name) + 1:] if name in self._layer_names else []
+        norms = list(itertools.takewhile(lambda layer: isinstance(layer, GroupNorm), after))
+        masking = []
+        for layer in after[len(norms):]:
+            if not isinstance(layer, (ReLU, MaxPool2d)):
+                break
+            masking.append(layer)
+            if isinstance(layer, MaxPool2d):  # a zero past it would have to be mapped back through its windows
+                break
+        return norms, masking
+
+    def activity_norms(self, name: str) -> list[Layer]:
+        """The per-example normalisations right after layer ``name`` (``norm=True``): activity perturbation adds its
+        tangent to their output, where the ReLU that follows masks it, and takes its estimate back through their VJP
+        (Ren et al. 2023 perturb after the normalisation, and their code differentiates through it)."""
+        return self._after(name)[0]
+
+    def activity_mask(self, name: str, site: Tensor) -> Tensor | None:
+        """Where the loss's derivative with respect to ``site`` (layer ``name``'s output, past its normalisations:
+        the point that activity perturbation perturbs) can be non-zero, as far as the layers right after show: off
+        where the following ReLU is off, and, where a max-pool follows, off at every position that is not the one
+        its window takes (the indices its own JVP and VJP use). ``None`` when no ReLU or max-pool follows. Every path
+        from ``site`` to any loss (the heads' included) goes through these layers, so the derivative is exactly zero
+        wherever the mask is."""
+        mask, x = None, site
+        for layer in self._after(name)[1]:
+            if isinstance(layer, ReLU):
+                keep, x = x > 0, x.clamp(min=0)
+            else:
+                keep = picked(x.shape, layer._pool_with_indices(x)[1])
+            mask = keep if mask is None else mask.logical_and_(keep)
+        return mask
 
     @staticmethod
     def layer_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:
@@ -518,28 +551,45 @@ class _ForwardPass:
 
     def through(self, layers: Sequence[tuple[str, Layer]], carry: list) -> list:
         """``carry = [primal, tangent]`` through ``layers``. Both are popped before each layer's JVP so that only the
-        layer holds them (see the ownership note in engine.layers)."""
+        layer holds them (see the ownership note in engine.layers). A parameterised layer's activity tangent is added
+        to its output, or, for a source with ``activity_after_norms``, past the normalisations that follow it."""
+        pending = None  # (name, layer, its input, its output, whether to ask): its activity tangent is still to come
+        norms_left = 0
         for name, layer in layers:
             if not layer.has_parameters:
                 carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
-                continue
-            chosen = self.layer_tangents(name, layer, carry[0])
-            ask = self.source.perturbs_activities and self.start == 0
-            layer_input = carry[0] if ask else None
-            carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
-            activity = None
-            if ask:
-                activity = self.source.activity(name, layer, layer_input, carry[0])
-                if activity is not None:
-                    self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
-                    if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
-                        self.activities[name] = activity
-            layer_input = None
-            activity = self.part(self.activities[name]) if name in self.activities else activity
-            if activity is not None:
-                carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
-            del activity
+                norms_left -= 1
+            else:
+                chosen = self.layer_tangents(name, layer, carry[0])
+                ask = self.source.perturbs_activities and self.start == 0
+                layer_input = carry[0] if ask else None
+                carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
+                norms_left = len(self.network.activity_norms(name)) if self.source.activity_after_norms else 0
+                pending = (name, layer, layer_input, carry[0] if ask and norms_left else None, ask)
+                layer_input = None
+            if pending is not None and norms_left <= 0:
+                self.add_activity(carry, *pending)
+                pending = None
+        if pending is not None:
+            raise RuntimeError(f"the layers given end inside {pending[0]!r}'s normalisations")
         return carry
+
+    def add_activity(self, carry: list, name: str, layer: Layer, layer_input: Tensor | None,
+                     layer_output: Tensor | None, ask: bool) -> None:
+        """Adds layer ``name``'s activity tangent (asked of the source in the first pass, kept for later chunks) to
+        ``carry``'s tangent; ``carry``'s primal is where it goes (the layer's output, or past its normalisations,
+        whose input ``layer_output`` then is)."""
+        activity = None
+        if ask:
+            extra = {} if layer_output is None else {"layer_output": layer_output}
+            activity = self.source.activity(name, layer, layer_input, carry[0], **extra)
+            if activity is not None:
+                self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
+                if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
+                    self.activities[name] = activity
+        activity = self.part(self.activities[name]) if name in self.activities else activity
+        if activity is not None:
+            carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
 
     def loss_jvp(self, logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
         per_example = self.source.per_example

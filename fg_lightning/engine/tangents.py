@@ -75,6 +75,9 @@ class TangentSource:
       Ren et al. 2023), for a ``(K, *output.shape)`` tangent added to that call's output tangent, or ``None``. It may
       keep references (the input, the output) for the estimator's step after the pass; it must not call back into
       the network while the pass runs. ``output`` may be changed in place by the next layer (an in-place ReLU).
+      With ``activity_after_norms`` (the engine's pass; the torch backend has no such layers), a layer followed by
+      per-example normalisations (``network.activity_norms(name)``) is asked after them: ``output`` is the last one's
+      output, where the tangent is added, and the layer's own output comes as ``layer_output``.
     - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
     - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
       ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
@@ -86,6 +89,7 @@ class TangentSource:
     """
 
     perturbs_activities: bool = False
+    activity_after_norms: bool = False
     per_example: bool = False
     local: bool = False
     replayable: bool = False

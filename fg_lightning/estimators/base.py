@@ -55,7 +55,9 @@ class ActivityModel(ForwardModel, Protocol):
     """What activity perturbation asks besides :class:`ForwardModel` (both backends have it): activity tangents in
     ``jvp``, and the one-layer weight step after the pass.
 
-    - ``relu_followed()``: layers whose output goes straight into a ReLU (where the tangent may be masked);
+    - ``activity_norms(name)``: the per-example normalisations right after a layer, past which its activity is
+      perturbed (their VJP takes the estimate back to the layer's output); ``activity_mask(name, site)``: where the
+      loss's derivative at that point can be non-zero (a following ReLU on, a following max-pool's picks), or None;
     - ``logit_layers()``: layers whose output is the logits of a loss (their gradient is exact);
     - ``layer_grads(name, layer, layer_input, d_output)``: one layer's parameter gradients from its own VJP;
     - ``logits_grad(logits, labels)``: ∂L/∂logits of the loss;
@@ -63,7 +65,9 @@ class ActivityModel(ForwardModel, Protocol):
       :class:`~fg_lightning.estimators.ActivityPerturbation` recomputes each layer's input instead of keeping it.
     """
 
-    def relu_followed(self) -> set[str]: ...
+    def activity_norms(self, name: str) -> list: ...
+
+    def activity_mask(self, name: str, site: Tensor) -> Tensor | None: ...
 
     def logit_layers(self) -> set[str]: ...
 
