@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_local_groups import sample_mean_and_variance
 
 from fg_lightning.engine import CNN, MLP
 from fg_lightning.estimators import ActivityPerturbation, LocalActivityPerturbation
@@ -17,7 +18,8 @@ NETS = {
     "cnn": (lambda **kw: CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1, **kw), (5, 1, 16, 16)),
 }
 VARIANTS = {
-    "mlp": {"plain": {}, "norm": {"norm": True}, "local-groups-norm": {"local_losses": True, "groups": 2, "norm": True}},
+    "mlp": {"plain": {}, "norm": {"norm": True},
+            "local-groups-norm": {"local_losses": True, "groups": 2, "norm": True}},
     "cnn": {"plain": {}, "norm": {"norm": True}, "local-groups-norm": {"local_losses": True, "groups": 2, "norm": True},
             "local-patches-norm": {"local_losses": True, "groups": 2, "norm": True, "patches": 2}},
 }
@@ -80,12 +82,6 @@ def test_layers_followed_by_a_norm_are_perturbed_past_it():
     assert net.activity_norms("fc1") == [net.norm4] and net.activity_norms("fc2") == []
     plain = CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1)
     assert plain.activity_norms("conv1") == [] and plain.activity_mask("fc2", torch.ones(2, 4)) is None
-
-
-def sample_mean_and_variance(estimator, net, x, labels, draws):
-    samples = torch.stack([torch.cat([g.flatten() for g in estimator.estimate(net, x, labels, s).grads.values()])
-                           for s in range(draws)])
-    return samples.mean(0), samples.var(0)
 
 
 @pytest.mark.parametrize("model, variant", [(m, v) for m, v in CASES if v != "plain"])

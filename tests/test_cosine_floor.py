@@ -54,8 +54,8 @@ def test_mean_cosine_to_the_estimated_gradient_stays_above_its_floor(name, probl
 # above. name -> ((reference on the MLP, on the CNN), (floor on the MLP, on the CNN)); reference without groups
 # (block_size=1 alone): local_activity 0.968, 0.58; local_weight 0.167, 0.096. On the CNN, at seeds 11, 3, 1, 2, 5, 7:
 # 0.771-0.803 with groups, 0.548-0.604 without. local_activity's floors sit between, many standard errors (0.001,
-# 0.011) from either, so that an estimator or a pass that ignores the groups fails here; local_weight gains too little for that (test_local_groups.py checks its variance) and keeps half its
-# reference.
+# 0.011) from either, so that an estimator or a pass that ignores the groups fails here; local_weight gains too
+# little for that (test_local_groups.py checks its variance) and keeps half its reference.
 GROUPED = {
     "local_activity": ((0.988, 0.799), (0.978, 0.69)),
     "local_weight": ((0.178, 0.117), (0.089, 0.059)),

@@ -109,8 +109,9 @@ class _ActivityTangents(TangentSource):
     again, one direction at a time, from the generator state recorded before the draw (seed replay). What a call
     keeps until its block's derivatives are known is what backprop keeps: the layer's input, its mask (one byte an
     element) and, where normalisations follow, its output; or, given the batch as ``inputs``, nothing: a second
-    primal pass (``network.primal_calls``) computes them again when the weight steps run. With local losses the engine calls :meth:`block_done` as it evaluates each block's head, so that one
-    block's inputs are alive at a time. Given ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied
+    primal pass (``network.primal_calls``) computes them again when the weight steps run. With local losses the
+    engine calls :meth:`block_done` as it evaluates each block's head, so that one block's inputs are alive at a
+    time. Given ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied
     and dropped as soon as it is whole."""
 
     perturbs_activities = True
@@ -318,8 +319,8 @@ class LocalActivityPerturbation(_ActivityPerturbation):
     of group g's tangents only (not the whole layer's). The block's other layers take the block loss's derivative,
     :math:`\sum_g d_g`. The target is unchanged: :math:`\nabla \sum_g L_g` is the plain local gradient. On the
     small CNN of tests/test_cosine_floor.py with one-layer blocks the mean cosine rises from 0.55–0.60 to 0.79–0.80
-    with 4 groups, and to 0.89–0.93 with the GroupNorm too (the mask past it). (The pass forms :math:`d_g` with the head's VJP: one step back through the head, besides the output
-    layers' one-layer steps.)"""
+    with 4 groups, and to 0.89–0.93 with the GroupNorm too (the mask past it). (The pass forms :math:`d_g` with the
+    head's VJP: one step back through the head, besides the output layers' one-layer steps.)"""
 
     needs_local_losses: ClassVar[bool] = True
 
