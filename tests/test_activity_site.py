@@ -21,7 +21,8 @@ VARIANTS = {
     "mlp": {"plain": {}, "norm": {"norm": True},
             "local-groups-norm": {"local_losses": True, "groups": 2, "norm": True}},
     "cnn": {"plain": {}, "norm": {"norm": True}, "local-groups-norm": {"local_losses": True, "groups": 2, "norm": True},
-            "local-patches-norm": {"local_losses": True, "groups": 2, "norm": True, "patches": 2}},
+            "local-patches-norm": {"local_losses": True, "groups": 2, "norm": True, "patches": 2},
+            "local-head-pool-norm": {"local_losses": True, "groups": 2, "norm": True, "head_pool": 2}},
 }
 CASES = [(model, variant) for model in NETS for variant in VARIANTS[model]]
 

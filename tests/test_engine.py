@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    CNN, MLP, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent, ReLU,
+    CNN, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent, ReLU,
     cross_entropy_and_grad, cross_entropy_jvp, to_torch, weighted_sum,
 )
 
@@ -45,6 +45,8 @@ LAYER_CASES = [
     ("maxpool-overlap", lambda: MaxPool2d(3, stride=2), (2, 2, 9, 8)),
     ("flatten", lambda: Flatten(), (2, 3, 4, 5)),
     ("global-avg-pool", lambda: GlobalAvgPool(), (2, 3, 4, 5)),
+    ("adaptive-avg-pool-overlap", lambda: AdaptiveAvgPool2d(2), (2, 3, 7, 5)),  # windows 0-3 and 3-6 share row 3
+    ("adaptive-avg-pool-3", lambda: AdaptiveAvgPool2d(3), (2, 2, 3, 6)),
     ("group-norm", lambda: GroupNorm(3, 6), (4, 6)),
     ("group-norm-4d", lambda: GroupNorm(2, 4, eps=1e-3), (3, 4, 3, 5)),
     ("layer-norm-4d", lambda: GroupNorm(1, 3), (2, 3, 4, 4)),

@@ -64,7 +64,7 @@ def registered(name: str) -> str:
     return name.removeprefix(TORCH).removeprefix(COMPILED)
 
 
-LOCAL_SWITCHES = ("block_size", "groups", "patches")  # network switches that shape the local-loss blocks only
+LOCAL_SWITCHES = ("block_size", "groups", "patches", "head_pool")  # network switches that shape the local-loss blocks only
 
 
 def model_switches(model: str) -> tuple[str, dict[str, Any]]:

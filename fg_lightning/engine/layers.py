@@ -317,6 +317,36 @@ class GlobalAvgPool(Layer):
         return self.forward(x), (None if dx is None else dx.mean((3, 4)))
 
 
+class AdaptiveAvgPool2d(Layer):
+    """``(B, C, H, W) -> (B, C, S, S)``: the mean over each of an S×S grid of regions of each feature map, as
+    ``torch.nn.AdaptiveAvgPool2d(S)`` cuts them (a CNN head's ``head_pool=S``: its classifier sees where a feature
+    lies, not only its map's mean). A linear map, so its JVP is itself on the tangent and its VJP is torch's
+    backward kernel, called by hand."""
+
+    def __init__(self, output_size: int) -> None:
+        super().__init__()
+        if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
+            raise ValueError(f"output_size must be a positive int, got output_size={output_size!r}")
+        self.output_size = output_size
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        if not need_input_grad:
+            return None, {}
+        return torch.ops.aten._adaptive_avg_pool2d_backward(dy.contiguous(), saved), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        return self.forward(x), (None if dx is None else self.forward(dx.flatten(0, 1)).unflatten(0, dx.shape[:2]))
+
+
 class GroupNorm(Layer):
     """``y = (x − μ) / √(σ² + eps)``, μ and σ² over each example's ``groups`` groups of channels (and their spatial
     positions), without a learnt scale or shift: ``torch.nn.GroupNorm(groups, channels, affine=False)``; one group is

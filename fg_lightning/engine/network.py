@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fg_lightning.engine.layers import (
-    Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU, picked,
+    AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU, picked,
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, directions
@@ -786,6 +786,12 @@ class CNN(Network):
     uncovered row and column joining the last band), as Ren et al. normalise each token on its own; a norm over the
     whole map would join the patches. P must be at most the smallest pooled map's size (3 on 28×28 inputs), and
     needs a block that ends at a conv stage.
+
+    ``head_pool=S`` makes each conv block's head average its input over an S×S grid of regions
+    (:class:`AdaptiveAvgPool2d`, then ``head{i}.flatten``) before its linear classifier, instead of over the whole map:
+    the local loss then rewards features that say where as well as what (a stronger local objective, as the auxiliary
+    heads of Belilovsky et al. 2020 pool to 2×2). S must be at most the smallest pooled map's size; it excludes
+    ``patches``, whose replicas are cut from the global average.
     """
 
     def __init__(
@@ -804,6 +810,7 @@ class CNN(Network):
         groups: int = 1,
         norm: bool = False,
         patches: int = 1,
+        head_pool: int = 1,
     ) -> None:
         ends = _block_ends(len(channels) + 1, block_size, local_losses, groups, default=range(1, len(channels) + 1))
         if len(channels) < 1 or any(c < 1 for c in channels) or hidden < 1 or num_classes < 1:
@@ -825,6 +832,15 @@ class CNN(Network):
         if patches > 1 and not local_losses:
             raise ValueError(f"patches={patches} replicates the local losses of the conv blocks' heads: it needs "
                              "local_losses=True")
+        if isinstance(head_pool, bool) or not isinstance(head_pool, int) or not 1 <= head_pool <= size:
+            raise ValueError(f"head_pool must be an int from 1 to the smallest pooled map's size {size}, "
+                             f"got head_pool={head_pool!r}")
+        if head_pool > 1 and not local_losses:
+            raise ValueError(f"head_pool={head_pool} pools the input of the local-loss heads: it needs "
+                             "local_losses=True")
+        if head_pool > 1 and patches > 1:
+            raise ValueError(f"patches={patches} replicates a head's loss over the patches of its global average; "
+                             f"head_pool={head_pool} pools each map to a grid instead: choose one")
         if patches > 1 and not any(end <= len(channels) for end in ends):
             raise ValueError(f"patches={patches} cuts a conv block's head input: no block ends at a conv stage "
                              f"(block_size={block_size!r})")
@@ -850,7 +866,9 @@ class CNN(Network):
                 (f"relu{len(channels) + 1}", ReLU(inplace=True)),
                 ("fc2", Linear(hidden, num_classes)),
             ]
-            heads = {i: (f"pool{i}", [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))])
+            heads = {i: (f"pool{i}", [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))] if head_pool == 1
+                         else [("pool", AdaptiveAvgPool2d(head_pool)), ("flatten", Flatten()),
+                               ("fc", Linear(c * head_pool ** 2, num_classes))])
                      for i, c in enumerate(channels, start=1)}
             last = len(channels) + 1
             if last in ends:  # drawn after the others, so that they are initialised as without it

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fg_lightning.engine.layers import Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.layers import AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU
 from fg_lightning.engine.network import Head, Network
 
 
@@ -42,6 +42,8 @@ def _stock_layer(layer: Layer) -> nn.Module:
         return _BandedGroupNorm(layer.groups, layer.bands, layer.eps)
     elif isinstance(layer, GroupNorm):
         return nn.GroupNorm(layer.groups, layer.channels, eps=layer.eps, affine=False)
+    elif isinstance(layer, AdaptiveAvgPool2d):
+        return nn.AdaptiveAvgPool2d(layer.output_size)
     elif isinstance(layer, GlobalAvgPool):
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     else:
