@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    CNN, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent, ReLU,
+    CNN, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent,
+    ReLU,
     cross_entropy_and_grad, cross_entropy_jvp, to_torch, weighted_sum,
 )
 

@@ -31,8 +31,8 @@ CLASSES = list(BACKWARD)  # the leaderboard ranks the estimators of each backwar
 GROWTH = 3.0  # the factor between a grid's edge and the rate added beyond it
 # --ablation: Ren et al.'s convolutional recipe piece by piece (issue 18): the CNN plain, with group-wise losses over 8
 # channel groups, with normalisation in the blocks, both, both with blocks of one layer, both with patch-wise
-# losses over 2×2 patches, and both with conv heads that pool to a 2×2 grid. Estimators without local losses run on the plain CNN only; the variants' gap is to its
-# backprop.
+# losses over 2×2 patches, and both with conv heads that pool to a 2×2 grid. Estimators without local losses run on
+# the plain CNN only; the variants' gap is to its backprop.
 ABLATION = ["cnn", "cnn+groups=8", "cnn+norm", "cnn+groups=8+norm", "cnn+block_size=1+groups=8+norm",
             "cnn+groups=8+norm+patches=2", "cnn+groups=8+norm+head_pool=2"]
 

@@ -64,7 +64,8 @@ def registered(name: str) -> str:
     return name.removeprefix(TORCH).removeprefix(COMPILED)
 
 
-LOCAL_SWITCHES = ("block_size", "groups", "patches", "head_pool")  # network switches that shape the local-loss blocks only
+# network switches that shape the local-loss blocks only
+LOCAL_SWITCHES = ("block_size", "groups", "patches", "head_pool")
 
 
 def model_switches(model: str) -> tuple[str, dict[str, Any]]:

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fg_lightning.engine.layers import AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU
+from fg_lightning.engine.layers import (
+    AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU,
+)
 from fg_lightning.engine.network import Head, Network
 
 
