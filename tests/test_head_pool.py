@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_local_groups import Replicas, twin_local_grads, twin_name
+from test_local_groups import Replicas, check_group_derivs, twin_local_grads, twin_name
 
-from fg_lightning.engine import CNN, AdaptiveAvgPool2d, Flatten, GivenTangents, GlobalAvgPool
+from fg_lightning.engine import CNN, AdaptiveAvgPool2d, Flatten, GlobalAvgPool
 
 
 def problem(seed=0, **kwargs):
@@ -61,17 +61,4 @@ def test_local_backprop_is_autograds_gradient_of_the_pooled_heads_objective():
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
 def test_group_derivs_are_each_replicas_jvp(per_example, groups):
     net, x, labels = problem(groups=groups)
-    gen = torch.Generator().manual_seed(3)
-    tangents = {name: torch.randn(2, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local, source.per_example = True, per_example
-    result = net.jvp(x, labels, source)
-    replicas = Replicas(net)
-    params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
-    for k in range(2):
-        direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
-        _, expected = torch.func.jvp(
-            lambda p: torch.func.functional_call(replicas, p, (x, labels, per_example)), (params,), (direction,))
-        for index, derivs in enumerate(expected):
-            torch.testing.assert_close(result.group_derivs[index][k], derivs, msg=f"block {index}, direction {k}")
-
+    check_group_derivs(net, x, labels, per_example, directions=2)

@@ -131,6 +131,27 @@ def twin_local_grads(net, replicas, x, labels):
     return dict(replicas.named_parameters())
 
 
+def check_group_derivs(net, x, labels, per_example, directions):
+    """The engine's forward-mode pass along random tangents: each group replica's derivative (``group_derivs``)
+    against ``torch.func.jvp`` of the twin's replicas, direction by direction. Returns the pass's result and the
+    tangents."""
+    gen = torch.Generator().manual_seed(3)
+    tangents = {name: torch.randn(directions, *p.shape, generator=gen, dtype=p.dtype)
+                for name, p in net.named_parameters()}
+    source = GivenTangents(tangents)
+    source.local, source.per_example = True, per_example
+    result = net.jvp(x, labels, source)
+    replicas = Replicas(net)
+    params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
+    for k in range(directions):
+        direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
+        _, expected = torch.func.jvp(
+            lambda p: torch.func.functional_call(replicas, p, (x, labels, per_example)), (params,), (direction,))
+        for index, derivs in enumerate(expected):
+            torch.testing.assert_close(result.group_derivs[index][k], derivs, msg=f"block {index}, direction {k}")
+    return result, tangents
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
@@ -139,20 +160,7 @@ def test_group_derivs_are_each_replicas_jvp(model, per_example, chunked, variant
     net, x, labels = problem(model, **VARIANTS[variant])
     if chunked:
         net.tangent_memory_mb = 1e-6  # one direction per pass
-    gen = torch.Generator().manual_seed(3)
-    tangents = {name: torch.randn(3, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local, source.per_example = True, per_example
-    result = net.jvp(x, labels, source)
-
-    replicas = Replicas(net)
-    params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
-    for k in range(3):
-        direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
-        _, expected = torch.func.jvp(
-            lambda p: torch.func.functional_call(replicas, p, (x, labels, per_example)), (params,), (direction,))
-        for index, derivs in enumerate(expected):
-            torch.testing.assert_close(result.group_derivs[index][k], derivs, msg=f"block {index}, direction {k}")
+    result, tangents = check_group_derivs(net, x, labels, per_example, directions=3)
     # the block's loss: the head's own tangents once, the whole output tangent (test_local.py checks it ungrouped)
     grads = net.local_loss_and_grad(x, labels)[2]
     for names, derivs in zip(net.block_parameters(), result.block_derivs):
