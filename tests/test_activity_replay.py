@@ -33,20 +33,30 @@ def recording(monkeypatch):
     calls, results = [], []
     activity = local_module._ActivityTangents.activity
 
-    def record(self, name, layer, layer_input, output):
-        u = activity(self, name, layer, layer_input, output)
-        if u is not None:
-            calls.append((name, layer, layer_input.clone(), u.clone()))
-        return u
+    def record(self, name, layer, layer_input, output, tangent=None, **kwargs):
+        # the tangent the pass adds to the output's (the engine's pass hands that in to add to, where it has one),
+        # masked as the estimate masks it (the pass leaves that to the layers that follow)
+        mask = self.network.activity_mask(name, output) if name not in self.outputs else None
+        before = None if tangent is None else tangent.clone()
+        out = activity(self, name, layer, layer_input, output, tangent=tangent, **kwargs)
+        if out is not None:
+            u = out.clone() if before is None else out - before
+            calls.append((name, layer, layer_input.clone(), u if mask is None else u * mask))
+        return out
 
     monkeypatch.setattr(local_module._ActivityTangents, "activity", record)
     return calls, results
 
 
+@pytest.mark.parametrize("draws", ["whole", "by-rows"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model", NETS)
-def test_the_estimate_is_formed_from_the_tangents_the_pass_used(model, variant, chunked, monkeypatch):
+def test_the_estimate_is_formed_from_the_tangents_the_pass_used(model, variant, chunked, draws, monkeypatch):
+    """``chunked``: the directions in several passes; ``by-rows``: the noise drawn (in the pass, added to the output's
+    tangent, and again in the weight step) a few examples at a time."""
+    if draws == "by-rows":
+        monkeypatch.setattr(local_module._ActivityTangents, "DRAW_ELEMENTS", {"cpu": 100})
     cls, switches = VARIANTS[variant]
     make, shape = NETS[model]
     net = make(**switches, tangent_memory_mb=1e-4 if chunked else None).double()
@@ -89,11 +99,11 @@ def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch
     alive_after: dict[int, int] = {}
     drawn_later: dict[int, list[int]] = {}
 
-    def watch(self, name, layer, layer_input, output):
+    def watch(self, name, layer, layer_input, output, **kwargs):
         if layer_input is not x and not name.startswith("head"):  # the caller holds the batch; a head's input is
             # the block's output, the next block's input
             inputs.setdefault(self.block_of[name], []).append(weakref.ref(layer_input))
-        return activity(self, name, layer, layer_input, output)
+        return activity(self, name, layer, layer_input, output, **kwargs)
 
     def done(self, index, derivs, group_derivs):
         if index not in alive_after:  # its first call: the pass has not reached a later block yet
@@ -109,3 +119,26 @@ def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch
     assert all(inputs.get(i) for i in hidden_blocks[1:])  # each later hidden block's layers were watched
     assert alive_after == {i: 0 for i in range(len(net.blocks))}
     assert drawn_later == {i: [] for i in range(len(net.blocks))}
+
+
+def test_where_an_in_place_relu_follows_the_kept_call_holds_its_output_as_the_mask_not_a_mask_beside_it(monkeypatch):
+    """The kept path (the default) holds what backprop holds: for a layer an in-place ReLU follows, the site, which
+    the ReLU overwrites with its output, the next layer's input (one storage), and no mask; where a max-pool follows
+    too (the CNN's convolutions), its mask."""
+    held = {}
+    block_done = local_module._ActivityTangents.block_done
+
+    def done(self, index, *args, **kwargs):
+        calls = [call for block in self.pending.values() for call in block]
+        for call, after in zip(calls, calls[1:]):
+            if call.state is not None:
+                shared = call.site is not None and call.site.data_ptr() == after.layer_input.data_ptr()
+                held[model, call.name] = (shared, call.mask is not None)
+        return block_done(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(local_module._ActivityTangents, "block_done", done)
+    for model in NETS:
+        make, shape = NETS[model]
+        ActivityPerturbation(k=2).estimate(make(), torch.randn(*shape), torch.randint(0, 4, (shape[0],)), step=0)
+    assert held == {**{("mlp", f"fc{i}"): (True, False) for i in (1, 2, 3)},  # the MLP's hidden layers
+                    **{("cnn", f"conv{i}"): (False, True) for i in (1, 2, 3)}, ("cnn", "fc1"): (True, False)}

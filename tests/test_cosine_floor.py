@@ -24,6 +24,7 @@ REFERENCE = {
     "input_approx": (0.042, 0.045),
     "momentum": (0.262, 0.129),
     "activity": (0.951, 0.078),
+    "activity_recomputed": (0.951, 0.078),
     "local_activity": (0.966, 0.739),
     "local_weight": (0.156, 0.172),
     "local_backprop": (1.0, 1.0),

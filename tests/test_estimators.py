@@ -228,7 +228,8 @@ def test_contract_a_forgotten_reduction_is_caught_in_one_process(name):
 
 def test_registry_flags_come_from_the_estimators():
     assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {
-        "multi_direction", "orthogonal", "partition", "activity", "local_activity", "local_weight"}
+        "multi_direction", "orthogonal", "partition", "activity", "activity_recomputed", "local_activity",
+        "local_weight"}
     assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {
         "orthogonal", "input_approx", "momentum", "local_guess", "local_guess_example"}
     assert REGISTRY["orthogonal"].make(k=3).aggregation == "orthogonal"
@@ -572,7 +573,8 @@ def test_every_registered_estimator_has_a_training_setting_and_a_backward_class(
     assert all(spec.training.lr > 0 and spec.training.steps > 0 for spec in REGISTRY.values())
     assert {name for name, spec in REGISTRY.items() if spec.backward == "none"} == {
         "naive", "naive_replayed", "multi_direction", "orthogonal", "partition", "input_qr", "input_approx", "local_weight"}
-    assert {name for name, spec in REGISTRY.items() if spec.backward == "layer"} == {"activity", "local_activity"}
+    assert {name for name, spec in REGISTRY.items() if spec.backward == "layer"} == {
+        "activity", "activity_recomputed", "local_activity"}
 
 
 @needs_fashion

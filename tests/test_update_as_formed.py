@@ -28,7 +28,7 @@ NETS = {
 }
 VARIANTS = {
     "global": (ActivityPerturbation, {}),
-    "global-kept": (lambda **kw: ActivityPerturbation(recompute=False, **kw), {}),
+    "global-recomputed": (lambda **kw: ActivityPerturbation(recompute=True, **kw), {}),
     "local": (LocalActivityPerturbation, {"local_losses": True}),
     "local-groups-norm": (LocalActivityPerturbation, {"local_losses": True, "block_size": 1, "groups": 2, "norm": True}),
 }
@@ -85,9 +85,9 @@ def test_each_blocks_update_is_applied_before_the_pass_draws_the_next_block(monk
     events = []
     activity, call = local_module._ActivityTangents.activity, UpdateAsFormed.__call__
 
-    def drawn(self, name, *args):
+    def drawn(self, name, *args, **kwargs):
         events.append(("draw", self.block_of[name]))
-        return activity(self, name, *args)
+        return activity(self, name, *args, **kwargs)
 
     def applied(self, grads):
         events.extend(("apply", block) for block in {block_of[layer_of(n)] for n in grads})
@@ -121,12 +121,13 @@ def test_recomputed_inputs_give_the_kept_inputs_estimate_and_none_is_kept(model,
 
     def done(self, index, *args, **kwargs):
         held.extend(call.layer_input is not None for calls in self.pending.values() for call in calls)
-        held.extend((call.output is not None) == (norm or call.state is None) and call.mask is not None
+        held.extend((call.output is not None) == (norm or call.state is None)
+                    and (call.mask is not None or call.site is not None)
                     for calls in self.pending.values() for call in calls if call.state is not None)
         return block_done(self, index, *args, **kwargs)
 
     monkeypatch.setattr(local_module._ActivityTangents, "block_done", done)
-    recomputed = ActivityPerturbation(k=3, seed=2).estimate(net, x, labels, 0)
+    recomputed = ActivityPerturbation(k=3, seed=2, recompute=True).estimate(net, x, labels, 0)
     assert held and not any(held)  # the pass kept no layer input
     held.clear()
     kept = ActivityPerturbation(k=3, seed=2, recompute=False).estimate(net, x, labels, 0)

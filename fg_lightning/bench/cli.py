@@ -130,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     all_estimators = list(REGISTRY)
+    own_numbers = [name for name, spec in REGISTRY.items() if spec.same_as is None]  # not another's numbers again
     speed = add("speed", "median ms per training step (Table I, Fig. 13)", [256, 4096, 16384], all_estimators)
     speed.add_argument("--directions", nargs="+", type=_positive, default=[1, 2, 4, 8, 16],
                        help="k for multi_direction and partition")
@@ -165,11 +166,11 @@ def parser() -> argparse.ArgumentParser:
     comm.add_argument("--directions", nargs="+", type=_positive, default=[1, 10])
     comm.add_argument("--steps", type=_positive, default=2, help="steps counted (momentum: a checkpoint, then not)")
     for name, help, batch, estimators in (
-        ("quality", "cosine to the exact gradient and error per layer on real data (Fig. 7, 12)", [256], all_estimators),
-        ("stability", "short trainings across learning rates; largest stable rate (Fig. 5, 6, 8)", [256], all_estimators),
+        ("quality", "cosine to the exact gradient and error per layer on real data (Fig. 7, 12)", [256], own_numbers),
+        ("stability", "short trainings across learning rates; largest stable rate (Fig. 5, 6, 8)", [256], own_numbers),
         ("momentum", "training curves of the momentum estimator at lr 1e-6 (Fig. 9-12)", [256], ["momentum"]),
         ("accuracy", "test-accuracy leaderboard: full trainings, the rate of a grid picked by validation", None,
-         all_estimators),
+         own_numbers),
     ):
         sub = add(name, help, batch, estimators)
         sub.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist")

@@ -26,7 +26,8 @@ from fg_lightning.estimators import REGISTRY
 
 COLUMNS = ["model", "depth", "batch_size", "estimator", "k", "params_mb", "peak_mb", "ratio_vs_backprop",
            "ratio_vs_checkpointed", "growth_vs_shallowest", "ms_median", "error"]
-ESTIMATORS = ["backprop", "naive", "naive_replayed", "multi_direction", "activity", "local_activity"]
+ESTIMATORS = ["backprop", "naive", "naive_replayed", "multi_direction", "activity", "activity_recomputed",
+              "local_activity"]
 MODELS = ["mlp", "cnn"]
 MIB = 2**20
 

@@ -355,6 +355,13 @@ class Network(nn.Module):
             mask = keep if mask is None else mask.logical_and_(keep)
         return mask
 
+    def activity_mask_in_site(self, name: str) -> bool:
+        """Whether one in-place ReLU is all that masks layer ``name``'s activity site: the pass then leaves the site
+        holding the ReLU's output, the next layer's input (kept for its weight step anyway), which is zero exactly
+        where the site's mask is (``relu(s) > 0`` exactly where ``s > 0``), so the mask need not be kept beside it."""
+        masking = self._after(name)[1]
+        return len(masking) == 1 and isinstance(masking[0], ReLU) and masking[0].inplace
+
     @staticmethod
     def layer_grads(name: str, layer: Layer, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:
         """One layer's parameter gradients for the output gradient ``d_output``, from its hand-written VJP and its
@@ -582,11 +589,18 @@ class _ForwardPass:
         activity = None
         if ask:
             extra = {} if layer_output is None else {"layer_output": layer_output}
+            # a source that adds its tangent into the output's own takes it, where one pass carries every direction
+            adds = self.source.adds_activity and carry[1] is not None and self.chunk >= self.num_dirs
+            if adds:
+                extra["tangent"] = carry[1]
             activity = self.source.activity(name, layer, layer_input, carry[0], **extra)
             if activity is not None:
                 self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
                 if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
                     self.activities[name] = activity
+                elif adds or self.source.adds_activity and carry[1] is None:  # the output's tangent now, or a new
+                    carry[1] = activity  # one the source does not keep
+                    return
         activity = self.part(self.activities[name]) if name in self.activities else activity
         if activity is not None:
             carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)

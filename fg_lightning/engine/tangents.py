@@ -77,7 +77,10 @@ class TangentSource:
       the network while the pass runs. ``output`` may be changed in place by the next layer (an in-place ReLU).
       With ``activity_after_norms`` (the engine's pass; the torch backend has no such layers), a layer followed by
       per-example normalisations (``network.activity_norms(name)``) is asked after them: ``output`` is the last one's
-      output, where the tangent is added, and the layer's own output comes as ``layer_output``.
+      output, where the tangent is added, and the layer's own output comes as ``layer_output``. With
+      ``adds_activity`` (the engine's pass), where one pass carries every direction, the output's tangent so far
+      comes as ``tangent`` (where it has one): the source adds its own into it in place and returns it, so that no
+      whole activity tangent lies beside it; given none, it returns a new tensor that it does not keep.
     - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
     - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
       ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
@@ -90,6 +93,7 @@ class TangentSource:
 
     perturbs_activities: bool = False
     activity_after_norms: bool = False
+    adds_activity: bool = False
     per_example: bool = False
     local: bool = False
     replayable: bool = False

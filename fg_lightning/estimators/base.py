@@ -62,7 +62,9 @@ class ActivityModel(ForwardModel, Protocol):
     - ``layer_grads(name, layer, layer_input, d_output)``: one layer's parameter gradients from its own VJP;
     - ``logits_grad(logits, labels)``: ∂L/∂logits of the loss;
     - optionally ``primal_calls(x)``: the primal pass again, call by call (the engine's networks), so that
-      :class:`~fg_lightning.estimators.ActivityPerturbation` recomputes each layer's input instead of keeping it.
+      :class:`~fg_lightning.estimators.ActivityPerturbation` recomputes each layer's input instead of keeping it;
+      and ``activity_mask_in_site(name)``: whether the site, once the pass is over, holds its own mask (an in-place
+      ReLU's output), so that a kept call need not keep the mask beside it.
     """
 
     def activity_norms(self, name: str) -> list: ...

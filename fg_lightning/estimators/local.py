@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fg_lightning.engine import GivenTangents, Layer, TangentSource, weighted_sum
+from fg_lightning.engine.layers import relu_grad_
 from fg_lightning.estimators.base import (
     ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, UpdateAsFormed, check_positive_int,
 )
@@ -86,7 +87,8 @@ class _Call:
     """One call of a parameterised layer in an activity-perturbed pass: what its weight step needs once its block's
     loss derivatives are known. ``state``: the generator's state before its tangents were drawn (None for an output
     layer, which is not perturbed); ``output``: its output, kept for an output layer's logits or for the VJP of the
-    normalisations it is perturbed past; ``mask``: where its tangent is kept (``network.activity_mask``)."""
+    normalisations it is perturbed past; ``mask``: where its tangent is kept (``network.activity_mask``), or ``site``:
+    the perturbed point itself, where an in-place ReLU leaves the mask in it (``network.activity_mask_in_site``)."""
 
     name: str
     layer: Layer
@@ -96,6 +98,7 @@ class _Call:
     state: Tensor | None = None
     shape: torch.Size = torch.Size()  # of its output; ``like``: an empty tensor of its device and dtype
     like: Tensor | None = None
+    site: Tensor | None = None
 
 
 class _ActivityTangents(TangentSource):
@@ -105,10 +108,12 @@ class _ActivityTangents(TangentSource):
     following max-pool's unpicked positions, ``network.activity_mask``); and the one-layer weight steps that turn them
     into the estimate (:meth:`block_done`).
 
-    No tangent is kept: the pass adds it to the layer's output tangent and drops it, and :meth:`block_done` draws it
-    again, one direction at a time, from the generator state recorded before the draw (seed replay). What a call
-    keeps until its block's derivatives are known is what backprop keeps: the layer's input, its mask (one byte an
-    element) and, where normalisations follow, its output; or, given the batch as ``inputs``, nothing: a second
+    No tangent is kept: the pass adds it to the layer's output tangent a chunk of examples at a time (``draws``)
+    and drops it, and :meth:`block_done` draws it again, one direction at a time, from the generator state recorded
+    before the draw (seed replay). What a call keeps until its block's derivatives are known is what backprop keeps:
+    the layer's input, its mask (one byte an element; nothing more where an in-place ReLU leaves the mask in the
+    site, the next layer's input, ``network.activity_mask_in_site``) and, where normalisations follow, its output;
+    or, given the batch as ``inputs``, nothing: a second
     primal pass (``network.primal_calls``) computes them again when the weight steps run. With local losses the
     engine calls :meth:`block_done` as it evaluates each block's head, so that one block's inputs are alive at a
     time. Given ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied
@@ -116,7 +121,12 @@ class _ActivityTangents(TangentSource):
 
     perturbs_activities = True
     activity_after_norms = True
+    adds_activity = True
     per_example = True
+    # elements of noise drawn at a time: 1 MiB of float32 on the CPU, 16 MiB elsewhere (a GPU, where each chunk
+    # costs two kernel launches)
+    DRAW_ELEMENTS = {"cpu": 1 << 18}
+    DRAW_ELEMENTS_ELSEWHERE = 1 << 22
 
     def __init__(self, estimator: _ActivityPerturbation, network: ActivityModel, labels: Tensor, comm: Collective,
                  update: UpdateAsFormed | None = None, inputs: Tensor | None = None) -> None:
@@ -131,7 +141,7 @@ class _ActivityTangents(TangentSource):
         self.grads: dict[str, Tensor] = {}  # the estimate, summed over each layer's calls (those not yet applied)
 
     def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor,
-                 layer_output: Tensor | None = None) -> Tensor | None:
+                 layer_output: Tensor | None = None, tangent: Tensor | None = None) -> Tensor | None:
         calls = self.pending.setdefault(self.block_of.get(name, 0), [])
         if name in self.outputs:
             if name in self.exact:
@@ -142,37 +152,58 @@ class _ActivityTangents(TangentSource):
             calls.append(_Call(name, layer, layer_input if self.inputs is None else None, output))
             return None
         generator = self.estimator.generator(output.device)
-        kept = self.inputs is None
-        mask = self.network.activity_mask(name, output) if self.estimator.relu_mask else None
-        call = _Call(name, layer, layer_input if kept else None, layer_output if kept else None,
-                     mask if kept else None, generator.get_state(), output.shape, output.new_empty(0))
-        u = output.new_empty((self.estimator.k, *output.shape))
-        for direction, draw in zip(u, self.draws(call, generator, into=u)):  # drawn in place where it can be
-            if draw.data_ptr() != direction.data_ptr():
-                direction.copy_(draw)
-        if mask is not None:  # ∂L/∂z = 0 there: u there adds noise to ĝ_z and nothing to d
-            u.mul_(mask)
+        kept = self.inputs is None  # else recomputed, mask included, when the weight steps run
+        mask_in_site = getattr(self.network, "activity_mask_in_site", None)  # the engine's networks
+        in_site = kept and self.estimator.relu_mask and mask_in_site is not None and mask_in_site(name)
+        # The pass does not mask its tangent: the layers that mask the site zero the tangent there anyway (the mask
+        # is ĝ_z's); where the site keeps the mask, it is read from it then.
+        mask = self.network.activity_mask(name, output) if kept and self.estimator.relu_mask and not in_site else None
+        call = _Call(name, layer, layer_input if kept else None, layer_output if kept else None, mask,
+                     generator.get_state(), output.shape, output.new_empty(0), output if in_site else None)
         calls.append(call)
-        return u
+        if tangent is None:  # the site's own tangent, drawn in place where it can be
+            tangent = output.new_empty((self.estimator.k, *output.shape))
+            for direction, chunks in zip(tangent, self.draws(call, generator, into=tangent)):
+                for rows, part in chunks:
+                    if part.data_ptr() != direction[rows].data_ptr():
+                        direction[rows].copy_(part)
+            return tangent
+        for direction, chunks in zip(tangent, self.draws(call, generator)):  # added to the output's tangent
+            for rows, part in chunks:
+                direction[rows].add_(part)
+        return tangent
 
-    def draws(self, call: _Call, generator: torch.Generator, into: Tensor | None = None) -> Iterator[Tensor]:
-        """``call``'s ``k`` tangents ``(B, ...)`` from ``generator``, one at a time: per-example noise drawn for the
-        union batch (the same on every rank), this rank's rows taken. The pass draws them from the estimator's
-        generator, the weight step again from a copy of its state before that draw. Each is valid until the next is
-        drawn: where this rank's rows are the union batch, draw ``j`` is written into ``into[j]`` (the pass's
-        ``(k, B, ...)`` tangent), or else into one buffer reused for every draw (the same numbers, no allocation per
-        draw)."""
-        rows, rest, like = call.shape[0], call.shape[1:], call.like
-        buffer = None
+    def draws(self, call: _Call, generator: torch.Generator,
+              into: Tensor | None = None) -> Iterator[Iterator[tuple[slice, Tensor]]]:
+        """``call``'s ``k`` tangents ``(B, ...)`` from ``generator``, one direction at a time, each as ``(rows,
+        part)`` pairs: rows ``rows`` of this rank's batch take ``part``. The noise is per example and drawn for the
+        union batch (the same on every rank), in chunks of whole examples of about ``DRAW_ELEMENTS`` elements, and
+        this rank's rows taken; so a pass adds its tangent to the layer's output tangent without a whole activation
+        of noise beside it. The pass draws them from the estimator's generator, the weight step again from a copy of
+        its state before that draw, in the same chunks: the same numbers. Each part is valid until the next is
+        drawn (one buffer, reused), or, where a chunk is this rank's rows only, drawn into ``into[j, rows]``.
+        Consume them in order, each direction's chunks before the next direction."""
+        rest, like = call.shape[1:], call.like
+        elements = self.DRAW_ELEMENTS.get(like.device.type, self.DRAW_ELEMENTS_ELSEWHERE)
+        step = max(1, elements // max(1, rest.numel()))
+        buffer: list[Tensor] = []
+
+        def chunks(j: int) -> Iterator[tuple[slice, Tensor]]:
+            for start in range(0, self.total, step):
+                size = min(step, self.total - start)
+                low, high = max(start, self.offset), min(start + size, self.offset + call.shape[0])
+                if into is not None and (low, high) == (start, start + size):
+                    target = into[j, low - self.offset:high - self.offset]
+                else:
+                    if not buffer:
+                        buffer.append(like.new_empty((min(step, self.total), *rest)))
+                    target = buffer[0][:size]
+                target.normal_(generator=generator)
+                if low < high:
+                    yield slice(low - self.offset, high - self.offset), target[low - start:high - start]
+
         for j in range(self.estimator.k):
-            if self.total == rows:
-                out = into[j] if into is not None else buffer
-                buffer = torch.randn(call.shape, generator=generator, device=like.device, dtype=like.dtype,
-                                     **({} if out is None else {"out": out}))
-                yield buffer
-            else:
-                u = torch.randn((self.total, *rest), generator=generator, device=like.device, dtype=like.dtype)
-                yield u.narrow(0, self.offset, rows)
+            yield chunks(j)
 
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None,
                    patch_derivs: Tensor | None = None) -> None:
@@ -245,10 +276,15 @@ class _ActivityTangents(TangentSource):
         generator = torch.Generator(device=call.like.device)
         generator.set_state(call.state)
         g_z = call.like.new_zeros(call.shape)
-        for d, u in zip(derivs, self.draws(call, generator)):
-            g_z.addcmul_(d.view(*d.shape, *[1] * (len(call.shape) - d.dim())), u)
+        for d, chunks in zip(derivs, self.draws(call, generator)):
+            d = d.view(*d.shape, *[1] * (len(call.shape) - d.dim()))
+            for rows, part in chunks:
+                g_z[rows].addcmul_(d[rows], part)
             del d
-        if call.mask is not None:
+        if call.site is not None:  # the ReLU's output now (the next layer's input): zero where it is, then let go
+            relu_grad_(g_z, call.site)
+            call.site = None
+        elif call.mask is not None:
             g_z.mul_(call.mask)
         norms = self.network.activity_norms(call.name)
         if norms:  # back through the normalisations (their VJP at the layer's output) to the layer's output
@@ -276,9 +312,10 @@ class ActivityPerturbation(_ActivityPerturbation):
     unbiased since the draws are independent with identity covariance. Its variance per output coordinate is about
     :math:`\frac1k(\sum_\ell |\partial L/\partial z_{\ell b}|^2 + \dots)`: it grows with the number of perturbed
     activations per example (2058 on the paper's MLP), where weight perturbation's grows with the number of weights
-    (1.9M). ``relu_mask`` zeroes :math:`u` wherever :math:`\partial L/\partial z = 0` is known from the layers that
-    follow (``network.activity_mask``): where the following ReLU is off, and, where a max-pool follows it, at every
-    position its window does not pick (three in four on the paper's CNN): the mean is unchanged, the variance lower.
+    (1.9M). ``relu_mask`` zeroes :math:`\hat g_z` (as if :math:`u`: :math:`d` does not see :math:`u` there) wherever
+    :math:`\partial L/\partial z = 0` is known from the layers that follow (``network.activity_mask``): where the
+    following ReLU is off, and, where a max-pool follows it, at every position its window does not pick (three in four
+    on the paper's CNN): the mean is unchanged, the variance lower.
     A layer followed by a normalisation (``norm=True``: ``GroupNorm`` between it and its ReLU) is perturbed past it,
     :math:`\hat z = \mathrm{norm}(z)`, as in Ren et al.'s code, where the ReLU mask applies, and its estimate taken back
     to :math:`z` by the normalisation's VJP (per example, no parameters) before the layer's own: perturbed before it,
@@ -289,15 +326,17 @@ class ActivityPerturbation(_ActivityPerturbation):
     perturbations share one derivative per example, so a perturbed logit layer, whose gradient is the largest, would
     put its noise into every other layer's estimate: on the paper's MLP (one Fashion-MNIST batch of 256, k = 1) the
     mean cosine to the gradient is 0.064 with it exact and 0.020 with it perturbed (``exact_output=False``, every
-    layer perturbed as in Ren et al.'s FG-A), against naive's 0.00047. The weight step needs each layer's input,
-    kept until the end of the pass (as backprop keeps its activations), or with ``recompute`` (default, on the engine's
-    networks) computed again by a second primal pass once the loss's derivatives are known, each layer's step formed
-    (and, under plain SGD, applied) as that pass reaches it: memory flat in depth, for one more primal pass. The
-    torch backend keeps the inputs. Ren et al. report MNIST test error 3.24 % (backprop 2.66 %, weight-perturbed
+    layer perturbed as in Ren et al.'s FG-A), against naive's 0.00047. The weight step needs each layer's input:
+    by default kept until the end of the pass, as backprop keeps its activations (and no more than backprop keeps:
+    where an in-place ReLU follows, its output, the next layer's input, stands for the layer's mask); or, with
+    ``recompute`` (the engine's networks; registered as ``activity_recomputed``), computed again by a second primal
+    pass once the loss's derivatives are known, each layer's step formed (and, under plain SGD, applied) as that pass
+    reaches it: memory flat in depth, for one more primal pass (about 1.5× the kept step's time on the paper's MLP).
+    The torch backend keeps the inputs. Ren et al. report MNIST test error 3.24 % (backprop 2.66 %, weight-perturbed
     forward gradient 9.25 %).
     """
 
-    def __init__(self, k: int = 1, relu_mask: bool = True, exact_output: bool = True, recompute: bool = True,
+    def __init__(self, k: int = 1, relu_mask: bool = True, exact_output: bool = True, recompute: bool = False,
                  seed: int = 0) -> None:
         super().__init__(k, relu_mask, exact_output, seed)
         if not isinstance(recompute, bool):

@@ -43,8 +43,11 @@ class EstimatorSpec:
     (configs, ``fg-bench --estimators``), its class and the arguments that make it this variant; the backward
     computation it uses (``backward``: a key of :data:`BACKWARD`, the leaderboard's classes); the configs' learning
     rate per model (``lr``, with ``k`` directions where the class takes them); fg-bench accuracy's default grid of
-    rates (``grid``); and the tests' short training (``training``). What follows from an instance (unbiasedness,
-    local losses) is derived from one, so it cannot disagree with it."""
+    rates (``grid``); the tests' short training (``training``); and ``same_as``: the estimator whose numbers this
+    one gives, by another route through time and memory (``naive_replayed``: naive's, its tangents drawn again
+    instead of kept), which the benches of numbers (quality, stability, accuracy) leave out by default and those
+    of cost (speed, memory, depth) time. What follows from an instance (unbiasedness, local losses) is derived from
+    one, so it cannot disagree with it."""
 
     name: str
     cls: type[GradientEstimator]
@@ -54,6 +57,7 @@ class EstimatorSpec:
     k: int | None = None
     grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     training: Training = Training(1e-3)
+    same_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.backward not in BACKWARD:
@@ -87,6 +91,8 @@ def register(spec: EstimatorSpec) -> EstimatorSpec:
     the contract tests then take it."""
     if spec.name in REGISTRY and REGISTRY[spec.name] != spec:
         raise ValueError(f"an estimator named {spec.name!r} is registered already ({REGISTRY[spec.name].cls.__name__})")
+    if spec.same_as is not None and spec.same_as not in REGISTRY:
+        raise ValueError(f"{spec.name}: same_as={spec.same_as!r} names no estimator registered before it")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -104,7 +110,7 @@ for _spec in (
     EstimatorSpec("naive", NaiveForwardGradient, lr={"mlp": 1e-4, "cnn": 1e-4},
                   grid=(1e-4, 3e-4, 1e-3), training=Training(2e-3)),
     EstimatorSpec("naive_replayed", NaiveForwardGradient, {"tangents": "replayed"}, lr={"mlp": 1e-4, "cnn": 1e-4},
-                  grid=(1e-4, 3e-4, 1e-3), training=Training(2e-3)),
+                  grid=(1e-4, 3e-4, 1e-3), training=Training(2e-3), same_as="naive"),
     EstimatorSpec("multi_direction", MultiDirection, lr={"mlp": 1e-2, "cnn": 1e-2}, k=100,
                   grid=(3e-4, 1e-3, 2e-3), training=Training(5e-3)),
     EstimatorSpec("orthogonal", MultiDirection, {"aggregation": "orthogonal"}, lr={"mlp": 100.0, "cnn": 100.0}, k=10,
@@ -119,6 +125,9 @@ for _spec in (
                   grid=(3e-7, 1e-6, 3e-6), training=Training(1e-6, versus="beats")),
     EstimatorSpec("activity", ActivityPerturbation, backward="layer", lr={"mlp": 0.03, "cnn": 0.03}, k=10,
                   grid=(3e-3, 1e-2, 3e-2), training=Training(1e-2)),
+    EstimatorSpec("activity_recomputed", ActivityPerturbation, {"recompute": True}, backward="layer",
+                  lr={"mlp": 0.03, "cnn": 0.03}, k=10, grid=(3e-3, 1e-2, 3e-2), training=Training(1e-2),
+                  same_as="activity"),
     EstimatorSpec("local_activity", LocalActivityPerturbation, backward="layer", lr={"mlp": 0.1, "cnn": 0.1}, k=10,
                   grid=(1e-2, 3e-2, 1e-1), training=Training(1e-2)),
     EstimatorSpec("local_weight", LocalWeightPerturbation, lr={"mlp": 3e-3, "cnn": 1e-3}, k=10,
