@@ -598,8 +598,8 @@ class _ForwardPass:
                 self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
                 if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
                     self.activities[name] = activity
-                elif adds or self.source.adds_activity and carry[1] is None:  # the output's tangent now, or a new
-                    carry[1] = activity  # one the source does not keep
+                elif self.source.adds_activity:  # the output's tangent now, or a new one the source does not keep
+                    carry[1] = activity
                     return
         activity = self.part(self.activities[name]) if name in self.activities else activity
         if activity is not None:
