@@ -23,6 +23,7 @@ from fg_lightning.estimators import (
     MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition, apply_estimate,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective, ThreadCollective
+from fg_lightning.estimators.local import _ActivityTangents
 
 DEFAULT_K = 4
 
@@ -207,6 +208,16 @@ def test_contract_two_ranks_in_one_process_take_the_union_batch_update(name, mod
     """The data-parallel contract in one process: an estimator that forgets a reduction (its derivatives' mean, the
     gradient's, the gathered layer inputs, its rows of the union batch's noise) fails here, not only on two
     processes."""
+    check_two_ranks_take_the_union_batch_update(name, model)
+
+
+@pytest.mark.parametrize("name", ["activity", "local_activity"])
+@pytest.mark.parametrize("model, elements", [("mlp", 40), ("cnn", 300)])
+def test_two_ranks_take_their_rows_of_noise_drawn_a_few_examples_at_a_time(name, model, elements, monkeypatch):
+    """The activity estimators draw their per-example noise for the union batch a few examples at a time (here 4 or 5
+    rows of the MLP's 12, 2 of the CNN's first 9): chunks that straddle the ranks' boundary still give each rank its
+    rows of the one process's noise."""
+    monkeypatch.setattr(_ActivityTangents, "DRAW_ELEMENTS", {"cpu": elements})
     check_two_ranks_take_the_union_batch_update(name, model)
 
 
