@@ -691,6 +691,23 @@ def test_an_estimator_defined_outside_the_package_is_taken_by_registering_it():
         del REGISTRY["rademacher"]
 
 
+def test_a_variant_that_gives_another_estimators_numbers_names_one_registered_before_it():
+    """``same_as``: the benches of numbers (quality, stability, accuracy) leave such a variant out by default, the
+    benches of cost time it; naming nothing registered is refused, naming the variant itself too."""
+    from fg_lightning.bench.cli import parser
+    from fg_lightning.estimators.registry import EstimatorSpec, register
+
+    assert REGISTRY["naive_replayed"].same_as == "naive" and REGISTRY["activity_recomputed"].same_as == "activity"
+    for command, variants_in in (("accuracy", False), ("quality", False), ("stability", False), ("speed", True),
+                                 ("memory", True), ("depth", True)):
+        estimators = parser().parse_args([command]).estimators
+        assert ("activity_recomputed" in estimators) == variants_in and "activity" in estimators, command
+    for same_as in ("nothing", "loop"):
+        with pytest.raises(ValueError, match=f"loop: same_as='{same_as}' names no estimator registered before it"):
+            register(EstimatorSpec("loop", NaiveForwardGradient, same_as=same_as))
+    assert "loop" not in REGISTRY
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
 def test_replayed_tangents_give_the_stored_paths_estimates_at_the_same_seed(aggregation, chunked):
