@@ -840,18 +840,13 @@ class CNN(Network):
                     f"image_size={image_size} is too small for {len(channels)} conv+pool stages "
                     f"with kernel_size={kernel_size}, padding={padding}"
                 )
-        if isinstance(patches, bool) or not isinstance(patches, int) or not 1 <= patches <= size:
-            raise ValueError(f"patches must be an int from 1 to the smallest pooled map's size {size}, "
-                             f"got patches={patches!r}")
-        if patches > 1 and not local_losses:
-            raise ValueError(f"patches={patches} replicates the local losses of the conv blocks' heads: it needs "
-                             "local_losses=True")
-        if isinstance(head_pool, bool) or not isinstance(head_pool, int) or not 1 <= head_pool <= size:
-            raise ValueError(f"head_pool must be an int from 1 to the smallest pooled map's size {size}, "
-                             f"got head_pool={head_pool!r}")
-        if head_pool > 1 and not local_losses:
-            raise ValueError(f"head_pool={head_pool} pools the input of the local-loss heads: it needs "
-                             "local_losses=True")
+        for switch, value, what in (("patches", patches, "replicates the local losses of the conv blocks' heads"),
+                                    ("head_pool", head_pool, "pools the input of the local-loss heads")):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= size:
+                raise ValueError(f"{switch} must be an int from 1 to the smallest pooled map's size {size}, "
+                                 f"got {switch}={value!r}")
+            if value > 1 and not local_losses:
+                raise ValueError(f"{switch}={value} {what}: it needs local_losses=True")
         if head_pool > 1 and patches > 1:
             raise ValueError(f"patches={patches} replicates a head's loss over the patches of its global average; "
                              f"head_pool={head_pool} pools each map to a grid instead: choose one")
