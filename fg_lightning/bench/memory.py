@@ -46,7 +46,9 @@ def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None, **ne
         f.write("5")  # resets the peak RSS (VmHWM) to the current RSS: the warm-up's peak does not count
     resting = _status_mb("VmRSS")
     step(x, labels, 1)
-    return {"peak_mb": _status_mb("VmHWM") - resting, "resting_mb": resting}
+    # The kernel's RSS counters are per-CPU and approximate (a few hundred KiB), so a step that allocates next to
+    # nothing can read a little below rest: that is no memory above rest, read as 0.
+    return {"peak_mb": max(_status_mb("VmHWM") - resting, 0.0), "resting_mb": resting}
 
 
 def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: int,
