@@ -9,6 +9,10 @@ exists before its layer is reached. No backward pass through the network runs (a
 the VJP of one module at its input). One pass carries one direction: K directions take K passes,
 each from the same random state and buffers (dropout draws the same mask, batch-norm statistics are updated once), so
 every direction differentiates the same function. The hand-written engine carries all K through one pass.
+``F.linear`` and ``F.conv{1,2,3}d`` (every ``nn.Linear`` and ``nn.Conv*d``) take this backend's own forward-mode rules
+(:class:`_LeanRules`): the output's tangent is built in one buffer, as the engine builds it, where torch's rules
+allocate each term and their sum (on the paper's MLP at batch 4096, the naive step's peak falls from 1.8× stock
+backprop's to 1.08×).
 
 What could make a derivative silently wrong is refused instead, raising :class:`TorchBackendError` at the first
 pass, before any update: a trained parameter used outside its own module's forward (a ``TorchFunctionMode`` sees every
@@ -156,7 +160,7 @@ class TorchNetwork(nn.Module):
         tangents = _Tangents(self, source)
         rewind = _Rewind(self.module, x.device)
         derivs: list[Tensor] = []
-        with tangents.hooked():
+        with tangents.hooked(), _LeanRules():
             while True:
                 with torch.no_grad(), fwAD.dual_level():
                     with tangents.uses if tangents.direction == 0 else contextlib.nullcontext():
@@ -337,6 +341,103 @@ class _ParameterUses(TorchFunctionMode):
             f"its parameter, or freeze the parameter (requires_grad=False)")
 
 
+def _tangent(value: Any) -> Tensor | None:
+    return fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
+
+
+class _LinearJvp(torch.autograd.Function):
+    """``F.linear`` whose forward-mode rule builds the output's tangent in one buffer: ``x·dWᵀ + db`` (or ``db``
+    broadcast), then ``dx·Wᵀ`` added in place by ``addmm_``. Torch's own rule allocates each term and then their sum:
+    three output-sized buffers where this holds one, the engine's ``Linear.jvp``."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.set_materialize_grads(False)  # a missing tangent comes as None, not as a tensor of zeros to multiply
+        ctx.out_shape = output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None) -> Tensor:
+        x, weight = ctx.saved_tensors
+        if d_weight is not None:
+            out = F.linear(x, d_weight, d_bias)
+        elif d_bias is not None:
+            out = d_bias.expand(ctx.out_shape).clone()
+        else:
+            return F.linear(dx, weight)
+        if dx is not None:
+            if out.is_contiguous():
+                out.view(-1, out.shape[-1]).addmm_(dx.reshape(-1, dx.shape[-1]), weight.t())
+            else:
+                out.add_(F.linear(dx, weight))
+        return out
+
+
+class _ConvJvp(torch.autograd.Function):
+    """``F.conv1d``/``conv2d``/``conv3d`` whose forward-mode rule adds ``conv(dx, W)`` into ``conv(x, dW) + db`` in
+    place: two output-sized buffers where torch's rule holds three."""
+
+    @staticmethod
+    def forward(conv: Any, x: Tensor, weight: Tensor, bias: Tensor | None, *args: Any) -> Tensor:
+        return conv(x, weight, bias, *args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_forward(inputs[1], inputs[2])
+        ctx.set_materialize_grads(False)
+        ctx.conv, ctx.args, ctx.out_shape = inputs[0], inputs[4:], output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, _: None, dx: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None,
+            *__: Any) -> Tensor:
+        x, weight = ctx.saved_tensors
+        out = None
+        if d_weight is not None:
+            out = ctx.conv(x, d_weight, d_bias, *ctx.args)
+        elif d_bias is not None:
+            out = d_bias.view(-1, *[1] * (len(ctx.out_shape) - 2)).expand(ctx.out_shape).clone()
+        if dx is not None:
+            by_input = ctx.conv(dx, weight, None, *ctx.args)
+            out = by_input if out is None else out.add_(by_input)
+        return out
+
+
+class _LeanRules(TorchFunctionMode):
+    """During the forward-mode passes, ``F.linear`` and ``F.conv{1,2,3}d`` calls whose input, weight or bias carries a
+    tangent run :class:`_LinearJvp` / :class:`_ConvJvp`: the same primal, the same derivative (summed in another
+    order), less memory. Elsewhere (grad mode on, autocast, other dtypes or layouts, no tangent) torch's own rule."""
+
+    CONVS = (F.conv1d, F.conv2d, F.conv3d)
+    NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        convolution = func in self.CONVS
+        if (func is F.linear or convolution) and set(kwargs) <= set(self.NAMES[len(args):7 if convolution else 3]):
+            bound = {**dict(zip(self.NAMES, args)), **kwargs}
+            operands = [bound.get(name) for name in self.NAMES[:3]]
+            if self.applies(operands):
+                if not convolution:
+                    return _LinearJvp.apply(*operands)
+                options = [bound.get(name, default) for name, default in zip(self.NAMES[3:], (1, 0, 1, 1))]
+                return _ConvJvp.apply(func, *operands, *options)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def applies(values: list[Any]) -> bool:
+        tensors = [v for v in values if v is not None]
+        return (values[0] is not None and values[1] is not None
+                and all(type(t) in (Tensor, nn.Parameter) for t in tensors)
+                and not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled()
+                and all(t.layout == torch.strided and t.dtype == tensors[0].dtype and t.dtype.is_floating_point
+                        for t in tensors)
+                and any(_tangent(t) is not None for t in tensors))
+
+
 class _Tangents:
     """What one :meth:`TorchNetwork.jvp` call gives the model, pass after pass (one direction per pass): as each
     module that owns trained parameters starts its forward, its parameters become dual tensors carrying this
@@ -436,7 +537,16 @@ class _Tangents:
             self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
             self.activities[key] = activity
         activity = self.activities.get(key)
-        return None if activity is None else output + fwAD.make_dual(torch.zeros_like(primal), activity[self.direction])
+        if activity is None:
+            return None
+        if self.direction == len(activity) - 1:  # the last pass that needs it
+            del self.activities[key]
+        # the output's tangent plus this direction's, in one new buffer (make_dual copies a view it is given): an
+        # in-place op after the module leaves the source's tensor as it was
+        tangent = fwAD.unpack_dual(output).tangent
+        added = activity[self.direction] if tangent is None else tangent + activity[self.direction]
+        del output, tangent, activity
+        return fwAD.make_dual(primal, added)
 
     def check_first_pass(self) -> None:
         missed = [name for name, _ in self.layers.values() if name not in self.calls]

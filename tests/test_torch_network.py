@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 import yaml
 from config_files import load_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -326,3 +328,99 @@ def test_fg_cli_refuses_a_model_with_an_untracked_use_in_one_line(idx_root, tmp_
     assert exit_info.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert "TorchBackendError" in lines[0] and "'fc1.weight' is used by linear" in lines[0]
     assert not list(tmp_path.glob("tb/**/*.ckpt"))
+
+
+LINEAR_CASES = {  # input, weight, bias; how the call is written
+    "2d": ((5, 7), (4, 7), (4,), lambda x, w, b: F.linear(x, w, b)),
+    "3d-no-bias": ((3, 5, 7), (4, 7), None, lambda x, w, b: F.linear(x, w)),
+    "transposed-input": ((7, 5), (4, 7), (4,), lambda x, w, b: F.linear(x.t(), w, bias=b)),
+}
+CONV_CASES = {
+    "conv1d-groups-stride": ((2, 4, 9), (6, 2, 3), (6,), lambda x, w, b: F.conv1d(x, w, b, 2, 1, 1, 2)),
+    "conv2d-same-dilated": ((2, 3, 8, 8), (4, 3, 3, 3), (4,), lambda x, w, b: F.conv2d(x, w, b, padding="same",
+                                                                                        dilation=2)),
+    "conv2d-no-bias-kwargs": ((2, 3, 8, 8), (4, 3, 3, 3), None, lambda x, w, b: F.conv2d(x, weight=w, stride=2)),
+    "conv3d": ((1, 2, 5, 5, 5), (3, 2, 2, 2, 2), (3,), lambda x, w, b: F.conv3d(x, w, b, (1, 2, 1))),
+}
+
+
+@pytest.mark.parametrize("case, tangents", [
+    (case, tangents) for case, (_, _, bias, _) in {**LINEAR_CASES, **CONV_CASES}.items()
+    for tangents in ("x", "w", "b", "xw", "xb", "wb", "xwb") if bias is not None or "b" not in tangents])
+def test_the_lean_forward_rules_give_torch_func_jvps_derivative(case, tangents, monkeypatch):
+    """The torch backend's own rules for F.linear and F.conv{1,2,3}d (one output-sized buffer for the tangent where
+    torch's rule allocates each term) against torch.func.jvp, float64, on random inputs: every combination of which
+    of input, weight and bias carries a tangent, N-d and transposed inputs, no bias, options given by position and by
+    keyword. A spy proves the lean rule ran; with grad mode on it stands aside and torch's rule gives the same."""
+    from fg_lightning import torch_network as tn
+
+    x_shape, w_shape, b_shape, call = {**LINEAR_CASES, **CONV_CASES}[case]
+    generator = torch.Generator().manual_seed(sum(map(ord, case + tangents)))
+    primals = [None if s is None else torch.randn(s, generator=generator, dtype=torch.float64)
+               for s in (x_shape, w_shape, b_shape)]
+    directions = [None if p is None or name not in tangents else torch.randn_like(p)
+                  for name, p in zip("xwb", primals)]
+    given = [p for p in primals if p is not None]
+    expected_out, expected = torch.func.jvp(
+        lambda *ps: call(*ps, *[None] * (3 - len(ps))), tuple(given),
+        tuple(torch.zeros_like(p) if d is None else d for p, d in zip(primals, directions) if p is not None))
+    rule = tn._LinearJvp if case in LINEAR_CASES else tn._ConvJvp
+    calls = []
+    jvp = rule.jvp
+    given_tangents = [d is not None for d in directions]
+    first = 1 if rule is tn._LinearJvp else 2  # (ctx, dx, dW, db) or (ctx, d conv, dx, dW, db, d options...)
+    monkeypatch.setattr(rule, "jvp", staticmethod(
+        lambda *args: calls.append([a is not None for a in args[first:first + 3]]) or jvp(*args)))
+    for grad_mode, lean_calls in ((False, [given_tangents]), (True, [])):
+        calls.clear()
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode), tn._LeanRules():
+            duals = [p if d is None else fwAD.make_dual(p, d) for p, d in zip(primals, directions)]
+            out, tangent = fwAD.unpack_dual(call(*duals))
+        assert calls == lean_calls  # and a missing tangent came as None, not as zeros to multiply
+        torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+        torch.testing.assert_close(tangent, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_lean_rules_stand_aside_under_autocast_and_for_plain_tensors(monkeypatch):
+    from fg_lightning import torch_network as tn
+
+    called = []
+    monkeypatch.setattr(tn._LinearJvp, "jvp", staticmethod(lambda *args: called.append(1)))
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    with fwAD.dual_level(), torch.no_grad(), tn._LeanRules():
+        dual = fwAD.make_dual(x, torch.randn(3, 4))
+        assert fwAD.unpack_dual(F.linear(x, w)).tangent is None  # no tangent anywhere: torch's own call
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = F.linear(dual, w)
+        assert out.dtype == torch.bfloat16 and fwAD.unpack_dual(out).tangent is not None
+    assert called == []
+
+
+class _DoubledInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_drawn():
+    """The activity tangent added to a module's output goes into a new buffer: an in-place op after the module (here
+    ``mul_(2)``, which doubles the tangent in place too) leaves the tensor the source gave as it was (a source may
+    keep it), and the derivative is autograd's Σ_c ∂L/∂z_c · u_c. The first layer's output has no tangent of its own
+    (no weight tangents): the source's tangent is the whole of it."""
+    from fg_lightning.torch_network import _Draws
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), _DoubledInPlace(), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    x, labels = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    draws = [torch.randn(2, 7, 5, dtype=torch.float64), torch.randn(2, 7, 3, dtype=torch.float64)]
+    drawn = [u.clone() for u in draws]
+    result = TorchNetwork(model).jvp(x, labels, _Draws({}, list(draws)))
+    for u, before in zip(draws, drawn):
+        assert torch.equal(u, before)
+    zeros = [torch.zeros(7, n, dtype=torch.float64, requires_grad=True) for n in (5, 3)]
+    hooks = [model[i].register_forward_hook(lambda m, a, out, e=e: out + e) for i, e in zip((0, 3), zeros)]
+    loss = F.cross_entropy(model(x), labels)
+    for hook in hooks:
+        hook.remove()
+    grads = torch.autograd.grad(loss, zeros)
+    expected = sum((g * u).flatten(1).sum(1) for g, u in zip(grads, drawn))
+    torch.testing.assert_close(result.dir_derivs, expected, rtol=1e-12, atol=1e-12)
