@@ -261,8 +261,11 @@ class TorchNetwork(nn.Module):
 
     def layer_grads(self, name: str, layer: nn.Module, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:
         """One module's parameter gradients for the output gradient ``d_output``: the VJP of that module alone at its
-        input (autograd through this one module; its buffers are copies, so batch-norm statistics do not move
-        again)."""
+        input (for a plain ``nn.Linear`` or ``nn.Conv*d`` from its formula, :func:`_layer_vjp`; otherwise autograd
+        through this one module, whose buffers are copies, so batch-norm statistics do not move again)."""
+        direct = _layer_vjp(layer, layer_input, d_output)
+        if direct is not None:
+            return direct
         params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters(recurse=False)
                   if v.requires_grad}
         state = {**{n: v.detach() for n, v in layer.named_parameters()},
@@ -285,6 +288,28 @@ class TorchNetwork(nn.Module):
 
     def directions_per_pass(self, x: Tensor, num_dirs: int) -> int:
         return 1
+
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _layer_vjp(layer: nn.Module, x: Tensor, d_output: Tensor) -> dict[str, Tensor] | None:
+    """The parameter gradients of a plain ``nn.Linear`` or ``nn.Conv*d`` (zero padding given as numbers, a batched
+    input) for the output gradient ``d_output``, from their formulas (``dW = gᵀx``, ATen's ``convolution_backward``)
+    without running the layer again to build a graph; None for any other module."""
+    wanted = [name for name in ("weight", "bias") if getattr(layer, name, None) is not None
+              and getattr(layer, name).requires_grad]
+    if type(layer) is nn.Linear:
+        g = d_output.reshape(-1, layer.out_features)
+        grads = {"weight": lambda: g.t().mm(x.reshape(-1, layer.in_features)), "bias": lambda: g.sum(0)}
+        return {name: grads[name]() for name in wanted}
+    dims = _CONVS.get(type(layer))
+    if dims is None or layer.padding_mode != "zeros" or isinstance(layer.padding, str) or x.dim() != dims + 2:
+        return None
+    _, d_weight, d_bias = torch.ops.aten.convolution_backward(
+        d_output, x, layer.weight.detach(), [layer.out_channels] if layer.bias is not None else None, layer.stride,
+        layer.padding, layer.dilation, False, [0] * dims, layer.groups, [False, "weight" in wanted, "bias" in wanted])
+    return {name: {"weight": d_weight, "bias": d_bias}[name] for name in wanted}
 
 
 def _primal(args: tuple[Any, ...]) -> Tensor | None:

@@ -404,8 +404,8 @@ class _DoubledInPlace(nn.Module):
 def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_drawn():
     """The activity tangent added to a module's output goes into a new buffer: an in-place op after the module (here
     ``mul_(2)``, which doubles the tangent in place too) leaves the tensor the source gave as it was (a source may
-    keep it), and the derivative is autograd's Σ_c ∂L/∂z_c · u_c. The first layer's output has no tangent of its own
-    (no weight tangents): the source's tangent is the whole of it."""
+    keep it), and the derivative is autograd's Σ_c ∂L/∂z_c · u_c. The first layer's output has no tangent of its
+    own (no weight tangents): the source's tangent is the whole of it."""
     from fg_lightning.torch_network import _Draws
 
     torch.manual_seed(0)
@@ -424,3 +424,50 @@ def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_dra
     grads = torch.autograd.grad(loss, zeros)
     expected = sum((g * u).flatten(1).sum(1) for g, u in zip(grads, drawn))
     torch.testing.assert_close(result.dir_derivs, expected, rtol=1e-12, atol=1e-12)
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(7, 4), (5, 7)),
+    "linear-3d-no-bias": (lambda: nn.Linear(7, 4, bias=False), (3, 5, 7)),
+    "linear-frozen-bias": (lambda: nn.Linear(7, 4), (5, 7)),
+    "conv1d-groups-stride": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 9)),
+    "conv2d-dilated-no-bias": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2, bias=False), (2, 3, 8, 8)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (1, 2, 5, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("case", LAYERS)
+def test_a_layers_own_vjp_is_autograds(case):
+    """activity perturbation's one-layer weight step on the torch backend: for a plain nn.Linear or nn.Conv*d from its
+    formula (no second forward of the layer), equal to autograd's VJP through the layer, float64; a frozen parameter
+    gets none."""
+    from fg_lightning.torch_network import _layer_vjp
+
+    make, shape = LAYERS[case]
+    torch.manual_seed(sum(map(ord, case)))
+    layer = make()
+    if case == "linear-frozen-bias":
+        layer.bias.requires_grad_(False)
+    layer = layer.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn_like(layer(x))
+    trained = {name: p for name, p in layer.named_parameters() if p.requires_grad}
+    expected = dict(zip(trained, torch.autograd.grad(layer(x), list(trained.values()), g)))
+    got = _layer_vjp(layer, x, g)
+    assert list(got) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
+
+
+def test_a_layers_own_vjp_leaves_other_modules_to_autograd():
+    from fg_lightning.torch_network import _layer_vjp
+
+    class MyLinear(nn.Linear):  # a subclass may change forward
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    x2, x3 = torch.randn(2, 3, 8, 8), torch.randn(3, 8, 8)
+    for layer, x in ((nn.Conv2d(3, 4, 3, padding="same"), x2),
+                     (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), x2),
+                     (nn.Conv2d(3, 4, 3), x3), (MyLinear(8, 2), x2), (nn.BatchNorm2d(3), x2)):
+        assert _layer_vjp(layer, x, torch.randn_like(layer(x))) is None
