@@ -566,11 +566,15 @@ class _Tangents:
             return None
         if self.direction == len(activity) - 1:  # the last pass that needs it
             del self.activities[key]
-        # the output's tangent plus this direction's, in one new buffer (make_dual copies a view it is given): an
-        # in-place op after the module leaves the source's tensor as it was
-        tangent = fwAD.unpack_dual(output).tangent
-        added = activity[self.direction] if tangent is None else tangent + activity[self.direction]
-        del output, tangent, activity
+        # The output's tangent plus this direction's. A source that keeps no reference to its tensor (adds_activity)
+        # has it added into in place (each direction's slice is read by its own pass only); for any other source a
+        # new buffer, so that an in-place op after the module leaves the source's tensor as it was.
+        tangent, mine = fwAD.unpack_dual(output).tangent, activity[self.direction]
+        if tangent is None:
+            added = mine if self.source.adds_activity else mine.clone()
+        else:
+            added = mine.add_(tangent) if self.source.adds_activity else tangent + mine
+        del output, tangent, activity, mine
         return fwAD.make_dual(primal, added)
 
     def check_first_pass(self) -> None:

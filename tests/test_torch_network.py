@@ -401,7 +401,8 @@ class _DoubledInPlace(nn.Module):
         return x.mul_(2)
 
 
-def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_drawn():
+@pytest.mark.parametrize("k", [1, 2])
+def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_drawn(k):
     """The activity tangent added to a module's output goes into a new buffer: an in-place op after the module (here
     ``mul_(2)``, which doubles the tangent in place too) leaves the tensor the source gave as it was (a source may
     keep it), and the derivative is autograd's Σ_c ∂L/∂z_c · u_c. The first layer's output has no tangent of its
@@ -411,7 +412,7 @@ def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_dra
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), _DoubledInPlace(), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
     x, labels = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
-    draws = [torch.randn(2, 7, 5, dtype=torch.float64), torch.randn(2, 7, 3, dtype=torch.float64)]
+    draws = [torch.randn(k, 7, 5, dtype=torch.float64), torch.randn(k, 7, 3, dtype=torch.float64)]
     drawn = [u.clone() for u in draws]
     result = TorchNetwork(model).jvp(x, labels, _Draws({}, list(draws)))
     for u, before in zip(draws, drawn):
