@@ -12,7 +12,7 @@ every direction differentiates the same function. The hand-written engine carrie
 ``F.linear`` and ``F.conv{1,2,3}d`` (every ``nn.Linear`` and ``nn.Conv*d``) take this backend's own forward-mode rules
 (:class:`_LeanRules`): the output's tangent is built in one buffer, as the engine builds it, where torch's rules
 allocate each term and their sum (on the paper's MLP at batch 4096, the naive step's peak falls from 1.8× stock
-backprop's to 1.08×).
+backprop's to 1.09×).
 
 What could make a derivative silently wrong is refused instead, raising :class:`TorchBackendError` at the first
 pass, before any update: a trained parameter used outside its own module's forward (a ``TorchFunctionMode`` sees every
