@@ -366,10 +366,6 @@ class _ParameterUses(TorchFunctionMode):
             f"its parameter, or freeze the parameter (requires_grad=False)")
 
 
-def _tangent(value: Any) -> Tensor | None:
-    return fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
-
-
 class _LinearJvp(torch.autograd.Function):
     """``F.linear`` whose forward-mode rule builds the output's tangent in one buffer: ``x·dWᵀ + db`` (or ``db``
     broadcast), then ``dx·Wᵀ`` added in place by ``addmm_``. Torch's own rule allocates each term and then their sum:
@@ -460,7 +456,7 @@ class _LeanRules(TorchFunctionMode):
                 and not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled()
                 and all(t.layout == torch.strided and t.dtype == tensors[0].dtype and t.dtype.is_floating_point
                         for t in tensors)
-                and any(_tangent(t) is not None for t in tensors))
+                and any(fwAD.unpack_dual(t).tangent is not None for t in tensors))
 
 
 class _Tangents:

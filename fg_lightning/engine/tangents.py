@@ -80,7 +80,9 @@ class TangentSource:
       output, where the tangent is added, and the layer's own output comes as ``layer_output``. With
       ``adds_activity`` (the engine's pass), where one pass carries every direction, the output's tangent so far
       comes as ``tangent`` (where it has one): the source adds its own into it in place and returns it, so that no
-      whole activity tangent lies beside it; given none, it returns a new tensor that it does not keep.
+      whole activity tangent lies beside it; given none, it returns a new tensor that it does not keep (the torch
+      backend, one direction per pass, gives none and adds the output's tangent into that tensor in place; a source
+      without the flag gets a copy instead, its tensor left as it returned it).
     - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
     - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
       ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
