@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,10 +34,17 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _math_attention() -> contextlib.AbstractContextManager:
+        return sdpa_kernel([SDPBackend.MATH])
+except ImportError:  # pragma: no cover
+    _math_attention = contextlib.nullcontext
 
 from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source
-from fg_lightning.engine.layers import picked
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -81,8 +90,10 @@ class TorchNetwork(nn.Module):
             raise ValueError(f"{type(module).__name__} has no nn.Linear to take the number of classes from: "
                              "pass num_classes")
         self.num_classes = num_classes
-        self._checked: set[bool] = set()  # the kinds of pass (activity tangents or not) compared with autograd
-        self._masks: dict[str, list[nn.Module]] | None = None  # activity_mask's, found once
+        self._checked: set[tuple[bool, tuple[bool, ...]]] = set()  # the kinds of pass compared with autograd (with
+        # activity tangents or not, the modules' training flags)
+        self._pass: _Tangents | None = None  # the forward-mode pass running, while it runs
+        self._said_attention = False  # the math-kernel notice is given once
         self._check_parameters()
         with warnings.catch_warnings():  # torch's forward mode loads its decompositions through torch.jit.script, which
             warnings.simplefilter("ignore", FutureWarning)  # torch deprecates: load them now, without that warning
@@ -120,18 +131,32 @@ class TorchNetwork(nn.Module):
     def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The loss, the logits and the exact gradient of every trained parameter, by ``torch.autograd``."""
         names, params = zip(*self.named_parameters())
-        with torch.enable_grad():
+        with torch.enable_grad(), _math_attention():  # the kernel the forward-mode passes run: the same dropout
             logits = self.module(x)
             loss = self.loss_fn(logits, labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return loss.detach(), logits.detach(), dict(zip(names, grads))
 
+    READS_CHILDREN: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+    """Modules whose forward reads their children's parameters itself instead of calling the children
+    (``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``): such a module owns
+    its children's parameters too, and its forward is where they take their tangents. Add a class of your own here
+    (``TorchNetwork.READS_CHILDREN += (MyBlock,)``) when its forward reads a child's weights in the same way."""
+
     def _layers(self) -> dict[nn.Module, tuple[str, list[str]]]:
-        """Every module that owns trained parameters: its name and its own parameters' names."""
-        layers = {}
+        """Every module that owns trained parameters: its name and its own parameters' names (relative to it; a
+        :attr:`READS_CHILDREN` module's include its children's, ``"out_proj.weight"``)."""
+        layers: dict[nn.Module, tuple[str, list[str]]] = {}
+        inside: str | None = None  # the READS_CHILDREN module being walked: its descendants own nothing themselves
         for name, module in self.module.named_modules():
-            own = [p for p, param in module.named_parameters(recurse=False) if param.requires_grad]
+            if inside is not None and (inside == "" or name.startswith(inside + ".")):
+                continue
+            inside = None
+            reads = isinstance(module, self.READS_CHILDREN)
+            own = [p for p, param in module.named_parameters(recurse=reads) if param.requires_grad]
+            if reads:
+                inside = name
             if own:
                 layers[module] = (name, own)
         return layers
@@ -152,48 +177,63 @@ class TorchNetwork(nn.Module):
         if source.local:
             raise ValueError("the torch backend has no local-loss heads: a local tangent source needs the engine's "
                              "networks")
-        if source.perturbs_activities not in self._checked:
+        kind = (source.perturbs_activities, tuple(m.training for m in self.module.modules()))
+        if kind not in self._checked:
             self.check_forward_mode(x, labels, source.perturbs_activities)
+            self._checked.add(kind)
         return self._jvp(x, labels, source)
 
     def _jvp(self, x: Tensor, labels: Tensor, source: TangentSource) -> JvpResult:
-        tangents = _Tangents(self, source)
+        tangents = _Tangents(self, source, x.device)
         rewind = _Rewind(self.module, x.device)
         derivs: list[Tensor] = []
-        with tangents.hooked(), _LeanRules():
-            while True:
-                with torch.no_grad(), fwAD.dual_level():
-                    with tangents.uses if tangents.direction == 0 else contextlib.nullcontext():
-                        logits_dual = self.module(x)
-                        loss_dual = self.loss_fn(logits_dual, labels)
-                    logits_primal, logits_tangent = fwAD.unpack_dual(logits_dual)
-                    primal, tangent = fwAD.unpack_dual(loss_dual)
-                    if tangents.direction == 0:
-                        loss, logits = primal, logits_primal
-                        tangents.check_first_pass()
-                        logits_grad = self.logits_grad(logits, labels) if source.per_example else None
-                    if source.per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
-                        derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
-                                      if logits_tangent is None else (logits_grad * logits_tangent).flatten(1).sum(1))
-                    else:
-                        derivs.append(torch.zeros_like(primal) if tangent is None else tangent)
-                if not tangents.next_direction():
-                    break
-                # the same dropout masks, the same batch statistics from the same buffers: each pass leaves the
-                # buffers as one training forward does
-                rewind()
+        rules = _LeanRules()
+        self._pass = tangents
+        try:
+            with tangents.hooked(), rules, _math_attention():
+                while True:
+                    with torch.no_grad(), fwAD.dual_level():
+                        with tangents.uses if tangents.direction == 0 else contextlib.nullcontext():
+                            logits_dual = self.module(x)
+                            loss_dual = self.loss_fn(logits_dual, labels)
+                        logits_primal, logits_tangent = fwAD.unpack_dual(logits_dual)
+                        primal, tangent = fwAD.unpack_dual(loss_dual)
+                        if tangents.direction == 0:
+                            loss, logits = primal, logits_primal
+                            tangents.check_first_pass()
+                            logits_grad = self.logits_grad(logits, labels) if source.per_example else None
+                        if source.per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
+                            derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
+                                          if logits_tangent is None
+                                          else (logits_grad * logits_tangent).flatten(1).sum(1))
+                        else:
+                            derivs.append(torch.zeros_like(primal) if tangent is None else tangent)
+                    if not tangents.next_direction():
+                        break
+                    # the same dropout masks, the same batch statistics from the same buffers: each pass leaves the
+                    # buffers as one training forward does
+                    rewind()
+        finally:
+            self._pass = None
+        if rules.attention and not self._said_attention:
+            self._said_attention = True
+            warnings.warn(f"{type(self.module).__name__}: scaled_dot_product_attention runs torch's math kernel in the "
+                          "torch backend's passes (the fused kernels have no forward-mode formula): it costs the "
+                          "memory and time of unfused attention", stacklevel=3)
         return JvpResult(loss, logits, torch.stack(derivs), tangents.given)
 
     def check_forward_mode(self, x: Tensor, labels: Tensor, activities: bool = False, directions: int = 2) -> None:
         """Raise :class:`TorchBackendError` unless forward mode's derivative of the loss on this batch equals
         autograd's, ``∇L·v`` (and ``Σ ∂L/∂z_c·u_c`` over every call's output ``z_c`` with ``activities``), along
-        ``directions`` random directions. :meth:`jvp` runs it once per kind on its first batch, so that a use of a
-        parameter the tracking cannot see (e.g. through a view taken before the pass) refuses the model before
-        the first update instead of training on a wrong gradient. The random state and buffers are put back: the
-        run's numbers are the same with and without it. Costs one backward and ``directions`` forward passes."""
+        ``directions`` random directions. :meth:`jvp` runs it once per kind on its first batch (and again when a
+        module's training flag changes), so that a use of a parameter the tracking cannot see (e.g. through a view
+        taken before the pass) refuses the model before the first update instead of training on a wrong gradient.
+        With ``activities``, also refuse a model whose modules mix the examples of a batch
+        (:meth:`check_examples_apart`). The random state and buffers are put back: the run's numbers are the same
+        with and without it. Costs one backward and ``directions`` forward passes (one more with ``activities``)."""
         rewind = _Rewind(self.module, x.device)
         params = dict(self.named_parameters())
-        with _outputs_of(self._layers() if activities else {}) as outputs, torch.enable_grad():
+        with _outputs_of(self._layers() if activities else {}) as outputs, torch.enable_grad(), _math_attention():
             loss = self.loss_fn(self.module(x), labels)
         wrt = [*params.values(), *outputs]
         grads = [torch.zeros_like(t) if g is None else g
@@ -206,7 +246,10 @@ class TorchNetwork(nn.Module):
         expected = sum((g.double().unsqueeze(0) * d.double()).flatten(1).sum(1) for g, d in zip(grads, draws))
         scale = float(sum(g.double().square().sum() for g in grads).sqrt())
         error = float((result.dir_derivs.double() - expected).abs().max())
-        tolerance = 1e-3 if loss.dtype != torch.float64 else 1e-8
+        # the least precise floating dtype among the parameters, the outputs and the loss sets the tolerance:
+        # rounding, not a missed use (which errs by that use's whole share of the gradient)
+        eps = max(torch.finfo(t.dtype).eps for t in [loss, *wrt] if t.dtype.is_floating_point)
+        tolerance = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 64 * eps)
         if error > tolerance * scale:
             raise TorchBackendError(
                 f"{type(self.module).__name__}: forward mode's derivative of the loss along random "
@@ -214,65 +257,89 @@ class TorchNetwork(nn.Module):
                 f"the gradient's norm is {scale:.3g}): the model uses a trained parameter where the forward-mode pass "
                 "does not give it its tangent (e.g. through a tensor derived from it before the pass). Use each "
                 "parameter inside the forward of the module that owns it")
-        self._checked.add(activities)
+        if activities:
+            self.check_examples_apart(x, labels)
+            rewind()
+
+    def check_examples_apart(self, x: Tensor, labels: Tensor) -> None:
+        """Raise :class:`TorchBackendError`, naming the module, unless every module keeps the examples of the batch
+        apart along the first axis of its output. Activity perturbation estimates ``∂L/∂z_b`` from example ``b``'s
+        own term of the loss; a module that mixes examples (batch norm in training mode, any statistic over the
+        batch) makes ``z_b`` reach the other examples' terms too, and the estimate would be biased. One forward-mode
+        pass with a tangent on the first example of every perturbed output: the first module whose inputs' tangents
+        are zero off the first example and whose output's is not mixes them."""
+        batch = len(labels)
+        names = {module: name for name, module in self.module.named_modules()}
+        mixing: list[nn.Module] = []
+
+        def watch(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if not mixing and _apart((args, kwargs), batch) and not _apart(output, batch):
+                mixing.append(module)
+
+        hooks = [module.register_forward_hook(watch, with_kwargs=True) for module in self.module.modules()]
+        try:
+            self._jvp(x, labels, _FirstExample(type(self.module).__name__, batch))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if mixing:
+            module = mixing[0]
+            what = (f"the forward of {type(module).__name__}" if module is self.module
+                    else f"{names[module]!r} ({type(module).__name__})")
+            raise TorchBackendError(
+                f"{type(self.module).__name__}: {what} mixes the examples of a batch (an example's output depends on "
+                f"the other examples: batch statistics in training mode, say), so activity perturbation's "
+                f"per-example estimate would be biased: put it in eval mode, use a per-example normalisation "
+                f"(LayerNorm, GroupNorm), or train with a weight-perturbation estimator (naive, multi_direction, ...)")
 
     # -- what activity perturbation asks besides jvp ---------------------------------------------------------------
-    def _masking(self) -> dict[str, list[nn.Module]]:
-        """Modules that own trained parameters and are followed by an ``nn.ReLU`` in an ``nn.Sequential``: that ReLU,
-        and the ``nn.MaxPool2d`` right after it if one is (a ReLU called as a function is not seen: no mask there,
-        which costs variance, not correctness)."""
-        names = {module: name for module, (name, _) in self._layers().items()}
-        masking = {}
-        for parent in self.module.modules():
-            if isinstance(parent, nn.Sequential):
-                children = list(parent.children())
-                for a, b, c in zip(children, children[1:], [*children[2:], None]):
-                    if a in names and isinstance(b, nn.ReLU):
-                        masking[names[a]] = [b, *([c] if isinstance(c, nn.MaxPool2d) else [])]
-        return masking
-
     def activity_norms(self, name: str) -> list:
         """None: the torch backend perturbs each module's own output (the engine's networks perturb past their
         normalisations)."""
         return []
 
-    def activity_mask(self, name: str, site: Tensor) -> Tensor | None:
-        """Where the loss's derivative with respect to module ``name``'s output can be non-zero, as far as this backend
-        sees (:meth:`_masking`): off where the following ``nn.ReLU`` is off and, where an ``nn.MaxPool2d`` follows it,
-        at the positions its windows do not pick (the indices of ``F.max_pool2d``, which its derivative uses too);
-        ``None`` elsewhere."""
-        if self._masks is None:
-            self._masks = self._masking()
-        layers = self._masks.get(name)
-        if layers is None:
-            return None
-        mask = site > 0
-        if len(layers) == 2 and site.dim() == 4:
-            pool = layers[1]
-            _, indices = F.max_pool2d(site.clamp(min=0), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                      ceil_mode=pool.ceil_mode, return_indices=True)
-            mask.logical_and_(picked(site.shape, indices))
-        return mask
+    def activity_mask(self, name: str, site: Tensor) -> Tensor:
+        """Where the loss's derivative with respect to the output ``site`` of the call being perturbed can be
+        non-zero, from the calls the model makes on it in this pass (:class:`_Watch`): off where ``site < 0`` when a
+        ReLU is its one use (``nn.ReLU``, ``F.relu``, in place or not) and, when a max-pool is that ReLU output's one
+        use, at the positions its windows do not pick; all ``True`` elsewhere. Asked by the tangent source during the
+        pass; the pass fills the returned mask in place as it sees the uses, before the weight step reads it."""
+        if self._pass is None:
+            raise RuntimeError("the torch backend's activity_mask is asked during its forward-mode pass")
+        return self._pass.mask(site)
 
     def logit_layers(self) -> set[str]:
         """The module taken to give the logits: the last, in registration order, that owns trained parameters
         (ActivityPerturbation with ``exact_output`` checks that its output is the logits)."""
         return {list(self._layers().values())[-1][0]}
 
-    def layer_grads(self, name: str, layer: nn.Module, layer_input: Tensor, d_output: Tensor) -> dict[str, Tensor]:
-        """One module's parameter gradients for the output gradient ``d_output``: the VJP of that module alone at its
-        input (for a plain ``nn.Linear`` or ``nn.Conv*d`` from its formula, :func:`_layer_vjp`; otherwise autograd
-        through this one module, whose buffers are copies, so batch-norm statistics do not move again)."""
-        direct = _layer_vjp(layer, layer_input, d_output)
-        if direct is not None:
-            return direct
-        params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters(recurse=False)
-                  if v.requires_grad}
+    def layer_grads(self, name: str, layer: nn.Module, layer_input: RecordedCall | Tensor,
+                    d_output: Tensor) -> dict[str, Tensor]:
+        """One module's parameter gradients for the output gradient ``d_output``: the VJP of that module alone at the
+        call the pass recorded (``layer_input``, a :class:`RecordedCall`: every argument, the random state): for a
+        plain ``nn.Linear`` or ``nn.Conv*d`` from its formula (:func:`_layer_vjp`); otherwise autograd through that
+        one module, the call replayed with its arguments and from its random state (a dropout inside draws the same
+        mask), on copies of its buffers (batch-norm statistics do not move again), the global random state put back
+        afterwards."""
+        call = layer_input if isinstance(layer_input, RecordedCall) else RecordedCall.of((layer_input,), {},
+                                                                                           d_output.device)
+        call.check(type(self.module).__name__, name)
+        if len(call.args) == 1 and not call.kwargs:
+            direct = _layer_vjp(layer, call.args[0], d_output)
+            if direct is not None:
+                return direct
+        own = set(self._layers().get(layer, (name, []))[1])
+        params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters() if p in own}
         state = {**{n: v.detach() for n, v in layer.named_parameters()},
                  **{n: v.clone() for n, v in layer.named_buffers()}, **params}
-        with torch.enable_grad():
-            output = torch.func.functional_call(layer, state, (layer_input,))
-            grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
+        now = _rng_state(d_output.device)
+        try:
+            _set_rng_state(call.rng, d_output.device)
+            with torch.enable_grad(), _math_attention():
+                output = torch.func.functional_call(layer, state, call.args, call.kwargs)
+                grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
+        finally:
+            _set_rng_state(now, d_output.device)
         return {p: torch.zeros_like(v) if g is None else g for (p, v), g in zip(params.items(), grads)}
 
     @staticmethod
@@ -297,14 +364,15 @@ def _layer_vjp(layer: nn.Module, x: Tensor, d_output: Tensor) -> dict[str, Tenso
     """The parameter gradients of a plain ``nn.Linear`` or ``nn.Conv*d`` (zero padding given as numbers, a batched
     input) for the output gradient ``d_output``, from their formulas (``dW = gᵀx``, ATen's ``convolution_backward``)
     without running the layer again to build a graph; None for any other module."""
-    wanted = [name for name in ("weight", "bias") if getattr(layer, name, None) is not None
-              and getattr(layer, name).requires_grad]
+    dims = _CONVS.get(type(layer))
+    if type(layer) is not nn.Linear and dims is None:
+        return None
+    wanted = [name for name, param in layer.named_parameters(recurse=False) if param.requires_grad]
     if type(layer) is nn.Linear:
         g = d_output.reshape(-1, layer.out_features)
         grads = {"weight": lambda: g.t().mm(x.reshape(-1, layer.in_features)), "bias": lambda: g.sum(0)}
         return {name: grads[name]() for name in wanted}
-    dims = _CONVS.get(type(layer))
-    if dims is None or layer.padding_mode != "zeros" or isinstance(layer.padding, str) or x.dim() != dims + 2:
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or x.dim() != dims + 2:
         return None
     _, d_weight, d_bias = torch.ops.aten.convolution_backward(
         d_output, x, layer.weight.detach(), [layer.out_channels] if layer.bias is not None else None, layer.stride,
@@ -317,22 +385,55 @@ def _primal(args: tuple[Any, ...]) -> Tensor | None:
     return fwAD.unpack_dual(args[0]).primal if args and isinstance(args[0], Tensor) else None
 
 
-class _ParameterUses(TorchFunctionMode):
-    """Refuses, during a forward-mode pass, any use of a trained parameter object itself. Inside the forward of the
-    module that owns it the pass has put a dual tensor (the value with its tangent) in the parameter's place, so the
-    parameter object met anywhere else (``F.linear(h, self.fc.weight)`` outside ``fc``'s forward) enters the
-    computation without a tangent, and the directional derivative would silently miss that use. Reading metadata
-    (shape, dtype) and explicit stop-gradients (``detach()``, ``.data``), whose results carry no gradient in autograd
-    either, are not uses."""
+_RELUS = (F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
+_MAX_POOLS = {pool: dims for dims in (1, 2, 3) for pool in (
+    getattr(F, f"max_pool{dims}d"), getattr(F, f"max_pool{dims}d_with_indices"), getattr(torch, f"max_pool{dims}d"))}
+
+
+@dataclass
+class _Site:
+    """A perturbed call's output ``z`` as the watch follows it through the first pass: its mask (``True`` where the
+    loss's derivative may be non-zero), made ``z > 0`` when a ReLU is ``z``'s one use, and the positions the max-pool
+    picks when that pool is the one use of the ReLU's output; put back to all ``True`` when a second use shows up."""
+
+    mask: Tensor
+    relu: bool = False
+    z_uses: int = 0
+    r_uses: int = 0
+    picks: Tensor | None = None
+
+
+class _Watch(TorchFunctionMode):
+    """Watches every torch call of the first forward-mode pass, for two things module hooks cannot see.
+
+    - A trained parameter object used outside its owner's forward is refused. Inside the forward of the module that
+      owns it the pass has put a dual tensor (the value with its tangent) in the parameter's place, so the parameter
+      object met anywhere else (``F.linear(h, self.fc.weight)`` outside ``fc``'s forward) enters the computation
+      without a tangent, and the directional derivative would silently miss that use. Reading metadata (shape, dtype)
+      and explicit stop-gradients (``detach()``, ``.data``), whose results carry no gradient in autograd either, are
+      not uses.
+    - The uses of each perturbed output ``z`` (:meth:`follow`), from which its activity mask comes: ``∂L/∂z = 0``
+      where ``z < 0`` holds only when a ReLU is ``z``'s one use, whatever container the modules sit in and however
+      the model calls them (``F.relu``, ``nn.ReLU``, in place); and off a max-pool's picks only when that pool is the
+      ReLU output's one use. A skip past the ReLU, an in-place change, any second use: no mask there (variance, never
+      bias). Objects are followed by weak reference: the watch keeps no activation alive."""
 
     STOP_GRADIENT = (torch.Tensor.detach, torch.Tensor.detach_, torch.Tensor.data.__get__)  # type: ignore[attr-defined]
 
-    def __init__(self, model: str, params: dict[str, nn.Parameter]) -> None:
+    def __init__(self, model: str, params: dict[str, nn.Parameter],
+                 layers: dict[nn.Module, tuple[str, list[str]]]) -> None:
         super().__init__()
         self.model = model
         self.params = {id(param): (name, param) for name, param in params.items()}
+        self.owners = {self._full(name, p): name for name, own in layers.values() for p in own}
         self.running: list[str] = []  # the modules owning parameters whose forward is running, innermost last
         self.paused = 0  # > 0 while the estimator's own code (the tangent source) runs
+        self.sites: dict[tuple[str, int], _Site] = {}
+        self.followed: dict[int, tuple[weakref.ref, _Site, bool]] = {}  # id -> (the object, its site, is the ReLU's)
+
+    @staticmethod
+    def _full(name: str, param: str) -> str:
+        return f"{name}.{param}" if name else param
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -342,19 +443,70 @@ class _ParameterUses(TorchFunctionMode):
         finally:
             self.paused -= 1
 
+    def mask(self, key: tuple[str, int], site: Tensor) -> Tensor:
+        """Call ``key``'s mask, all ``True`` until the pass shows a ReLU as its output's one use; filled in place."""
+        self.sites[key] = found = _Site(torch.ones_like(site, dtype=torch.bool))
+        return found.mask
+
+    def follow(self, key: tuple[str, int], output: Tensor) -> None:
+        found = self.sites.get(key)
+        if found is not None:
+            self.followed[id(output)] = (weakref.ref(output), found, False)
+
+    def settle(self) -> None:
+        """The first pass is over: a ReLU's mask takes the pool's picks where the pool stayed its output's one use."""
+        for found in self.sites.values():
+            if found.picks is not None and found.r_uses == 1:
+                found.mask.logical_and_(found.picks)
+            found.picks = None
+        self.followed.clear()
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if self.paused or any(func == stop for stop in self.STOP_GRADIENT):
+        if self.paused:
             return result
-        for value in tree_leaves((args, kwargs)):
+        leaves = tree_leaves((args, kwargs))
+        if self.followed:
+            for value in leaves:
+                entry = self.followed.get(id(value)) if isinstance(value, Tensor) else None
+                if entry is not None and entry[0]() is value:
+                    self.used(entry[1], entry[2], func, args, kwargs, result)
+        if any(func == stop for stop in self.STOP_GRADIENT):
+            return result
+        for value in leaves:
             found = self.params.get(id(value))
             if found is not None and found[1] is value and any(isinstance(r, Tensor) for r in tree_leaves(result)):
                 self.refuse(found[0], func)
         return result
 
+    def used(self, found: _Site, relu_output: bool, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             result: Any) -> None:
+        """A use of a followed object: ``z`` (``relu_output`` False) or its ReLU's output."""
+        if relu_output:
+            found.r_uses += 1
+            dims = _MAX_POOLS.get(func)
+            if found.r_uses == 1 and dims is not None and found.mask.dim() == dims + 2:
+                names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+                bound = {**dict(zip(names, args[1:])), **{k: v for k, v in kwargs.items() if k in names}}
+                pool = getattr(F, f"max_pool{dims}d_with_indices")
+                _, indices = pool(_primal_of(args[0]), **bound)
+                found.picks = _picked(found.mask.shape, indices)
+            return
+        found.z_uses += 1
+        if found.z_uses == 1 and func in _RELUS and isinstance(result, Tensor):
+            found.relu = True
+            torch.gt(_primal_of(result), 0, out=found.mask)
+            # the ReLU's output followed too; an in-place ReLU's is z's own object, whose later uses are the ReLU's
+            self.followed[id(result)] = (weakref.ref(result), found, True)
+        elif found.relu:  # z has a use besides the ReLU: no mask
+            found.relu = False
+            found.mask.fill_(True)
+            found.picks = None
+            found.r_uses = 2
+
     def refuse(self, name: str, func: Any) -> None:
-        owner = name.rpartition(".")[0]
+        owner = self.owners.get(name, name.rpartition(".")[0])
         what = getattr(func, "__name__", repr(func))
         if what == "__get__":  # a property, e.g. Tensor.T
             what = f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}"
@@ -364,6 +516,13 @@ class _ParameterUses(TorchFunctionMode):
             f"owns it{inside}; the torch backend gives a parameter its tangent only inside its own module's forward, "
             f"so this use would get none and the forward gradient would be wrong. Call the module instead of reading "
             f"its parameter, or freeze the parameter (requires_grad=False)")
+
+
+def _picked(shape: torch.Size, indices: Tensor) -> Tensor:
+    """The positions of a ``(B, C, *spatial)`` input that a max-pool's windows pick (``indices`` into each flattened
+    spatial plane, as ``F.max_pool{1,2,3}d(..., return_indices=True)`` gives them)."""
+    keep = torch.zeros(shape[:2].numel(), shape[2:].numel(), dtype=torch.bool, device=indices.device)
+    return keep.scatter_(1, indices.flatten(2).flatten(0, 1), True).view(shape)
 
 
 class _LinearJvp(torch.autograd.Function):
@@ -430,13 +589,20 @@ class _ConvJvp(torch.autograd.Function):
 class _LeanRules(TorchFunctionMode):
     """During the forward-mode passes, ``F.linear`` and ``F.conv{1,2,3}d`` calls whose input, weight or bias carries a
     tangent run :class:`_LinearJvp` / :class:`_ConvJvp`: the same primal, the same derivative (summed in another
-    order), less memory. Elsewhere (grad mode on, autocast, other dtypes or layouts, no tangent) torch's own rule."""
+    order), less memory. Elsewhere (grad mode on, autocast, other dtypes or layouts, no tangent) torch's own rule.
+    ``attention``: whether the model called ``F.scaled_dot_product_attention`` (which the passes run on torch's math
+    kernel, the one with a forward-mode formula)."""
 
     CONVS = (F.conv1d, F.conv2d, F.conv3d)
     NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = False
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        self.attention = self.attention or func is F.scaled_dot_product_attention
         convolution = func in self.CONVS
         if (func is F.linear or convolution) and set(kwargs) <= set(self.NAMES[len(args):7 if convolution else 3]):
             bound = {**dict(zip(self.NAMES, args)), **kwargs}
@@ -459,37 +625,80 @@ class _LeanRules(TorchFunctionMode):
                 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors))
 
 
+@dataclass
+class RecordedCall:
+    """One call of a module that owns trained parameters, as activity perturbation's weight step replays it
+    (:meth:`TorchNetwork.layer_grads`): its positional and keyword arguments (their primals), the version of each
+    tensor among them (a later in-place change is refused, as autograd refuses it) and the global random state it
+    started from (so that a dropout inside the module draws the same mask again)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng: tuple[Tensor, Tensor | None]
+    versions: list[tuple[Tensor, int]]
+
+    @classmethod
+    def of(cls, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device) -> "RecordedCall":
+        args, kwargs = tree_map_only(Tensor, _primal_of, (args, kwargs))
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        return cls(args, kwargs, _rng_state(device), [(t, t._version) for t in tensors])
+
+    def check(self, model: str, name: str) -> None:
+        if any(t._version != version for t, version in self.versions):
+            raise TorchBackendError(
+                f"{model}: an input of {name!r} is changed in place after {name!r} used it, so activity "
+                "perturbation's weight step cannot take that input again (autograd would refuse the same): make the "
+                "change out of place, or train with a weight-perturbation estimator (naive, multi_direction, ...)")
+
+
+def _primal_of(t: Tensor) -> Tensor:
+    return fwAD.unpack_dual(t).primal
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class _Tangents:
     """What one :meth:`TorchNetwork.jvp` call gives the model, pass after pass (one direction per pass): as each
     module that owns trained parameters starts its forward, its parameters become dual tensors carrying this
     direction's tangent (asked from the source at the module's first call, with its input); after each call of
     such a module, the source's activity tangent for that call is added to its output. The first pass also watches every
-    use of a parameter (:class:`_ParameterUses`)."""
+    use of a parameter and of each perturbed output (:class:`_Watch`)."""
 
-    def __init__(self, network: TorchNetwork, source: TangentSource) -> None:
-        self.network, self.source = network, source
+    def __init__(self, network: TorchNetwork, source: TangentSource, device: torch.device) -> None:
+        self.network, self.source, self.device = network, source, device
         self.model = type(network.module).__name__
         self.layers = network._layers()
-        self.uses = _ParameterUses(self.model, dict(network.named_parameters()))
+        self.uses = _Watch(self.model, dict(network.named_parameters()), self.layers)
         self.given: dict[str, Any] = {}  # full parameter name -> as the source gave it
         self.dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
         self.activities: dict[tuple[str, int], Tensor] = {}  # (module name, call) -> (K, *output.shape)
         self.calls: dict[str, int] = {}  # module name -> calls so far in this pass
+        self.recorded: dict[nn.Module, list[RecordedCall]] = {}  # each running owner's call, innermost last
+        self.current: tuple[str, int] | None = None  # the call whose activity the source is asked for
         self.num_dirs: int | None = None
         self.direction = 0
-        self.swapped: dict[nn.Module, dict[str, Any]] = {}
+        self.swapped: list[tuple[nn.Module, dict[str, Any]]] = []
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
-        hooks = [h for module in self.layers for h in (module.register_forward_pre_hook(self.before),
-                                                        module.register_forward_hook(self.after))]
+        hooks = [h for module in self.layers
+                 for h in (module.register_forward_pre_hook(self.before, with_kwargs=True),
+                           module.register_forward_hook(self.after, with_kwargs=True))]
         try:
             yield
         finally:
             for hook in hooks:
                 hook.remove()
-            for module, params in self.swapped.items():
-                module._parameters.update(params)
+            for holder, params in reversed(self.swapped):
+                holder._parameters.update(params)
 
     def next_direction(self) -> bool:
         """Move to the next direction; False when all K are done."""
@@ -506,29 +715,34 @@ class _Tangents:
     def full(self, name: str, param: str) -> str:
         return f"{name}.{param}" if name else param
 
-    def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name, own = self.layers[module]
         self.calls[name] = call = self.calls.get(name, 0) + 1
-        if self.direction == 0 and call == 1:
-            self.ask(name, module, own, args)
-        elif call == 2 and any(isinstance(self.given.get(self.full(name, p)), OuterTangent) for p in own):
-            raise TorchBackendError(
-                f"{self.model}: {name!r} is called more than once in one forward, and its weight's direction was drawn "
-                f"from the input of its first call (input_qr, input_approx), which does not span the gradient of its "
-                f"other calls: use an estimator with Gaussian directions (naive, multi_direction, ...)")
-        self.swapped[module] = dict(module._parameters)
-        for param in own:
-            value = module._parameters[param].detach()
-            dense = self.dense.get(self.full(name, param))
-            if dense is not None:
-                value = fwAD.make_dual(value, dense[self.direction].to(value.dtype))
-            module._parameters[param] = value  # a plain (dual) tensor for this forward only
+        with self.uses.pause():
+            if self.direction == 0 and call == 1:
+                self.ask(name, module, own, args)
+            elif call == 2 and any(isinstance(self.given.get(self.full(name, p)), OuterTangent) for p in own):
+                raise TorchBackendError(
+                    f"{self.model}: {name!r} is called more than once in one forward, and its weight's direction was "
+                    f"drawn from the input of its first call (input_qr, input_approx), which does not span the "
+                    f"gradient of its other calls: use an estimator with Gaussian directions (naive, "
+                    f"multi_direction, ...)")
+            if self.direction == 0 and self.source.perturbs_activities:
+                self.recorded.setdefault(module, []).append(RecordedCall.of(args, kwargs, self.device))
+            for param in own:  # a plain (dual) tensor in each parameter's place, for this forward only
+                holder_name, _, leaf = param.rpartition(".")
+                holder = module.get_submodule(holder_name) if holder_name else module
+                self.swapped.append((holder, {leaf: holder._parameters[leaf]}))
+                value = holder._parameters[leaf].detach()
+                dense = self.dense.get(self.full(name, param))
+                if dense is not None:
+                    value = fwAD.make_dual(value, dense[self.direction].to(value.dtype))
+                holder._parameters[leaf] = value
         self.uses.running.append(name)
 
     def ask(self, name: str, module: nn.Module, own: list[str], args: tuple[Any, ...]) -> None:
-        params = {p: v for p, v in module.named_parameters(recurse=False) if p in own}
-        with self.uses.pause():
-            given = self.source.weights(name, module, _primal(args), params)
+        params = {p: v for p, v in module.named_parameters() if p in own}
+        given = self.source.weights(name, module, _primal(args), params)
         for param, tangent in given.items():
             full = self.full(name, param)
             if param not in own:
@@ -537,43 +751,61 @@ class _Tangents:
             self.given[full] = tangent
             self.dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
 
-    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        module._parameters.update(self.swapped.pop(module))
+    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        own = len(self.layers[module][1])
+        for holder, params in self.swapped[-own:]:
+            holder._parameters.update(params)
+        del self.swapped[-own:]
         self.uses.running.pop()
         if not self.source.perturbs_activities:
             return None
         name = self.layers[module][0]
-        if not isinstance(output, Tensor):
-            raise TorchBackendError(
-                f"{self.model}: activity perturbation adds a tangent to the output of every module that owns trained "
-                f"parameters, but {name!r} ({type(module).__name__}) returns a {type(output).__name__}, not one "
-                "tensor: train this model with a weight-perturbation estimator (naive, multi_direction, ...)")
         key = (name, self.calls[name])
-        primal = fwAD.unpack_dual(output).primal
-        if self.direction == 0:
-            with self.uses.pause():
-                activity = self.source.activity(name, module, _primal(args), primal)
+        with self.uses.pause():
+            if not isinstance(output, Tensor):
+                raise TorchBackendError(
+                    f"{self.model}: activity perturbation adds a tangent to the output of every module that owns "
+                    f"trained parameters, but {name!r} ({type(module).__name__}) returns a {type(output).__name__}, "
+                    "not one tensor: train this model with a weight-perturbation estimator (naive, multi_direction, "
+                    "...)")
+            primal = fwAD.unpack_dual(output).primal
+            if self.direction == 0:
+                recorded = self.recorded[module].pop()
+                self.current = key
+                activity = self.source.activity(name, module, recorded, primal)
+                self.current = None
+                if activity is None:
+                    return None
+                self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
+                self.activities[key] = activity
+            activity = self.activities.get(key)
             if activity is None:
                 return None
-            self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(primal.shape))
-            self.activities[key] = activity
-        activity = self.activities.get(key)
-        if activity is None:
-            return None
-        if self.direction == len(activity) - 1:  # the last pass that needs it
-            del self.activities[key]
-        # The output's tangent plus this direction's. A source that keeps no reference to its tensor (adds_activity)
-        # has it added into in place (each direction's slice is read by its own pass only); for any other source a
-        # new buffer, so that an in-place op after the module leaves the source's tensor as it was.
-        tangent, mine = fwAD.unpack_dual(output).tangent, activity[self.direction]
-        if tangent is None:
-            added = mine if self.source.adds_activity else mine.clone()
-        else:
-            added = mine.add_(tangent) if self.source.adds_activity else tangent + mine
-        del output, tangent, activity, mine
-        return fwAD.make_dual(primal, added)
+            if self.direction == len(activity) - 1:  # the last pass that needs it
+                del self.activities[key]
+            # The output's tangent plus this direction's. A source that keeps no reference to its tensor
+            # (adds_activity) has it added into in place (each direction's slice is read by its own pass only); for
+            # any other source a new buffer, so that an in-place op after the module leaves the source's tensor as it
+            # was.
+            tangent, mine = fwAD.unpack_dual(output).tangent, activity[self.direction]
+            if tangent is None:
+                added = mine if self.source.adds_activity else mine.clone()
+            else:
+                added = mine.add_(tangent) if self.source.adds_activity else tangent + mine
+            del output, tangent, activity, mine
+            perturbed = fwAD.make_dual(primal, added)
+        if self.direction == 0:
+            self.uses.follow(key, perturbed)
+        return perturbed
+
+    def mask(self, site: Tensor) -> Tensor:
+        """The current call's activity mask (see :meth:`TorchNetwork.activity_mask`)."""
+        if self.current is None:
+            raise RuntimeError("activity_mask is asked during a forward-mode pass, for the call being perturbed")
+        return self.uses.mask(self.current, site)
 
     def check_first_pass(self) -> None:
+        self.uses.settle()
         missed = [name for name, _ in self.layers.values() if name not in self.calls]
         if missed:
             raise TorchBackendError(
@@ -594,6 +826,41 @@ class _Draws(GivenTangents):
 
     def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Tensor:
         return next(self.activities)
+
+
+class _FirstExample(TangentSource):
+    """:meth:`TorchNetwork.check_examples_apart`'s source: one direction, a tangent on the first example of every
+    perturbed output (a private generator: the run's random state is not touched)."""
+
+    perturbs_activities = True
+
+    def __init__(self, model: str, batch: int) -> None:
+        self.model, self.batch = model, batch
+        self.generator: torch.Generator | None = None
+
+    def activity(self, name: str, layer: Any, layer_input: Any, output: Tensor) -> Tensor:
+        if output.dim() == 0 or output.shape[0] != self.batch:
+            raise TorchBackendError(
+                f"{self.model}: activity perturbation draws each example's noise along the first axis of a module's "
+                f"output, but {name!r}'s output has shape {tuple(output.shape)}, not the batch of {self.batch} "
+                "examples first: make the batch the first axis (batch_first=True), or train with a "
+                "weight-perturbation estimator (naive, multi_direction, ...)")
+        if self.generator is None:
+            self.generator = torch.Generator(output.device).manual_seed(0)
+        tangent = torch.zeros((1, *output.shape), dtype=output.dtype, device=output.device)
+        tangent[0, 0] = torch.randn(output.shape[1:], generator=self.generator, device=output.device,
+                                    dtype=output.dtype)
+        return tangent
+
+
+def _apart(tree: Any, batch: int) -> bool:
+    """Whether every tangent among the tensors of ``tree`` is zero off the first example (the first axis; a tensor
+    without the batch there: zero everywhere)."""
+    for value in tree_leaves(tree):
+        tangent = fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
+        if tangent is not None and bool((tangent[1:] if tangent.dim() and len(tangent) == batch else tangent).any()):
+            return False
+    return True
 
 
 class _Rewind:

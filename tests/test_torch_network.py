@@ -18,7 +18,7 @@ from fg_lightning.engine import CNN, MLP, to_torch
 from fg_lightning.estimators import REGISTRY, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate
 from fg_lightning.estimators import local as local_module
 from fg_lightning.module import ForwardGradientModule
-from fg_lightning.torch_network import TorchNetwork
+from fg_lightning.torch_network import TorchBackendError, TorchNetwork
 
 SUPPORTED = [name for name, spec in REGISTRY.items() if not spec.needs_local_losses]
 
@@ -176,12 +176,17 @@ class Scaled(nn.Module):
 
 
 def test_activity_perturbation_on_a_users_model():
-    """On UserCNN (batch norm, dropout) the estimate is unbiased for the gradient at the step's dropout mask: its
-    mean over draws (same mask: the global generator is reset) approaches autograd's gradient; an output layer whose
-    output is changed before the loss is refused with exact_output=True and fine without it."""
+    """On UserCNN (batch norm, dropout): refused in one line naming the batch norm while it is in training mode (its
+    batch statistics mix the examples); with the norm in eval mode the estimate is unbiased for the gradient at the
+    step's dropout mask: its mean over draws (same mask: the global generator is reset) approaches autograd's
+    gradient; an output layer whose output is changed before the loss is refused with exact_output=True and fine
+    without it."""
     torch.manual_seed(0)
     net = TorchNetwork(UserCNN(dropout=0.3).double())
     x, labels = torch.randn(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    with pytest.raises(TorchBackendError, match=r"^UserCNN: '1' \(BatchNorm2d\) mixes the examples of a batch[^\n]*$"):
+        REGISTRY["activity"].make().estimate(net, x, labels, 0)
+    net.module[1].eval()
     state, buffers = torch.get_rng_state(), [b.clone() for b in net.module.buffers()]
 
     def rewind():

@@ -56,7 +56,7 @@ class _ActivityPerturbation(GradientEstimator):
         recompute = self.recompute and hasattr(network, "primal_calls")
         source = _ActivityTangents(self, network, labels, comm, update, x if recompute else None)
         result = network.jvp(x, labels, source)
-        if source.exact and not any(o.data_ptr() == result.logits.data_ptr() for o in source.exact.values()):
+        if source.exact and not any(_unchanged(kept, result.logits) for kept in source.exact.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
                              "layer, but the network changes its output before the loss: use exact_output=False")
         # the blocks the pass did not finish as it went: the network's loss, the only block without local losses;
@@ -80,6 +80,14 @@ class _ActivityPerturbation(GradientEstimator):
         if self.exact_output and layers < 2:
             raise ValueError(f"{type(self).__name__}(exact_output=True) has no layer to perturb in a network with one "
                              "parameterised layer: its gradient is exact; use Backprop")
+
+
+def _unchanged(kept: tuple[Tensor, int], logits: Tensor) -> bool:
+    """Whether the loss took the output layer's output as the layer gave it: the same memory, shape and strides, and
+    no in-place change since (its version counter, which views share)."""
+    output, version = kept
+    return (output.data_ptr() == logits.data_ptr() and output.shape == logits.shape
+            and output.stride() == logits.stride() and output._version == version)
 
 
 @dataclass
@@ -137,7 +145,7 @@ class _ActivityTangents(TangentSource):
         self.outputs = network.logit_layers() if estimator.exact_output else set()
         self.block_of = _block_of_layers(network) if self.local else {}
         self.pending: dict[int, list[_Call]] = {}  # per block, its calls in order
-        self.exact: dict[str, Tensor] = {}  # output layer -> its output (the logits of a loss)
+        self.exact: dict[str, tuple[Tensor, int]] = {}  # output layer -> its output (the logits of a loss), version
         self.grads: dict[str, Tensor] = {}  # the estimate, summed over each layer's calls (those not yet applied)
 
     def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor,
@@ -148,7 +156,7 @@ class _ActivityTangents(TangentSource):
                 raise ValueError(f"{type(self.estimator).__name__}(exact_output=True): the output layer {name!r} is "
                                  "called more than once in one forward, so its output is not only the logits: use "
                                  "exact_output=False")
-            self.exact[name] = output
+            self.exact[name] = (output, output._version)
             calls.append(_Call(name, layer, layer_input if self.inputs is None else None, output))
             return None
         generator = self.estimator.generator(output.device)
