@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
 from typing_extensions import override
 
 from fg_lightning.estimators import Estimate, cosine
+from fg_lightning.torch_network import _Rewind
 
 
 class UpdateCallback(Callback):
@@ -177,8 +178,11 @@ class CommBytes(UpdateCallback):
 class GradientCosine(UpdateCallback):
     """Cosine between the estimate and the exact gradient at the same parameters, every ``every_n_steps`` steps.
 
-    The exact gradient comes from the engine's backprop on the same batch, before the optimizer step, outside the
-    timed update.
+    The exact gradient comes from the network's backprop on the same batch, before the optimizer step, outside the
+    timed update. It leaves the run as it was: the global random state and the network's buffers are put back after
+    its forward, so the step draws the same dropout masks and moves the batch-norm statistics once, as without the
+    callback, and the exact gradient is that of the function the step differentiates (the same dropout masks, the
+    same batch statistics): backprop's cosine is 1.
 
     Logs:
         ``grad/cosine``: over all parameters; ``grad/cosine/<param name>``: per parameter tensor.
@@ -204,7 +208,9 @@ class GradientCosine(UpdateCallback):
         self._step = trainer.global_step
         if self._step % self.every_n_steps == 0:
             x, labels = batch
+            rewind = _Rewind(pl_module.network, x.device)
             self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels, pl_module.comm)
+            rewind()  # the step's forward then runs as if this one had not
 
     @override
     def reads_estimate(self) -> bool:
