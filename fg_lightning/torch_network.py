@@ -24,6 +24,7 @@ perturbation on a module whose output is not one tensor (an LSTM's tuple).
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
@@ -44,7 +46,7 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover
     _math_attention = contextlib.nullcontext
 
-from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source
+from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source, full_name
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -52,6 +54,31 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 class TorchBackendError(ValueError):
     """The torch backend cannot give this model's forward-mode derivative as asked; raised during the first pass,
     before any update."""
+
+
+_TORCH_LIMITS = (  # what torch itself cannot do for a model, by the words of its error, and what to do instead
+    (r"use_reentrant=True, torch\.utils\.checkpoint is incompatible",
+     "torch.utils.checkpoint(use_reentrant=True) works with .backward() alone and has no forward-mode rule: use "
+     "checkpoint(use_reentrant=False), which the torch backend runs exactly"),
+    (r"implement the jvp function for custom autograd\.Function|jvp is not implemented for",
+     "a custom torch.autograd.Function in it has no forward-mode rule (jvp; checkpoint(use_reentrant=True) is one): "
+     "give it a jvp and setup_context, or use checkpoint(use_reentrant=False)"),
+    (r"forward AD with (\S+) that does not support it",
+     "torch has no forward-mode formula for {0}, which it calls: replace that call, or train it with backprop"),
+)
+
+
+@contextlib.contextmanager
+def _refusing(model: str) -> Iterator[None]:
+    """Turns torch's own error for what it cannot differentiate in forward mode into a one-line refusal naming it."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        for pattern, reason in _TORCH_LIMITS:
+            found = re.search(pattern, str(error))
+            if found:
+                raise TorchBackendError(f"{model}: {reason.format(*found.groups())}") from error
+        raise
 
 
 def _last_linear_out_features(module: nn.Module) -> int | None:
@@ -131,7 +158,7 @@ class TorchNetwork(nn.Module):
     def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The loss, the logits and the exact gradient of every trained parameter, by ``torch.autograd``."""
         names, params = zip(*self.named_parameters())
-        with torch.enable_grad(), _math_attention():  # the kernel the forward-mode passes run: the same dropout
+        with _refusing(type(self.module).__name__), torch.enable_grad(), _math_attention():  # the kernel the forward-mode passes run: the same dropout
             logits = self.module(x)
             loss = self.loss_fn(logits, labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -142,7 +169,9 @@ class TorchNetwork(nn.Module):
     """Modules whose forward reads their children's parameters itself instead of calling the children
     (``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``): such a module owns
     its children's parameters too, and its forward is where they take their tangents. Add a class of your own here
-    (``TorchNetwork.READS_CHILDREN += (MyBlock,)``) when its forward reads a child's weights in the same way."""
+    (``TorchNetwork.READS_CHILDREN += (MyBlock,)``) when its forward reads a child's weights in the same way. A
+    parametrized module (``parametrizations.weight_norm``, ``spectral_norm``) owns its parametrizations' parameters in
+    the same way: its ``weight`` is computed from them in its own forward."""
 
     def _layers(self) -> dict[nn.Module, tuple[str, list[str]]]:
         """Every module that owns trained parameters: its name and its own parameters' names (relative to it; a
@@ -153,7 +182,7 @@ class TorchNetwork(nn.Module):
             if inside is not None and (inside == "" or name.startswith(inside + ".")):
                 continue
             inside = None
-            reads = isinstance(module, self.READS_CHILDREN)
+            reads = isinstance(module, self.READS_CHILDREN) or parametrize.is_parametrized(module)
             own = [p for p, param in module.named_parameters(recurse=reads) if param.requires_grad]
             if reads:
                 inside = name
@@ -178,16 +207,17 @@ class TorchNetwork(nn.Module):
             raise ValueError("the torch backend has no local-loss heads: a local tangent source needs the engine's "
                              "networks")
         kind = (source.perturbs_activities, tuple(m.training for m in self.module.modules()))
-        if kind not in self._checked:
-            self.check_forward_mode(x, labels, source.perturbs_activities)
-            self._checked.add(kind)
-        return self._jvp(x, labels, source)
+        with _refusing(type(self.module).__name__):
+            if kind not in self._checked:
+                self.check_forward_mode(x, labels, source.perturbs_activities)
+                self._checked.add(kind)
+            return self._jvp(x, labels, source)
 
     def _jvp(self, x: Tensor, labels: Tensor, source: TangentSource) -> JvpResult:
         tangents = _Tangents(self, source, x.device)
         rewind = _Rewind(self.module, x.device)
         derivs: list[Tensor] = []
-        rules = _LeanRules()
+        rules = _LeanRules({id(buffer) for buffer in self.module.buffers()})
         self._pass = tangents
         try:
             with tangents.hooked(), rules, _math_attention():
@@ -233,7 +263,8 @@ class TorchNetwork(nn.Module):
         with and without it. Costs one backward and ``directions`` forward passes (one more with ``activities``)."""
         rewind = _Rewind(self.module, x.device)
         params = dict(self.named_parameters())
-        with _outputs_of(self._layers() if activities else {}) as outputs, torch.enable_grad(), _math_attention():
+        layers = self._layers() if activities else {}
+        with _outputs_of(layers, type(self.module).__name__) as outputs, torch.enable_grad(), _math_attention():
             loss = self.loss_fn(self.module(x), labels)
         wrt = [*params.values(), *outputs]
         grads = [torch.zeros_like(t) if g is None else g
@@ -319,10 +350,10 @@ class TorchNetwork(nn.Module):
         call the pass recorded (``layer_input``, a :class:`RecordedCall`: every argument, the random state): for a
         plain ``nn.Linear`` or ``nn.Conv*d`` from its formula (:func:`_layer_vjp`); otherwise autograd through that
         one module, the call replayed with its arguments and from its random state (a dropout inside draws the same
-        mask), on copies of its buffers (batch-norm statistics do not move again), the global random state put back
-        afterwards."""
-        call = layer_input if isinstance(layer_input, RecordedCall) else RecordedCall.of((layer_input,), {},
-                                                                                           d_output.device)
+        mask), on copies of its buffers as the call found them (batch-norm statistics do not move again), the global
+        random state put back afterwards; refused if it does not give the call's output again."""
+        call = (layer_input if isinstance(layer_input, RecordedCall)
+                else RecordedCall.of(layer, (layer_input,), {}, d_output.device))
         call.check(type(self.module).__name__, name)
         if len(call.args) == 1 and not call.kwargs:
             direct = _layer_vjp(layer, call.args[0], d_output)
@@ -331,12 +362,13 @@ class TorchNetwork(nn.Module):
         own = set(self._layers().get(layer, (name, []))[1])
         params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters() if p in own}
         state = {**{n: v.detach() for n, v in layer.named_parameters()},
-                 **{n: v.clone() for n, v in layer.named_buffers()}, **params}
+                 **{n: v.clone() for n, v in call.buffers.items()}, **params}
         now = _rng_state(d_output.device)
         try:
             _set_rng_state(call.rng, d_output.device)
             with torch.enable_grad(), _math_attention():
                 output = torch.func.functional_call(layer, state, call.args, call.kwargs)
+                call.check_replay(type(self.module).__name__, name, output)
                 grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
         finally:
             _set_rng_state(now, d_output.device)
@@ -425,15 +457,11 @@ class _Watch(TorchFunctionMode):
         super().__init__()
         self.model = model
         self.params = {id(param): (name, param) for name, param in params.items()}
-        self.owners = {self._full(name, p): name for name, own in layers.values() for p in own}
+        self.owners = {full_name(name, p): name for name, own in layers.values() for p in own}
         self.running: list[str] = []  # the modules owning parameters whose forward is running, innermost last
         self.paused = 0  # > 0 while the estimator's own code (the tangent source) runs
         self.sites: dict[tuple[str, int], _Site] = {}
         self.followed: dict[int, tuple[weakref.ref, _Site, bool]] = {}  # id -> (the object, its site, is the ReLU's)
-
-    @staticmethod
-    def _full(name: str, param: str) -> str:
-        return f"{name}.{param}" if name else param
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -591,18 +619,34 @@ class _LeanRules(TorchFunctionMode):
     tangent run :class:`_LinearJvp` / :class:`_ConvJvp`: the same primal, the same derivative (summed in another
     order), less memory. Elsewhere (grad mode on, autocast, other dtypes or layouts, no tangent) torch's own rule.
     ``attention``: whether the model called ``F.scaled_dot_product_attention`` (which the passes run on torch's math
-    kernel, the one with a forward-mode formula)."""
+    kernel, the one with a forward-mode formula).
+
+    Two more rules make forward mode give autograd's derivative where torch's own would fail or differ:
+
+    - an in-place or ``out=`` update of one of the model's ``buffers`` runs on the primals of its arguments: a
+      buffer is state updated under ``torch.no_grad()`` (spectral norm's power iteration, a running average of
+      activations), a constant to autograd, and so without a tangent here (forward mode ignores ``no_grad``, and
+      the passes run under it anyway);
+    - ``torch._weight_norm`` (``parametrizations.weight_norm``), whose fused kernel has no forward-mode formula, is
+      ``v · g / ‖v‖`` written out."""
 
     CONVS = (F.conv1d, F.conv2d, F.conv3d)
     NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: set[int] | None = None) -> None:
         super().__init__()
         self.attention = False
+        self.buffers = buffers or set()  # ids of the model's buffers
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.attention = self.attention or func is F.scaled_dot_product_attention
+        if self.buffers and self.updates_buffer(func, args, kwargs):
+            args, kwargs = tree_map_only(Tensor, _untangled, (args, kwargs))
+            return func(*args, **kwargs)
+        if func is torch._weight_norm:
+            bound = {**dict(zip(("v", "g", "dim"), args)), **kwargs}
+            return bound["v"] * (bound["g"] / torch.norm_except_dim(bound["v"], 2, bound.get("dim", 0)))
         convolution = func in self.CONVS
         if (func is F.linear or convolution) and set(kwargs) <= set(self.NAMES[len(args):7 if convolution else 3]):
             bound = {**dict(zip(self.NAMES, args)), **kwargs}
@@ -613,6 +657,14 @@ class _LeanRules(TorchFunctionMode):
                 options = [bound.get(name, default) for name, default in zip(self.NAMES[3:], (1, 0, 1, 1))]
                 return _ConvJvp.apply(func, *operands, *options)
         return func(*args, **kwargs)
+
+    def updates_buffer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        out = kwargs.get("out")
+        if isinstance(out, Tensor) and id(out) in self.buffers:
+            return True
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or (name.startswith("__i") and name.endswith("__"))
+        return in_place and bool(args) and isinstance(args[0], Tensor) and id(args[0]) in self.buffers
 
     @staticmethod
     def applies(values: list[Any]) -> bool:
@@ -630,18 +682,34 @@ class RecordedCall:
     """One call of a module that owns trained parameters, as activity perturbation's weight step replays it
     (:meth:`TorchNetwork.layer_grads`): its positional and keyword arguments (their primals), the version of each
     tensor among them (a later in-place change is refused, as autograd refuses it) and the global random state it
-    started from (so that a dropout inside the module draws the same mask again)."""
+    started from (so that a dropout inside the module draws the same mask again), and its buffers as they were (a
+    copy: spectral norm's power iteration and running statistics move during the call)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     rng: tuple[Tensor, Tensor | None]
     versions: list[tuple[Tensor, int]]
+    buffers: dict[str, Tensor]
+    sums: Tensor | None = None  # the output's sum and absolute sum (float64): the replay must give them again
 
     @classmethod
-    def of(cls, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device) -> "RecordedCall":
+    def of(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+           device: torch.device) -> "RecordedCall":
         args, kwargs = tree_map_only(Tensor, _primal_of, (args, kwargs))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        return cls(args, kwargs, _rng_state(device), [(t, t._version) for t in tensors])
+        buffers = {name: _primal_of(b).clone() for name, b in module.named_buffers()}
+        return cls(args, kwargs, _rng_state(device), [(t, t._version) for t in tensors], buffers)
+
+    def check_replay(self, model: str, name: str, output: Any) -> None:
+        if self.sums is None:
+            return
+        again = _sums(output) if isinstance(output, Tensor) else None
+        if again is None or bool((again[0] - self.sums[0]).abs() > 1e-4 * self.sums[1] + 1e-30):
+            raise TorchBackendError(
+                f"{model}: activity perturbation's weight step runs {name!r} again on the arguments and the random "
+                f"state of its call, and it does not give the output of that call (it depends on state the replay "
+                f"cannot see: a generator of its own, a Python attribute it changes): train this model with a "
+                f"weight-perturbation estimator (naive, multi_direction, ...)")
 
     def check(self, model: str, name: str) -> None:
         if any(t._version != version for t, version in self.versions):
@@ -651,8 +719,18 @@ class RecordedCall:
                 "change out of place, or train with a weight-perturbation estimator (naive, multi_direction, ...)")
 
 
+def _sums(output: Tensor) -> Tensor:
+    return torch.stack([output.detach().sum(dtype=torch.float64), output.detach().abs().sum(dtype=torch.float64)])
+
+
 def _primal_of(t: Tensor) -> Tensor:
     return fwAD.unpack_dual(t).primal
+
+
+def _untangled(t: Tensor) -> Tensor:
+    """``t`` without its tangent: its primal where it has one, else ``t`` itself."""
+    primal, tangent = fwAD.unpack_dual(t)
+    return t if tangent is None else primal
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -712,29 +790,26 @@ class _Tangents:
             raise ValueError(f"{what} has shape {shape}, expected (K{k}, {', '.join(map(str, expected))})")
         self.num_dirs = shape[0]
 
-    def full(self, name: str, param: str) -> str:
-        return f"{name}.{param}" if name else param
-
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         name, own = self.layers[module]
         self.calls[name] = call = self.calls.get(name, 0) + 1
         with self.uses.pause():
             if self.direction == 0 and call == 1:
                 self.ask(name, module, own, args)
-            elif call == 2 and any(isinstance(self.given.get(self.full(name, p)), OuterTangent) for p in own):
+            elif call == 2 and any(isinstance(self.given.get(full_name(name, p)), OuterTangent) for p in own):
                 raise TorchBackendError(
                     f"{self.model}: {name!r} is called more than once in one forward, and its weight's direction was "
                     f"drawn from the input of its first call (input_qr, input_approx), which does not span the "
                     f"gradient of its other calls: use an estimator with Gaussian directions (naive, "
                     f"multi_direction, ...)")
             if self.direction == 0 and self.source.perturbs_activities:
-                self.recorded.setdefault(module, []).append(RecordedCall.of(args, kwargs, self.device))
+                self.recorded.setdefault(module, []).append(RecordedCall.of(module, args, kwargs, self.device))
             for param in own:  # a plain (dual) tensor in each parameter's place, for this forward only
                 holder_name, _, leaf = param.rpartition(".")
                 holder = module.get_submodule(holder_name) if holder_name else module
                 self.swapped.append((holder, {leaf: holder._parameters[leaf]}))
                 value = holder._parameters[leaf].detach()
-                dense = self.dense.get(self.full(name, param))
+                dense = self.dense.get(full_name(name, param))
                 if dense is not None:
                     value = fwAD.make_dual(value, dense[self.direction].to(value.dtype))
                 holder._parameters[leaf] = value
@@ -744,7 +819,7 @@ class _Tangents:
         params = {p: v for p, v in module.named_parameters() if p in own}
         given = self.source.weights(name, module, _primal(args), params)
         for param, tangent in given.items():
-            full = self.full(name, param)
+            full = full_name(name, param)
             if param not in own:
                 raise ValueError(f"the tangent source gave a tangent for {full!r}, which is not a trained parameter")
             self.check_dirs(f"tangent for {full!r}", tuple(tangent.shape), tuple(params[param].shape))
@@ -771,6 +846,7 @@ class _Tangents:
             primal = fwAD.unpack_dual(output).primal
             if self.direction == 0:
                 recorded = self.recorded[module].pop()
+                recorded.sums = _sums(primal)
                 self.current = key
                 activity = self.source.activity(name, module, recorded, primal)
                 self.current = None
@@ -882,7 +958,7 @@ class _Rewind:
 
 
 @contextlib.contextmanager
-def _outputs_of(layers: dict[nn.Module, tuple[str, list[str]]]) -> Iterator[list[Tensor]]:
+def _outputs_of(layers: dict[nn.Module, tuple[str, list[str]]], model: str = "") -> Iterator[list[Tensor]]:
     """Collects the tensor output of every call of ``layers``, in call order. The model goes on with a copy, so that
     an in-place op after the module (``nn.ReLU(inplace=True)``) leaves the collected output as the module gave it,
     the tensor activity perturbation perturbs."""
@@ -891,6 +967,13 @@ def _outputs_of(layers: dict[nn.Module, tuple[str, list[str]]]) -> Iterator[list
     def keep(module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, Tensor):
             return None
+        if not output.requires_grad:  # its module's own trained parameters would give it a gradient
+            raise TorchBackendError(
+                f"{model}: activity perturbation perturbs the output of {layers[module][0]!r} ({type(module).__name__}), which "
+                "this model computes outside autograd's graph (under torch.no_grad, or inside "
+                "checkpoint(use_reentrant=True)), so its derivative cannot be checked against autograd's: use "
+                "checkpoint(use_reentrant=False), or train with a weight-perturbation estimator (naive, "
+                "multi_direction, ...)")
         outputs.append(output)
         return output.clone()
 

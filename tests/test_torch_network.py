@@ -14,7 +14,7 @@ from torch import nn
 from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside, TiedThroughAView, UserCNN
 
 from fg_lightning.cli import main as fg_cli
-from fg_lightning.engine import CNN, MLP, to_torch
+from fg_lightning.engine import CNN, MLP, TangentSource, to_torch
 from fg_lightning.estimators import REGISTRY, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate
 from fg_lightning.estimators import local as local_module
 from fg_lightning.module import ForwardGradientModule
@@ -478,3 +478,60 @@ def test_a_layers_own_vjp_leaves_other_modules_to_autograd():
                      (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), x2),
                      (nn.Conv2d(3, 4, 3), x3), (MyLinear(8, 2), x2), (nn.BatchNorm2d(3), x2)):
         assert _layer_vjp(layer, x, torch.randn_like(layer(x))) is None
+
+
+class _Masks(TangentSource):
+    """An activity source that keeps what ``network.activity_mask`` gives for each perturbed call."""
+
+    perturbs_activities = True
+
+    def __init__(self, network):
+        self.network, self.masks, self.sites = network, {}, {}
+
+    def activity(self, name, layer, layer_input, output):
+        self.masks[name], self.sites[name] = self.network.activity_mask(name, output), output.clone()
+        return torch.randn(1, *output.shape, dtype=output.dtype)
+
+
+class _FunctionalPool(nn.Module):
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        self.skip, self.conv, self.fc = skip, nn.Conv2d(2, 3, 3, padding=1), nn.Linear(15 if skip else 12, 3)
+
+    def forward(self, x):
+        r = F.relu(self.conv(x))
+        pooled = F.max_pool2d(r, 2).flatten(1)
+        return self.fc(torch.cat([pooled, r.mean((2, 3))], 1) if self.skip else pooled)
+
+
+def _skip_past_relu():
+    seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    return seq, lambda x: seq[2](seq[1](z := seq[0](x)) + z)
+
+
+@pytest.mark.parametrize("case", ["sequential", "in_place", "skip", "pool", "pool_skipped"])
+def test_activity_masks_come_from_the_uses_the_model_makes(case):
+    """The mask of a perturbed output is ``z > 0`` where a ReLU is its one use (in a Sequential or in place), and
+    also off a max-pool's unpicked positions where that pool is the ReLU output's one use; all True where the output
+    has another use (a skip past the ReLU), the pool's part dropped where the ReLU's output has another."""
+    torch.manual_seed(0)
+    if case in ("sequential", "in_place"):
+        model, x, name = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=case == "in_place"), nn.Linear(6, 3)), \
+            torch.randn(5, 4), "0"
+    elif case == "skip":
+        seq, forward = _skip_past_relu()
+        model = type("Skip", (nn.Module,), {"forward": lambda self, x: forward(x)})()
+        model.seq, x, name = seq, torch.randn(5, 4), "seq.0"
+    else:
+        model, x, name = _FunctionalPool(skip=case == "pool_skipped"), torch.randn(5, 2, 5, 5), "conv"
+    network = TorchNetwork(model)
+    source = _Masks(network)
+    network._jvp(x, torch.randint(0, 3, (5,)), source)
+    mask, z = source.masks[name], source.sites[name]
+    expected = {"skip": torch.ones_like(z, dtype=torch.bool)}.get(case, z > 0)
+    if case == "pool":
+        _, indices = F.max_pool2d(z.clamp(min=0), 2, return_indices=True)
+        picked = torch.zeros(z.shape[:2].numel(), z.shape[2:].numel(), dtype=torch.bool)
+        expected = expected & picked.scatter_(1, indices.flatten(2).flatten(0, 1), True).view(z.shape)
+    assert torch.equal(mask, expected)
+    assert 0 < int(mask.sum()) < mask.numel() or case == "skip"

@@ -6,10 +6,12 @@ from fg_lightning.engine.layers import (
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.network import CNN, MLP, Head, JvpResult, Network, TangentFn
 from fg_lightning.engine.reference import to_torch
-from fg_lightning.engine.tangents import GivenTangents, OuterTangent, Tangent, TangentSource, WeightTangents, as_source, weighted_sum
+from fg_lightning.engine.tangents import (
+    GivenTangents, OuterTangent, Tangent, TangentSource, WeightTangents, as_source, full_name, weighted_sum,
+)
 
 __all__ = [
     "AdaptiveAvgPool2d", "CNN", "Conv2d", "Flatten", "GlobalAvgPool", "GroupNorm", "Head", "MLP", "JvpResult", "Layer",
     "Linear", "MaxPool2d", "Network", "OuterTangent", "ReLU", "Tangent",
-    "GivenTangents", "TangentFn", "TangentSource", "WeightTangents", "as_source", "to_torch", "cross_entropy", "cross_entropy_and_grad", "cross_entropy_jvp", "weighted_sum",
+    "GivenTangents", "TangentFn", "TangentSource", "WeightTangents", "as_source", "to_torch", "cross_entropy", "cross_entropy_and_grad", "cross_entropy_jvp", "full_name", "weighted_sum",
 ]

@@ -44,6 +44,12 @@ class OuterTangent:
 Tangent = Union[Tensor, OuterTangent]
 
 
+def full_name(layer: str, param: str) -> str:
+    """A parameter's key in ``named_parameters()`` from its layer's name and its own (a parameter of the root module,
+    whose name is ``""``, is keyed by its own name)."""
+    return f"{layer}.{param}" if layer else param
+
+
 def weighted_sum(weights: Tensor, tangent: Tangent) -> Tensor:
     """``Σ_k weights[k] · tangent[k]``, of the parameter's shape, without densifying an :class:`OuterTangent`.
 
@@ -51,8 +57,9 @@ def weighted_sum(weights: Tensor, tangent: Tangent) -> Tensor:
     """
     if isinstance(tangent, OuterTangent):
         # Σ_k w_k a_k b_kᵀ = (a ⊙ w)ᵀ b, one (out, K) @ (K, in) matmul.
-        return (tangent.out_factor * weights.unsqueeze(1)).t() @ tangent.in_factor
-    return torch.tensordot(weights, tangent, dims=1)
+        return (tangent.out_factor * weights.to(tangent.out_factor.dtype).unsqueeze(1)).t() @ tangent.in_factor
+    # the parameter's dtype (a float32 layer in a float64 model has float64 derivatives)
+    return torch.tensordot(weights.to(tangent.dtype), tangent, dims=1)
 
 
 def directions(tangent: Tangent, start: int, stop: int) -> Tangent:
@@ -132,7 +139,7 @@ class GivenTangents(TangentSource):
         self.by_name = by_name
 
     def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
-        full = {param: f"{name}.{param}" if name else param for param in params}
+        full = {param: full_name(name, param) for param in params}
         return {param: self.by_name[key] for param, key in full.items() if key in self.by_name}
 
 

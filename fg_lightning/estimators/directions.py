@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import TangentSource, weighted_sum
+from fg_lightning.engine import TangentSource, full_name, weighted_sum
 from fg_lightning.estimators.base import (
     Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads,
     UpdateAsFormed, check_positive_int, num_parameters, parameter_layout, weights_finite,
@@ -186,8 +186,8 @@ class _PartTangents(TangentSource):
     def weights(self, name: str, layer: object, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
         tangents = {}
         for param, p in params.items():
-            shape, offset = self.layout[f"{name}.{param}"]
+            shape, offset = self.layout[full_name(name, param)]
             ids, values = self.part_ids[offset : offset + p.numel()], self.source[offset : offset + p.numel()]
             padded = torch.zeros(self.k, p.numel(), device=p.device, dtype=p.dtype)  # (k, numel)
-            tangents[param] = padded.scatter_(0, ids.unsqueeze(0), values.unsqueeze(0)).view(self.k, *shape)
+            tangents[param] = padded.scatter_(0, ids.unsqueeze(0), values.to(p.dtype).unsqueeze(0)).view(self.k, *shape)
         return tangents

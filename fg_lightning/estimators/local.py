@@ -24,7 +24,7 @@ from typing import ClassVar, Iterator
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import GivenTangents, Layer, TangentSource, weighted_sum
+from fg_lightning.engine import GivenTangents, Layer, TangentSource, full_name, weighted_sum
 from fg_lightning.engine.layers import relu_grad_
 from fg_lightning.estimators.base import (
     ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, UpdateAsFormed, check_positive_int,
@@ -229,7 +229,7 @@ class _ActivityTangents(TangentSource):
                 g_z = self.output_estimate(call, derivs, group_derivs, patch_derivs)
             keys = []
             for param, grad in self.network.layer_grads(call.name, call.layer, call.layer_input, g_z).items():
-                keys.append(key := f"{call.name}.{param}")
+                keys.append(key := full_name(call.name, param))
                 self.grads[key] = grad if key not in self.grads else self.grads[key] + grad
             left[call.name] -= 1
             if self.update is not None and not left[call.name]:  # the layer's estimate is whole: applied, dropped
