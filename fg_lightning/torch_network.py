@@ -280,7 +280,7 @@ class TorchNetwork(nn.Module):
         # the least precise floating dtype among the parameters, the outputs and the loss sets the tolerance:
         # rounding, not a missed use (which errs by that use's whole share of the gradient)
         eps = max(torch.finfo(t.dtype).eps for t in [loss, *wrt] if t.dtype.is_floating_point)
-        tolerance = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 64 * eps)
+        tolerance = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 4 * eps)
         if error > tolerance * scale:
             raise TorchBackendError(
                 f"{type(self.module).__name__}: forward mode's derivative of the loss along random "

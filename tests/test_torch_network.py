@@ -535,3 +535,15 @@ def test_activity_masks_come_from_the_uses_the_model_makes(case):
         expected = expected & picked.scatter_(1, indices.flatten(2).flatten(0, 1), True).view(z.shape)
     assert torch.equal(mask, expected)
     assert 0 < int(mask.sum()) < mask.numel() or case == "skip"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_first_pass_check_takes_rounding_from_the_least_precise_dtype(seed):
+    """A bfloat16 model (whose rounding errs by about 1e-2 of the gradient, over float32's tolerance of 1e-3) is
+    accepted by the forward-mode check, with weight and activity tangents."""
+    torch.manual_seed(seed)
+    x, labels = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).bfloat16()
+    for name in ("naive", "activity"):
+        grads = REGISTRY[name].make(k=2).estimate(TorchNetwork(model), x.bfloat16(), labels, 0).grads
+        assert all(torch.isfinite(g).all() for g in grads.values())
