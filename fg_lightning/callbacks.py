@@ -23,8 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
 from typing_extensions import override
 
-from fg_lightning.estimators import Estimate, cosine
-from fg_lightning.torch_network import _Rewind
+from fg_lightning.estimators import Estimate, Rewind, cosine
 
 
 class UpdateCallback(Callback):
@@ -208,7 +207,7 @@ class GradientCosine(UpdateCallback):
         self._step = trainer.global_step
         if self._step % self.every_n_steps == 0:
             x, labels = batch
-            rewind = _Rewind(pl_module.network, x.device)
+            rewind = Rewind(pl_module.network, x.device)
             self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels, pl_module.comm)
             rewind()  # the step's forward then runs as if this one had not
 

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
     _math_attention = contextlib.nullcontext
 
 from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source, full_name
+from fg_lightning.estimators.base import Rewind, rng_state, set_rng_state
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -215,7 +216,7 @@ class TorchNetwork(nn.Module):
 
     def _jvp(self, x: Tensor, labels: Tensor, source: TangentSource) -> JvpResult:
         tangents = _Tangents(self, source, x.device)
-        rewind = _Rewind(self.module, x.device)
+        rewind = Rewind(self.module, x.device)
         derivs: list[Tensor] = []
         rules = _LeanRules({id(buffer) for buffer in self.module.buffers()})
         self._pass = tangents
@@ -261,7 +262,7 @@ class TorchNetwork(nn.Module):
         With ``activities``, also refuse a model whose modules mix the examples of a batch
         (:meth:`check_examples_apart`). The random state and buffers are put back: the run's numbers are the same
         with and without it. Costs one backward and ``directions`` forward passes (one more with ``activities``)."""
-        rewind = _Rewind(self.module, x.device)
+        rewind = Rewind(self.module, x.device)
         params = dict(self.named_parameters())
         layers = self._layers() if activities else {}
         with _outputs_of(layers, type(self.module).__name__) as outputs, torch.enable_grad(), _math_attention():
@@ -363,15 +364,15 @@ class TorchNetwork(nn.Module):
         params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters() if p in own}
         state = {**{n: v.detach() for n, v in layer.named_parameters()},
                  **{n: v.clone() for n, v in call.buffers.items()}, **params}
-        now = _rng_state(d_output.device)
+        now = rng_state(d_output.device)
         try:
-            _set_rng_state(call.rng, d_output.device)
+            set_rng_state(call.rng, d_output.device)
             with torch.enable_grad(), _math_attention():
                 output = torch.func.functional_call(layer, state, call.args, call.kwargs)
                 call.check_replay(type(self.module).__name__, name, output)
                 grads = torch.autograd.grad(output, list(params.values()), d_output, allow_unused=True)
         finally:
-            _set_rng_state(now, d_output.device)
+            set_rng_state(now, d_output.device)
         return {p: torch.zeros_like(v) if g is None else g for (p, v), g in zip(params.items(), grads)}
 
     @staticmethod
@@ -698,7 +699,7 @@ class RecordedCall:
         args, kwargs = tree_map_only(Tensor, _primal_of, (args, kwargs))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         buffers = {name: _primal_of(b).clone() for name, b in module.named_buffers()}
-        return cls(args, kwargs, _rng_state(device), [(t, t._version) for t in tensors], buffers)
+        return cls(args, kwargs, rng_state(device), [(t, t._version) for t in tensors], buffers)
 
     def check_replay(self, model: str, name: str, output: Any) -> None:
         if self.sums is None:
@@ -731,16 +732,6 @@ def _untangled(t: Tensor) -> Tensor:
     """``t`` without its tangent: its primal where it has one, else ``t`` itself."""
     primal, tangent = fwAD.unpack_dual(t)
     return t if tangent is None else primal
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class _Tangents:
@@ -937,24 +928,6 @@ def _apart(tree: Any, batch: int) -> bool:
         if tangent is not None and bool((tangent[1:] if tangent.dim() and len(tangent) == batch else tangent).any()):
             return False
     return True
-
-
-class _Rewind:
-    """Puts the global generators' state (CPU, and the device's on CUDA) and the module's buffers back as they are
-    now, to replay a pass as if the one before had not run: the same dropout masks, the same batch statistics."""
-
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
-        self.module, self.device = module, device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.buffers = [b.clone() for b in module.buffers()]
-
-    def __call__(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        for buffer, saved in zip(self.module.buffers(), self.buffers):
-            buffer.copy_(saved)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ field's methods beyond the paper (activity perturbation, local losses, local gue
 
 from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import (
-    ActivityModel, AppliedGrads, DivergenceError, Estimate, ForwardModel, GaussianTangents, GradientEstimator, LocalLossModel, ReplayedGrads, UpdateAsFormed, apply_estimate, check_finite, cosine,
+    ActivityModel, AppliedGrads, DivergenceError, Estimate, ForwardModel, GaussianTangents, GradientEstimator, LocalLossModel, ReplayedGrads, Rewind, UpdateAsFormed, apply_estimate, check_finite, cosine,
     forward_gradient, num_parameters, parameter_layout, training_step,
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
@@ -19,6 +19,6 @@ from fg_lightning.estimators.registry import REGISTRY, EstimatorSpec
 __all__ = [
     "REGISTRY", "ActivityModel", "AppliedGrads", "ActivityPerturbation", "GaussianTangents", "LocalLossModel", "Backprop", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess",
     "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "ForwardModel", "GradientEstimator", "InputApprox",
-    "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "ReplayedGrads", "apply_estimate",
+    "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "ReplayedGrads", "Rewind", "apply_estimate",
     "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout", "training_step", "UpdateAsFormed",
 ]

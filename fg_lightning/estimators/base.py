@@ -103,6 +103,34 @@ class LocalLossModel(ActivityModel, Protocol):
     def named_layers(self) -> Iterator[tuple[str, Any]]: ...
 
 
+def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global generators' state: the CPU's, and the device's on CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class Rewind:
+    """Puts the global generators' state (:func:`rng_state`) and ``module``'s buffers back as they are now, to replay
+    a pass as if the one before had not run: the same dropout masks, the same batch statistics. The torch backend
+    replays each direction's pass from it, estimators that take several forward passes each query from it, and the
+    callbacks that run a forward of their own put the run back with it."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.module, self.device = module, torch.device(device)
+        self.state = rng_state(self.device)
+        self.buffers = [b.clone() for b in module.buffers()]
+
+    def __call__(self) -> None:
+        set_rng_state(self.state, self.device)
+        for buffer, saved in zip(self.module.buffers(), self.buffers):
+            buffer.copy_(saved)
+
+
 @dataclass
 class Estimate:
     """What an estimator returns for one step.
