@@ -1,7 +1,7 @@
 """Small ``torch.nn`` classifiers for the torch backend: what a user brings, as plain ``torch.nn`` code.
 
 ``ResNet`` is a torchvision-style residual network (``BasicBlock``: two 3×3 convolutions with batch norm and a
-shortcut) sized for 28×28 single-channel images; any ``torch.nn.Module`` classifier trains the same way
+shortcut) sized for 28×28 single-channel images; ``ViT`` is torchvision's ``VisionTransformer`` sized for them; any ``torch.nn.Module`` classifier trains the same way
 (``ForwardGradientModule(network=<module>, ...)``, or ``model.network.class_path`` in a config).
 """
 
@@ -60,3 +60,18 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def ViT(image_size: int = 28, in_channels: int = 1, patch_size: int = 7, num_layers: int = 4, num_heads: int = 4,
+        hidden_dim: int = 64, mlp_dim: int = 128, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    """torchvision's ``VisionTransformer`` for small single-channel images: 28×28 in 7×7 patches is 16 tokens and a
+    class token; 4 layers of width 64 (about 0.2 M parameters) by default. Its patch embedding takes ``in_channels``
+    (torchvision's takes 3). Trains on both sides of the suite: backprop, the weight estimators, zeroth order and
+    LoRA (``fg_lightning.finetune.lora``); activity perturbation refuses it (``nn.MultiheadAttention`` returns a
+    tuple)."""
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout=dropout,
+                              num_classes=num_classes)
+    model.conv_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
+    return model

@@ -148,6 +148,9 @@ class ForwardGradientModule(LightningModule):
         gradient_clip_algorithm: ``"norm"`` (the total norm over all parameters) or ``"value"`` (each entry).
         loss: torch backend only: ``loss(logits, labels)``, a batch mean (default ``torch.nn.functional.cross_entropy``).
         num_classes: torch backend only: for the accuracy metrics (default: the last ``nn.Linear``'s out_features).
+        trainable: torch backend only: train just the parameters whose names match these names or ``fnmatch``
+            patterns (``["heads.*"]``), the rest frozen; default the parameters that require grad (a PEFT LoRA
+            model's adapters: ``peft.get_peft_model(model, LoraConfig(...))`` freezes the rest itself).
         compile: run each step's estimate under ``torch.compile`` (CUDA graphs on a GPU; one process; engine networks;
             :class:`~fg_lightning.estimators.compiled.CompiledStep`): the same parameters as eager, within float
             rounding. An estimator that cannot be compiled (momentum) is refused here, in one line.
@@ -170,6 +173,7 @@ class ForwardGradientModule(LightningModule):
         gradient_clip_algorithm: str = "norm",
         loss: Loss | None = None,
         num_classes: int | None = None,
+        trainable: list[str] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -177,11 +181,13 @@ class ForwardGradientModule(LightningModule):
             raise TypeError(f"network must be a torch.nn.Module (an engine Network or any classifier), got "
                             f"{type(network).__name__}")
         if isinstance(network, Network):
-            if loss is not None or num_classes is not None:
+            if loss is not None or num_classes is not None or trainable is not None:
                 raise ValueError(f"{type(network).__name__} has its loss (softmax cross-entropy) and its classes built "
-                                 "in: leave loss and num_classes out")
+                                 "in and trains every parameter: leave loss, num_classes and trainable out")
         elif not isinstance(network, TorchNetwork):  # any other nn.Module: the torch backend
-            network = TorchNetwork(network, loss=loss, num_classes=num_classes)
+            network = TorchNetwork(network, loss=loss, num_classes=num_classes, trainable=trainable)
+        elif trainable is not None:
+            raise ValueError("pass trainable to the TorchNetwork you built, not to the module")
         if not isinstance(estimator, GradientEstimator):
             raise TypeError(f"estimator must be a GradientEstimator, got {type(estimator).__name__}")
         if lr_scheduler_interval not in ("epoch", "step"):

@@ -24,11 +24,12 @@ perturbation on a module whose output is not one tensor (an LSTM's tuple).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import re
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -82,9 +83,26 @@ def _refusing(model: str) -> Iterator[None]:
         raise
 
 
+def _train_only(module: nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter of ``module`` whose name matches none of ``patterns``."""
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"trainable must be a list of parameter names or patterns, got trainable={patterns!r}")
+    names = [name for name, _ in module.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise ValueError(f"{type(module).__name__}: trainable pattern(s) {unmatched} match no parameter (its "
+                         f"parameters are named like {names[:3]})")
+    for name, param in module.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
 def _last_linear_out_features(module: nn.Module) -> int | None:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else None
+
+
+_PARAMETER_CONTAINERS = (nn.ParameterList, nn.ParameterDict)
+_UNSEEN = object()
 
 
 class TorchNetwork(nn.Module):
@@ -103,14 +121,21 @@ class TorchNetwork(nn.Module):
         module: the classifier.
         loss: ``loss(logits, labels) -> scalar``, the mean over the batch.
         num_classes: for the accuracy metrics; default the ``out_features`` of the module's last ``nn.Linear``.
+        trainable: train only these parameters: names or ``fnmatch`` patterns of the module's parameter names
+            (``["head.*", "*.norm*.weight"]``); every other parameter is frozen (``requires_grad=False``: no tangent,
+            no estimate, no optimizer state). None: the parameters that require grad now (a PEFT model's adapters
+            alone, say). A pattern that matches no parameter is refused, naming it.
     """
 
     has_local_losses = False
 
-    def __init__(self, module: nn.Module, loss: Loss | None = None, num_classes: int | None = None) -> None:
+    def __init__(self, module: nn.Module, loss: Loss | None = None, num_classes: int | None = None,
+                 trainable: list[str] | None = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if trainable is not None:
+            _train_only(module, trainable)
         self.module = module
         self.loss_fn: Loss = nn.functional.cross_entropy if loss is None else loss
         num_classes = _last_linear_out_features(module) if num_classes is None else num_classes
@@ -122,6 +147,7 @@ class TorchNetwork(nn.Module):
         # activity tangents or not, the modules' training flags)
         self._pass: _Tangents | None = None  # the forward-mode pass running, while it runs
         self._said_attention = False  # the math-kernel notice is given once
+        self._logit_layer: Any = _UNSEEN  # the module whose output is the logits, once an activity check saw it
         self._check_parameters()
         with warnings.catch_warnings():  # torch's forward mode loads its decompositions through torch.jit.script, which
             warnings.simplefilter("ignore", FutureWarning)  # torch deprecates: load them now, without that warning
@@ -151,7 +177,22 @@ class TorchNetwork(nn.Module):
             yield param
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.module(x)
+        return self._logits(self.module(x))
+
+    @staticmethod
+    def _logits(output: Any) -> Tensor:
+        """The logits in what the module returns: a tensor as it is; a Hugging Face ``ModelOutput`` (or any object or
+        mapping with ``logits``) its ``logits``; a tuple its first element. The one adapter between models whose
+        outputs are not a tensor and the estimators."""
+        if isinstance(output, Tensor):
+            return output
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if logits is None and isinstance(output, (tuple, list)) and output:
+            logits = output[0]
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"the model returned a {type(output).__name__} without logits: return the logits, or an "
+                            "output with a `logits` tensor")
+        return logits
 
     def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels)
@@ -160,7 +201,7 @@ class TorchNetwork(nn.Module):
         """The loss, the logits and the exact gradient of every trained parameter, by ``torch.autograd``."""
         names, params = zip(*self.named_parameters())
         with _refusing(type(self.module).__name__), torch.enable_grad(), _math_attention():  # the kernel the forward-mode passes run: the same dropout
-            logits = self.module(x)
+            logits = self._logits(self.module(x))
             loss = self.loss_fn(logits, labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -183,8 +224,14 @@ class TorchNetwork(nn.Module):
             if inside is not None and (inside == "" or name.startswith(inside + ".")):
                 continue
             inside = None
+            if isinstance(module, _PARAMETER_CONTAINERS):  # no forward of their own: their parent owns them
+                continue
             reads = isinstance(module, self.READS_CHILDREN) or parametrize.is_parametrized(module)
             own = [p for p, param in module.named_parameters(recurse=reads) if param.requires_grad]
+            if not reads:
+                own += [f"{child}.{p}" for child, held in module.named_children()
+                        if isinstance(held, _PARAMETER_CONTAINERS)
+                        for p, param in held.named_parameters() if param.requires_grad]
             if reads:
                 inside = name
             if own:
@@ -225,7 +272,7 @@ class TorchNetwork(nn.Module):
                 while True:
                     with torch.no_grad(), fwAD.dual_level():
                         with tangents.uses if tangents.direction == 0 else contextlib.nullcontext():
-                            logits_dual = self.module(x)
+                            logits_dual = self._logits(self.module(x))
                             loss_dual = self.loss_fn(logits_dual, labels)
                         logits_primal, logits_tangent = fwAD.unpack_dual(logits_dual)
                         primal, tangent = fwAD.unpack_dual(loss_dual)
@@ -265,8 +312,25 @@ class TorchNetwork(nn.Module):
         rewind = Rewind(self.module, x.device)
         params = dict(self.named_parameters())
         layers = self._layers() if activities else {}
+        returned: list[tuple[nn.Module, Tensor]] = []  # every module call's output as the model got it, innermost
+        # first (registered after _outputs_of's hooks: an owner's copy)
         with _outputs_of(layers, type(self.module).__name__) as outputs, torch.enable_grad(), _math_attention():
-            loss = self.loss_fn(self.module(x), labels)
+            hooks = [m.register_forward_hook(lambda m, a, out: returned.append((m, out)) if isinstance(out, Tensor)
+                                             else None) for m in self.module.modules()] if activities else []
+            try:
+                logits = self._logits(self.module(x))
+                loss = self.loss_fn(logits, labels)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        if activities:  # the innermost module that returned the logits: an owner is the output layer; a module
+            # without trained parameters (a frozen head) leaves none; no module but the model itself (a change in
+            # its forward) leaves the last owner, which exact_output then refuses
+            caller = next((module for module, output in returned if output is logits
+                           and (module is not self.module or module in layers)), None)
+            self._logit_layer = (_UNSEEN if caller is None
+                                 else layers[caller][0] if caller in layers else None)
+        del returned
         wrt = [*params.values(), *outputs]
         grads = [torch.zeros_like(t) if g is None else g
                  for t, g in zip(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))]
@@ -275,7 +339,7 @@ class TorchNetwork(nn.Module):
         draws = [torch.randn((directions, *t.shape), generator=generator, device=t.device, dtype=t.dtype) for t in wrt]
         result = self._jvp(x, labels, _Draws(dict(zip(params, draws)), draws[len(params):]))
         rewind()
-        expected = sum((g.double().unsqueeze(0) * d.double()).flatten(1).sum(1) for g, d in zip(grads, draws))
+        expected = sum((g.double().unsqueeze(0) * d.double()).reshape(directions, -1).sum(1) for g, d in zip(grads, draws))
         scale = float(sum(g.double().square().sum() for g in grads).sqrt())
         error = float((result.dir_derivs.double() - expected).abs().max())
         # the least precise floating dtype among the parameters, the outputs and the loss sets the tolerance:
@@ -286,43 +350,52 @@ class TorchNetwork(nn.Module):
             raise TorchBackendError(
                 f"{type(self.module).__name__}: forward mode's derivative of the loss along random "
                 f"{'activity and ' if activities else ''}weight directions differs from autograd's (by {error:.3g}, "
-                f"the gradient's norm is {scale:.3g}): the model uses a trained parameter where the forward-mode pass "
-                "does not give it its tangent (e.g. through a tensor derived from it before the pass). Use each "
-                "parameter inside the forward of the module that owns it")
+                f"the gradient's norm is {scale:.3g}): its forward computes something forward mode cannot follow as "
+                "autograd does: a trained parameter used through a tensor derived from it before the pass, a "
+                "torch.no_grad block or a gradient hook inside the forward, a module's output reached other than "
+                "through its return value. Use each parameter inside the forward of the module that owns it, and "
+                "keep no_grad and hooks out of the forward")
         if activities:
             self.check_examples_apart(x, labels)
-            rewind()
 
     def check_examples_apart(self, x: Tensor, labels: Tensor) -> None:
         """Raise :class:`TorchBackendError`, naming the module, unless every module keeps the examples of the batch
         apart along the first axis of its output. Activity perturbation estimates ``∂L/∂z_b`` from example ``b``'s
         own term of the loss; a module that mixes examples (batch norm in training mode, any statistic over the
-        batch) makes ``z_b`` reach the other examples' terms too, and the estimate would be biased. One forward-mode
-        pass with a tangent on the first example of every perturbed output: the first module whose inputs' tangents
-        are zero off the first example and whose output's is not mixes them."""
+        batch) makes ``z_b`` reach the other examples' terms too, and the estimate would be biased. Forward-mode
+        passes with a tangent on a set ``S`` of examples of every perturbed output: the first module whose inputs'
+        tangents are zero off ``S`` and whose output's is not mixes them. The sets are the examples whose index has
+        bit ``j`` set, and their complements: any two examples differ in some bit, so ``2⌈log₂ B⌉`` passes see
+        every pair of examples one of which reaches the other."""
         batch = len(labels)
         names = {module: name for name, module in self.module.named_modules()}
-        mixing: list[nn.Module] = []
+        index = torch.arange(batch, device=labels.device)
+        rewind = Rewind(self.module, x.device)
+        for bit in range(max(0, (batch - 1).bit_length())):
+            for rows in ((index >> bit) & 1 == 1, (index >> bit) & 1 == 0):
+                mixing: list[nn.Module] = []
 
-        def watch(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if not mixing and _apart((args, kwargs), batch) and not _apart(output, batch):
-                mixing.append(module)
+                def watch(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+                    if not mixing and _apart((args, kwargs), rows) and not _apart(output, rows):
+                        mixing.append(module)
 
-        hooks = [module.register_forward_hook(watch, with_kwargs=True) for module in self.module.modules()]
-        try:
-            self._jvp(x, labels, _FirstExample(type(self.module).__name__, batch))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if mixing:
-            module = mixing[0]
-            what = (f"the forward of {type(module).__name__}" if module is self.module
-                    else f"{names[module]!r} ({type(module).__name__})")
-            raise TorchBackendError(
-                f"{type(self.module).__name__}: {what} mixes the examples of a batch (an example's output depends on "
-                f"the other examples: batch statistics in training mode, say), so activity perturbation's "
-                f"per-example estimate would be biased: put it in eval mode, use a per-example normalisation "
-                f"(LayerNorm, GroupNorm), or train with a weight-perturbation estimator (naive, multi_direction, ...)")
+                hooks = [module.register_forward_hook(watch, with_kwargs=True) for module in self.module.modules()]
+                try:
+                    self._jvp(x, labels, _SomeExamples(type(self.module).__name__, rows))
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                rewind()
+                if mixing:
+                    module = mixing[0]
+                    what = (f"the forward of {type(module).__name__}" if module is self.module
+                            else f"{names[module]!r} ({type(module).__name__})")
+                    raise TorchBackendError(
+                        f"{type(self.module).__name__}: {what} mixes the examples of a batch (an example's output "
+                        f"depends on the other examples: batch statistics, say), so activity perturbation's "
+                        f"per-example estimate would be biased: normalise with running statistics (eval mode, "
+                        f"track_running_stats=True) or per example (LayerNorm, GroupNorm), or train with a "
+                        f"weight-perturbation estimator (naive, multi_direction, ...)")
 
     # -- what activity perturbation asks besides jvp ---------------------------------------------------------------
     def activity_norms(self, name: str) -> list:
@@ -341,8 +414,13 @@ class TorchNetwork(nn.Module):
         return self._pass.mask(site)
 
     def logit_layers(self) -> set[str]:
-        """The module taken to give the logits: the last, in registration order, that owns trained parameters
-        (ActivityPerturbation with ``exact_output`` checks that its output is the logits)."""
+        """The module whose output is the logits, as the first activity pass's check saw it (the module's own return
+        value, unchanged, is what the loss takes); none where no module that owns trained parameters gives them (a
+        frozen head: every trained layer is perturbed). Before that check, the last module, in registration order,
+        that owns trained parameters (ActivityPerturbation with ``exact_output`` checks that its output is the
+        logits)."""
+        if self._logit_layer is not _UNSEEN:
+            return set() if self._logit_layer is None else {self._logit_layer}
         return {list(self._layers().values())[-1][0]}
 
     def layer_grads(self, name: str, layer: nn.Module, layer_input: RecordedCall | Tensor,
@@ -396,9 +474,10 @@ _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 def _layer_vjp(layer: nn.Module, x: Tensor, d_output: Tensor) -> dict[str, Tensor] | None:
     """The parameter gradients of a plain ``nn.Linear`` or ``nn.Conv*d`` (zero padding given as numbers, a batched
     input) for the output gradient ``d_output``, from their formulas (``dW = gᵀx``, ATen's ``convolution_backward``)
-    without running the layer again to build a graph; None for any other module."""
+    without running the layer again to build a graph; None for any other module, and for one whose call runs hooks
+    (a forward hook that changes the output makes the site the hook's output: the replay differentiates it)."""
     dims = _CONVS.get(type(layer))
-    if type(layer) is not nn.Linear and dims is None:
+    if type(layer) is not nn.Linear and dims is None or _hooked(layer):
         return None
     wanted = [name for name, param in layer.named_parameters(recurse=False) if param.requires_grad]
     if type(layer) is nn.Linear:
@@ -413,9 +492,17 @@ def _layer_vjp(layer: nn.Module, x: Tensor, d_output: Tensor) -> dict[str, Tenso
     return {name: {"weight": d_weight, "bias": d_bias}[name] for name in wanted}
 
 
-def _primal(args: tuple[Any, ...]) -> Tensor | None:
-    """A module's first input, without its tangent."""
-    return fwAD.unpack_dual(args[0]).primal if args and isinstance(args[0], Tensor) else None
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as hooks  # the global hooks every module call runs
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
+
+
+def _primal(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """A module's first input (positional, or the first keyword argument), without its tangent."""
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return fwAD.unpack_dual(first).primal if isinstance(first, Tensor) else None
 
 
 _RELUS = (F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
@@ -670,7 +757,7 @@ class _LeanRules(TorchFunctionMode):
     @staticmethod
     def applies(values: list[Any]) -> bool:
         tensors = [v for v in values if v is not None]
-        return (values[0] is not None and values[1] is not None
+        return (values[0] is not None and values[1] is not None and values[1].dim() >= 2
                 and all(type(t) in (Tensor, nn.Parameter) for t in tensors)
                 and not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled()
                 and all(t.layout == torch.strided and t.dtype == tensors[0].dtype and t.dtype.is_floating_point
@@ -759,7 +846,7 @@ class _Tangents:
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
         hooks = [h for module in self.layers
-                 for h in (module.register_forward_pre_hook(self.before, with_kwargs=True),
+                 for h in (module.register_forward_pre_hook(self.before, with_kwargs=True, prepend=True),
                            module.register_forward_hook(self.after, with_kwargs=True))]
         try:
             yield
@@ -786,7 +873,7 @@ class _Tangents:
         self.calls[name] = call = self.calls.get(name, 0) + 1
         with self.uses.pause():
             if self.direction == 0 and call == 1:
-                self.ask(name, module, own, args)
+                self.ask(name, module, own, args, kwargs)
             elif call == 2 and any(isinstance(self.given.get(full_name(name, p)), OuterTangent) for p in own):
                 raise TorchBackendError(
                     f"{self.model}: {name!r} is called more than once in one forward, and its weight's direction was "
@@ -806,9 +893,10 @@ class _Tangents:
                 holder._parameters[leaf] = value
         self.uses.running.append(name)
 
-    def ask(self, name: str, module: nn.Module, own: list[str], args: tuple[Any, ...]) -> None:
+    def ask(self, name: str, module: nn.Module, own: list[str], args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> None:
         params = {p: v for p, v in module.named_parameters() if p in own}
-        given = self.source.weights(name, module, _primal(args), params)
+        given = self.source.weights(name, module, _primal(args, kwargs), params)
         for param, tangent in given.items():
             full = full_name(name, param)
             if param not in own:
@@ -895,37 +983,41 @@ class _Draws(GivenTangents):
         return next(self.activities)
 
 
-class _FirstExample(TangentSource):
-    """:meth:`TorchNetwork.check_examples_apart`'s source: one direction, a tangent on the first example of every
-    perturbed output (a private generator: the run's random state is not touched)."""
+class _SomeExamples(TangentSource):
+    """:meth:`TorchNetwork.check_examples_apart`'s source: one direction, a tangent on the examples ``rows`` (a
+    boolean mask of the batch) of every perturbed output (a private generator: the run's random state is not
+    touched)."""
 
     perturbs_activities = True
 
-    def __init__(self, model: str, batch: int) -> None:
-        self.model, self.batch = model, batch
+    def __init__(self, model: str, rows: Tensor) -> None:
+        self.model, self.rows = model, rows
         self.generator: torch.Generator | None = None
 
     def activity(self, name: str, layer: Any, layer_input: Any, output: Tensor) -> Tensor:
-        if output.dim() == 0 or output.shape[0] != self.batch:
+        if output.dim() == 0 or output.shape[0] != len(self.rows):
             raise TorchBackendError(
                 f"{self.model}: activity perturbation draws each example's noise along the first axis of a module's "
-                f"output, but {name!r}'s output has shape {tuple(output.shape)}, not the batch of {self.batch} "
-                "examples first: make the batch the first axis (batch_first=True), or train with a "
-                "weight-perturbation estimator (naive, multi_direction, ...)")
+                f"output, but the output of {name!r} has shape {tuple(output.shape)}, not the batch of "
+                f"{len(self.rows)} examples first: make the batch the first axis (batch_first=True), or train with "
+                "a weight-perturbation estimator (naive, multi_direction, ...)")
         if self.generator is None:
             self.generator = torch.Generator(output.device).manual_seed(0)
         tangent = torch.zeros((1, *output.shape), dtype=output.dtype, device=output.device)
-        tangent[0, 0] = torch.randn(output.shape[1:], generator=self.generator, device=output.device,
-                                    dtype=output.dtype)
+        tangent[0, self.rows] = torch.randn((int(self.rows.sum()), *output.shape[1:]), generator=self.generator,
+                                            device=output.device, dtype=output.dtype)
         return tangent
 
 
-def _apart(tree: Any, batch: int) -> bool:
-    """Whether every tangent among the tensors of ``tree`` is zero off the first example (the first axis; a tensor
-    without the batch there: zero everywhere)."""
+def _apart(tree: Any, rows: Tensor) -> bool:
+    """Whether every tangent among the tensors of ``tree`` is zero off the examples ``rows`` (along the first axis;
+    a tensor without the batch there: zero everywhere)."""
     for value in tree_leaves(tree):
         tangent = fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
-        if tangent is not None and bool((tangent[1:] if tangent.dim() and len(tangent) == batch else tangent).any()):
+        if tangent is None:
+            continue
+        off = tangent[~rows] if tangent.dim() and len(tangent) == len(rows) else tangent
+        if bool(off.any()):
             return False
     return True
 

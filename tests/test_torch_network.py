@@ -160,7 +160,7 @@ def test_both_backends_implement_the_one_protocol():
 def test_the_module_wraps_any_nn_module_and_refuses_a_loss_for_the_engine():
     module = ForwardGradientModule(UserCNN(), MultiDirection(k=2), loss=nn.CrossEntropyLoss())
     assert isinstance(module.network, TorchNetwork) and module.network.num_classes == 10
-    with pytest.raises(ValueError, match="leave loss and num_classes out"):
+    with pytest.raises(ValueError, match="leave loss, num_classes and trainable out"):
         ForwardGradientModule(MLP(hidden=(8,)), MultiDirection(k=2), loss=nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="LocalBackprop trains each block on its local loss"):
         ForwardGradientModule(UserCNN(), REGISTRY["local_backprop"].make())

@@ -81,7 +81,8 @@ class MultiDirection(GradientEstimator):
         if self.aggregation == "mean":
             weights = result.dir_derivs / self.k  # Eq. 7: ĝ = (1/k) Σ (∇f·v_j) v_j
         else:  # coefficients c = (VᵀV)⁻¹ d, so that ĝ = V c: the k×k Gram matrix summed over the parameter tensors
-            gram = sum(v.flatten(1).double() @ v.flatten(1).double().t() for v in map(tangent, params))
+            flat = (v.reshape(len(v), -1).double() for v in map(tangent, params))  # (k, numel); a 0-d parameter too
+            gram = sum(v @ v.t() for v in flat)
             weights = torch.linalg.solve(gram, result.dir_derivs.double()).to(result.dir_derivs.dtype)
         if update is not None:  # each parameter's part applied as it is formed, its kept tangent released
             update.check(weights_finite(weights))

@@ -142,7 +142,7 @@ class _ActivityTangents(TangentSource):
         self.offset, self.total = comm.batch_rows(len(labels))  # this rank's rows of the union batch
         self.inputs = inputs  # the batch, when the layers' inputs are recomputed (network.primal_calls), not kept
         self.local = estimator.needs_local_losses
-        self.outputs = network.logit_layers() if estimator.exact_output else set()
+        self._outputs: set[str] | None = None if estimator.exact_output else set()
         self.block_of = _block_of_layers(network) if self.local else {}
         self.pending: dict[int, list[_Call]] = {}  # per block, its calls in order
         self.exact: dict[str, tuple[Tensor, int]] = {}  # output layer -> its output (the logits of a loss), version
@@ -151,7 +151,9 @@ class _ActivityTangents(TangentSource):
     def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor,
                  layer_output: Tensor | None = None, tangent: Tensor | None = None) -> Tensor | None:
         calls = self.pending.setdefault(self.block_of.get(name, 0), [])
-        if name in self.outputs:
+        if self._outputs is None:  # asked as the pass starts: the torch backend's check has seen the model's calls
+            self._outputs = self.network.logit_layers()
+        if name in self._outputs:
             if name in self.exact:
                 raise ValueError(f"{type(self.estimator).__name__}(exact_output=True): the output layer {name!r} is "
                                  "called more than once in one forward, so its output is not only the logits: use "
