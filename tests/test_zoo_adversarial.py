@@ -900,7 +900,7 @@ ADVERSARIAL = [
 ]
 
 # The estimators that run no forward-mode pass: a forward-mode refusal does not bind them
-FORWARD_FREE = {"backprop", "zeroth_order"} & set(WEIGHT_ESTIMATORS)
+FORWARD_FREE = test_zoo.FORWARD_FREE & set(WEIGHT_ESTIMATORS)
 
 
 def ids(cases: list[AdversarialCase]) -> list[str]:
