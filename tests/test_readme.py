@@ -39,3 +39,13 @@ def test_readme_own_model_example_runs(tmp_path, monkeypatch):
 def test_readme_engine_example_runs():
     namespace = run_example("from fg_lightning.engine import MLP")
     assert namespace["result"].dir_derivs.shape == (8,)
+
+
+def test_readme_fabric_example_trains_the_adapters():
+    pytest.importorskip("peft")
+    pytest.importorskip("sklearn")
+    namespace = run_example("# README Fabric example")
+    losses = namespace["losses"]
+    assert len(losses) == 2 * len(namespace["loader"])
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.1  # it learns
+    assert all("lora_" in name or "modules_to_save" in name for name, _ in namespace["network"].named_parameters())
