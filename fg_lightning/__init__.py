@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "fg_lightning.callbacks": ["CommBytes", "GradientCosine", "PeakMemory", "StepTimer", "UpdateCallback"],
     "fg_lightning.distributed": ["ForwardGradientDDPStrategy"],
-    "fg_lightning.data": ["MNISTDataModule"],
+    "fg_lightning.data": ["DigitsDataModule", "MNISTDataModule"],
     "fg_lightning.engine": ["CNN", "MLP", "JvpResult", "Network", "OuterTangent", "to_torch"],
     "fg_lightning.estimators": [
         "REGISTRY", "ActivityPerturbation", "Backprop", "DivergenceError", "Estimate", "GradientEstimator",

@@ -4,6 +4,9 @@ torchvision's ``MNIST`` / ``FashionMNIST`` find, download and parse the IDX file
 lack: a shim for flat folders of (gzipped) files such as Debian's ``dataset-fashion-mnist``, messages that say what to
 do, checks of what was loaded, and whole normalised tensors sliced one batch at a time (60k 28×28 images are ~190 MB,
 and one gather per batch is much faster than torchvision's per-item PIL transforms).
+
+:class:`DigitsDataModule` gives scikit-learn's bundled 8×8 digits (no download) the same shape and loaders, resized to
+28×28, as a seeded few-shot split for fine-tuning an (Fashion-)MNIST model offline (needs the ``finetune`` extra).
 """
 
 from __future__ import annotations
@@ -381,6 +384,183 @@ class MNISTDataModule(LightningDataModule):
             trainer = self.trainer
             extra = {"seed": self.seed, "in_flight": self._batches_in_flight,
                      "num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
+        return loader(
+            dataset,
+            batch_size=self.batch_size,
+            drop_last=False,
+            collate_fn=whole_batch,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **extra,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, in order, so that prediction ``i`` belongs to ``test_set.tensors[1][i]``."""
+        return self._loader(self.test_set, shuffle=False)
+
+
+# scikit-learn's digits scaled to [0, 1] (16 grey levels: x / 16) and resized to 28 × 28 (bilinear): pixel mean and std
+# of the default training split (per_class=50, seed=0: 500 images), fixed like MNIST's so that a checkpoint's inputs
+# do not depend on the split. tests/test_digits.py recomputes them. (The whole set: 0.3053 / 0.3247.)
+DIGITS_MEAN, DIGITS_STD = 0.3034, 0.3243
+DIGITS_EXTRA = "DigitsDataModule needs scikit-learn: pip install 'fg-lightning[finetune]'"
+
+
+def _import_load_digits() -> Callable[..., Any]:
+    """``sklearn.datasets.load_digits``, or an ImportError naming the extra (one line) when scikit-learn is missing."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(DIGITS_EXTRA) from None
+    return load_digits
+
+
+class DigitsDataModule(LightningDataModule):
+    """scikit-learn's handwritten digits (1,797 images of 8 × 8, 16 grey levels, 10 classes; shipped inside the
+    package, nothing downloaded) as a few-shot split of normalised in-memory tensors, shaped like MNIST's, to fine-tune
+    a model built for (Fashion-)MNIST offline.
+
+    Batches are ``[images, labels]`` like :class:`MNISTDataModule`'s: images float32 ``(B, 1, 28, 28)`` (``(B, 784)``
+    when ``flatten=True``), scaled to [0, 1] (``x / 16``), resized once at :meth:`setup` to 28 × 28 (bilinear,
+    ``torch.nn.functional.interpolate``), then normalised with :data:`DIGITS_MEAN` / :data:`DIGITS_STD` (0.3034 /
+    0.3243, of the default training split); labels int64 ``(B,)`` in 0..9.
+
+    The split is stratified and seeded: a permutation drawn from ``seed`` orders the images; of each class, the first
+    ``per_class`` are the training set, the next ``val_per_class`` the validation set and all the others the test set
+    (held out: at the defaults 500 / 100 / 1,197 images). Each set keeps the images in scikit-learn's order (the
+    training loader shuffles, as :class:`MNISTDataModule`'s does: :class:`ResumableDataLoader`, resumable mid-epoch).
+    A split that leaves a class without a test image is refused (``per_class + val_per_class`` must be less than the
+    smallest class, 174 images).
+
+    Args:
+        per_class: training images per class (>= 1).
+        val_per_class: validation images per class (0 for none).
+        batch_size: samples per batch of every loader (the last batch may be smaller).
+        num_workers: DataLoader worker processes (persistent when > 0).
+        pin_memory: pin batches in page-locked memory; ``None`` means "when CUDA is available".
+        seed: seeds both the split and the training shuffle, so runs are reproducible.
+        flatten: give images as ``(B, 784)`` vectors, for MLPs.
+
+    Needs scikit-learn (``pip install 'fg-lightning[finetune]'``): without it, construction raises ImportError.
+
+    Example::
+
+        dm = DigitsDataModule(per_class=20, batch_size=32)
+        Trainer(max_epochs=20).fit(model_trained_on_mnist, datamodule=dm)
+    """
+
+    num_classes = 10
+    input_shape = (1, 28, 28)
+
+    def __init__(
+        self,
+        per_class: int = 50,
+        val_per_class: int = 10,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+        flatten: bool = False,
+    ) -> None:
+        super().__init__()
+        _import_load_digits()
+        if per_class < 1:
+            raise ValueError(f"Invalid per_class: {per_class} (must be >= 1)")
+        if val_per_class < 0:
+            raise ValueError(f"Invalid val_per_class: {val_per_class} (must be >= 0)")
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+        if num_workers < 0:
+            raise ValueError(f"Invalid num_workers: {num_workers} (must be >= 0)")
+        self.save_hyperparameters()
+        self.per_class = per_class
+        self.val_per_class = val_per_class
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.seed = seed
+        self.flatten = flatten
+        self.train_set: BatchTensorDataset | None = None
+        self.val_set: BatchTensorDataset | None = None
+        self.test_set: BatchTensorDataset | None = None
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, labels = self._load()
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        smallest = int(counts.argmin())
+        if self.per_class + self.val_per_class >= counts[smallest]:
+            raise DataError(
+                f"Invalid per_class: {self.per_class} with val_per_class {self.val_per_class} leaves class {smallest} "
+                f"({int(counts[smallest])} images) no test image: per_class + val_per_class must be at most "
+                f"{int(counts[smallest]) - 1}")
+        train_index, val_index, test_index = self.split(labels)
+        self.train_set = BatchTensorDataset(images[train_index], labels[train_index])
+        self.val_set = BatchTensorDataset(images[val_index], labels[val_index])
+        self.test_set = BatchTensorDataset(images[test_index], labels[test_index])
+        rank_zero_info(f"DigitsDataModule: scikit-learn digits, {len(train_index)} training, {len(val_index)} "
+                       f"validation, {len(test_index)} test images (per_class={self.per_class}, "
+                       f"val_per_class={self.val_per_class}, seed={self.seed})")
+
+    def split(self, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Indices (into scikit-learn's order, ascending) of the training, validation and test images: one seeded
+        permutation of all the images; of each class, its first ``per_class`` in that order train, the next
+        ``val_per_class`` validate, the rest test."""
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        end = self.per_class + self.val_per_class
+        parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for label in range(self.num_classes):
+            members = order[labels[order] == label]
+            for part, chosen in zip(parts, (members[: self.per_class], members[self.per_class : end], members[end:])):
+                part.append(chosen)
+        train, val, test = (torch.cat(part).sort().values for part in parts)
+        return train, val, test
+
+    def _load(self) -> tuple[Tensor, Tensor]:
+        """All 1,797 images float32 (N, 1, 28, 28) or (N, 784), resized and normalised; labels int64 (N,)."""
+        digits = _import_load_digits()()
+        images = torch.as_tensor(digits.images, dtype=torch.float32)
+        labels = torch.as_tensor(digits.target).to(torch.int64)
+        if images.ndim != 3 or images.shape[1:] != (8, 8) or labels.shape != images.shape[:1]:
+            raise DataError(f"sklearn.datasets.load_digits gave images of shape {tuple(images.shape)} and labels of "
+                            f"shape {tuple(labels.shape)}; expected (N, 8, 8) and (N,)")
+        if images.min() < 0 or images.max() > 16 or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise DataError("sklearn.datasets.load_digits gave pixels outside 0..16 or labels outside 0..9")
+        images = torch.nn.functional.interpolate(images.unsqueeze(1) / 16, size=(28, 28), mode="bilinear",
+                                                 align_corners=False)
+        images = (images - DIGITS_MEAN) / DIGITS_STD
+        return (images.reshape(-1, 784) if self.flatten else images), labels
+
+    _batches_in_flight = MNISTDataModule._batches_in_flight
+
+    def _loader(self, dataset: BatchTensorDataset | None, shuffle: bool) -> DataLoader:
+        """:class:`MNISTDataModule`'s loaders: the training one a seeded :class:`ResumableDataLoader` (this rank's
+        share of every union batch under data parallel), the others in order; the last batch kept."""
+        if dataset is None:
+            raise RuntimeError("DigitsDataModule.setup() must run before asking for a dataloader")
+        loader = ResumableDataLoader if shuffle else DataLoader
+        extra = {}
+        if shuffle:
+            trainer = self.trainer
+            extra = {"seed": self.seed, "in_flight": self._batches_in_flight,
+                     "num_replicas": trainer.world_size if trainer else 1,
+                     "rank": trainer.global_rank if trainer else 0}
         return loader(
             dataset,
             batch_size=self.batch_size,
