@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -135,8 +136,13 @@ class ForwardGradientCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"callbacks": [PredictionWriter()], "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "tb_logs", "name": "default"}}})
-        super().__init__(ForwardGradientModule, MNISTDataModule, save_config_kwargs={"overwrite": True},
-                         auto_configure_optimizers=False, args=args, **kwargs)
+        # Any LightningDataModule by class_path (fg_lightning.data.DigitsDataModule for fine-tuning); a `data:` section
+        # without one is MNISTDataModule's arguments
+        super().__init__(ForwardGradientModule, LightningDataModule, subclass_mode_data=True,
+                         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"data": {"class_path": f"{MNISTDataModule.__module__}.{MNISTDataModule.__name__}"}})
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # A parse error raises ArgumentError (one line, see parse_arguments), not a usage block with exit code 2.
@@ -182,10 +188,12 @@ class ForwardGradientCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:  # the module's, the data's or the trainer's arguments
+        except (ValueError, TypeError, ImportError) as err:  # the module's, the data's or the trainer's arguments
+            while err.__cause__ is not None and isinstance(err.__cause__, (ValueError, TypeError, ImportError)):
+                err = err.__cause__  # jsonargparse wraps a subclass's own error: say that one
             if isinstance(err, USER_ERRORS):
-                raise
-            raise ConfigError(str(err)) from err
+                raise err from None
+            raise ConfigError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Load the data first (a bad file fails before the Trainer prints its lines; the datamodule keeps what it

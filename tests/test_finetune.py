@@ -5,6 +5,7 @@ gradient), activity perturbation unbiased or refused in one line; bad input refu
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -167,3 +168,45 @@ def test_transformers_from_the_hubs_libraries_are_exact_offline(make):
     for name in ("naive", "input_qr", "partition", "activity"):
         grads = REGISTRY[name].make(k=2).estimate(network, x, labels, 0).grads
         assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_pretrain_then_fine_tune_lora_through_fg_cli(idx_root, tmp_path, capsys):
+    """configs/vit_pretrain.yaml writes a checkpoint; configs/vit_finetune_lora_multi_direction.yaml starts from it
+    (finetune.pretrained), trains LoRA adapters on the digits and leaves the pretrained weights as they were; a
+    checkpoint that does not fit is refused in one line, before any run folder is made."""
+    pytest.importorskip("peft")
+    pytest.importorskip("sklearn")
+    from fg_lightning.cli import main as fg_cli
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    small = ["--trainer.enable_progress_bar", "false", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+             "--trainer.log_every_n_steps", "1"]
+    pretrain = tmp_path / "pretrain"
+    fg_cli(["fit", "--config", os.path.join(configs, "vit_pretrain.yaml"), "--data.root", idx_root,
+            "--data.download", "false", "--data.batch_size", "8", "--data.val_size", "16",
+            "--trainer.logger.init_args.save_dir", str(pretrain), *small])
+    checkpoint = pretrain / "vit_pretrain" / "version_0" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    finetune = tmp_path / "finetune"
+    config = os.path.join(configs, "vit_finetune_lora_multi_direction.yaml")
+    argv = ["fit", "--config", config, "--model.network.init_args.model.init_args.checkpoint", str(checkpoint),
+            "--data.init_args.per_class", "5", "--trainer.logger.init_args.save_dir", str(finetune), *small]
+    fg_cli(argv)
+    tuned = torch.load(finetune / "vit_finetune_lora_multi_direction" / "version_0" / "checkpoints" / "last.ckpt",
+                       weights_only=False)["state_dict"]
+    pretrained_state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    base = "network.module.model.base_model.model."
+    weight = "encoder.layers.encoder_layer_0.mlp.0.base_layer.weight"
+    assert torch.equal(tuned[base + weight], pretrained_state["network.module." + weight.replace("base_layer.", "")])
+    assert any("lora_B" in key and tuned[key].abs().sum() > 0 for key in tuned)  # the adapters moved
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"network.module.heads.head.weight": torch.zeros(3, 3)}}, other)
+    argv[argv.index(str(checkpoint))] = str(other)
+    argv[argv.index(str(finetune))] = str(tmp_path / "refused")
+    with pytest.raises(SystemExit) as exit_info:
+        fg_cli(argv)
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "does not fit VisionTransformer" in lines[0], lines
+    assert not (tmp_path / "refused").exists()
