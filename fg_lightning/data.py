@@ -167,7 +167,62 @@ class ResumableDataLoader(DataLoader):
         self._resume = (state["epoch"], state["consumed"])
 
 
-class MNISTDataModule(LightningDataModule):
+class TensorDataModule(LightningDataModule):
+    """What the project's datamodules share once ``setup`` has made their ``train_set``, ``val_set`` and ``test_set``
+    (:class:`BatchTensorDataset`): the training loader a seeded :class:`ResumableDataLoader` (this rank's share of every
+    union batch under data parallel, resumed mid-epoch exactly), the others in order; the last batch kept. A subclass
+    sets ``batch_size``, ``seed``, ``num_workers`` and ``pin_memory``."""
+
+    train_set: BatchTensorDataset | None = None
+    val_set: BatchTensorDataset | None = None
+    test_set: BatchTensorDataset | None = None
+
+    def _batches_in_flight(self) -> int:
+        """Training batches Lightning fetched whose step has not been processed (an exception stopped it)."""
+        if self.trainer is None:
+            return 0
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return max(0, progress.ready - progress.processed)
+
+    def _loader(self, dataset: BatchTensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        loader = ResumableDataLoader if shuffle else DataLoader
+        extra = {}
+        if shuffle:  # data parallel: this rank's share of every union batch (see EpochPermutation)
+            trainer = self.trainer
+            extra = {"seed": self.seed, "in_flight": self._batches_in_flight,
+                     "num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
+        return loader(
+            dataset,
+            batch_size=self.batch_size,
+            drop_last=False,
+            collate_fn=whole_batch,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **extra,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """The test set, in order, so that prediction ``i`` belongs to ``test_set.tensors[1][i]``."""
+        return self._loader(self.test_set, shuffle=False)
+
+
+class MNISTDataModule(TensorDataModule):
     """MNIST (as in the paper) or Fashion-MNIST, as normalised in-memory tensors with a seeded validation split.
 
     Batches are ``[images, labels]``: images float32 ``(B, 1, 28, 28)`` (``(B, 784)`` when ``flatten=True``),
@@ -368,50 +423,6 @@ class MNISTDataModule(LightningDataModule):
         images = images.reshape(-1, 784) if self.flatten else images.unsqueeze(1)
         return images, labels.to(torch.int64)
 
-    def _batches_in_flight(self) -> int:
-        """Training batches Lightning fetched whose step has not been processed (an exception stopped it)."""
-        if self.trainer is None:
-            return 0
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return max(0, progress.ready - progress.processed)
-
-    def _loader(self, dataset: BatchTensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("MNISTDataModule.setup() must run before asking for a dataloader")
-        loader = ResumableDataLoader if shuffle else DataLoader
-        extra = {}
-        if shuffle:  # data parallel: this rank's share of every union batch (see EpochPermutation)
-            trainer = self.trainer
-            extra = {"seed": self.seed, "in_flight": self._batches_in_flight,
-                     "num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
-        return loader(
-            dataset,
-            batch_size=self.batch_size,
-            drop_last=False,
-            collate_fn=whole_batch,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **extra,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The test set, in order, so that prediction ``i`` belongs to ``test_set.tensors[1][i]``."""
-        return self._loader(self.test_set, shuffle=False)
-
 
 # scikit-learn's digits scaled to [0, 1] (16 grey levels: x / 16) and resized to 28 × 28 (bilinear): pixel mean and std
 # of the default training split (per_class=50, seed=0: 500 images), fixed like MNIST's so that a checkpoint's inputs
@@ -429,7 +440,7 @@ def _import_load_digits() -> Callable[..., Any]:
     return load_digits
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(TensorDataModule):
     """scikit-learn's handwritten digits (1,797 images of 8 × 8, 16 grey levels, 10 classes; shipped inside the
     package, nothing downloaded) as a few-shot split of normalised in-memory tensors, shaped like MNIST's, to fine-tune
     a model built for (Fashion-)MNIST offline.
@@ -546,45 +557,3 @@ class DigitsDataModule(LightningDataModule):
                                                  align_corners=False)
         images = (images - DIGITS_MEAN) / DIGITS_STD
         return (images.reshape(-1, 784) if self.flatten else images), labels
-
-    _batches_in_flight = MNISTDataModule._batches_in_flight
-
-    def _loader(self, dataset: BatchTensorDataset | None, shuffle: bool) -> DataLoader:
-        """:class:`MNISTDataModule`'s loaders: the training one a seeded :class:`ResumableDataLoader` (this rank's
-        share of every union batch under data parallel), the others in order; the last batch kept."""
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule.setup() must run before asking for a dataloader")
-        loader = ResumableDataLoader if shuffle else DataLoader
-        extra = {}
-        if shuffle:
-            trainer = self.trainer
-            extra = {"seed": self.seed, "in_flight": self._batches_in_flight,
-                     "num_replicas": trainer.world_size if trainer else 1,
-                     "rank": trainer.global_rank if trainer else 0}
-        return loader(
-            dataset,
-            batch_size=self.batch_size,
-            drop_last=False,
-            collate_fn=whole_batch,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **extra,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The test set, in order, so that prediction ``i`` belongs to ``test_set.tensors[1][i]``."""
-        return self._loader(self.test_set, shuffle=False)
