@@ -173,9 +173,17 @@ class TensorDataModule(LightningDataModule):
     union batch under data parallel, resumed mid-epoch exactly), the others in order; the last batch kept. A subclass
     sets ``batch_size``, ``seed``, ``num_workers`` and ``pin_memory``."""
 
-    train_set: BatchTensorDataset | None = None
-    val_set: BatchTensorDataset | None = None
-    test_set: BatchTensorDataset | None = None
+    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool | None, seed: int, flatten: bool) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+        if num_workers < 0:
+            raise ValueError(f"Invalid num_workers: {num_workers} (must be >= 0)")
+        self.batch_size, self.num_workers, self.seed, self.flatten = batch_size, num_workers, seed, flatten
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.train_set: BatchTensorDataset | None = None
+        self.val_set: BatchTensorDataset | None = None
+        self.test_set: BatchTensorDataset | None = None
 
     def _batches_in_flight(self) -> int:
         """Training batches Lightning fetched whose step has not been processed (an exception stopped it)."""
@@ -273,29 +281,17 @@ class MNISTDataModule(TensorDataModule):
         seed: int = 0,
         flatten: bool = False,
     ) -> None:
-        super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"Invalid dataset: {dataset!r}; expected one of {sorted(DATASETS)}")
-        if batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
+        super().__init__(batch_size, num_workers, pin_memory, seed, flatten)
         if val_size < 0:
             raise ValueError(f"Invalid val_size: {val_size} (must be >= 0)")
-        if num_workers < 0:
-            raise ValueError(f"Invalid num_workers: {num_workers} (must be >= 0)")
         self.save_hyperparameters()
         self.dataset = dataset
         self.root = os.fspath(root)
-        self.batch_size = batch_size
         self.val_size = val_size
         self.download = download
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.seed = seed
-        self.flatten = flatten
         self._copied_from: str | None = None  # where check_files() copied the files from, for setup's log line
-        self.train_set: BatchTensorDataset | None = None
-        self.val_set: BatchTensorDataset | None = None
-        self.test_set: BatchTensorDataset | None = None
 
     @property
     def raw_folder(self) -> str:
@@ -487,27 +483,15 @@ class DigitsDataModule(TensorDataModule):
         seed: int = 0,
         flatten: bool = False,
     ) -> None:
-        super().__init__()
         _import_load_digits()
         if per_class < 1:
             raise ValueError(f"Invalid per_class: {per_class} (must be >= 1)")
         if val_per_class < 0:
             raise ValueError(f"Invalid val_per_class: {val_per_class} (must be >= 0)")
-        if batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {batch_size} (must be >= 1)")
-        if num_workers < 0:
-            raise ValueError(f"Invalid num_workers: {num_workers} (must be >= 0)")
+        super().__init__(batch_size, num_workers, pin_memory, seed, flatten)
         self.save_hyperparameters()
         self.per_class = per_class
         self.val_per_class = val_per_class
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.seed = seed
-        self.flatten = flatten
-        self.train_set: BatchTensorDataset | None = None
-        self.val_set: BatchTensorDataset | None = None
-        self.test_set: BatchTensorDataset | None = None
 
     @override
     def setup(self, stage: str | None = None) -> None:
