@@ -36,7 +36,8 @@ def recording(monkeypatch):
     def record(self, name, layer, layer_input, output, tangent=None, **kwargs):
         # the tangent the pass adds to the output's (the engine's pass hands that in to add to, where it has one),
         # masked as the estimate masks it (the pass leaves that to the layers that follow)
-        mask = self.network.activity_mask(name, output) if name not in self.outputs else None
+        outputs = self.network.logit_layers() if self.estimator.exact_output else set()
+        mask = self.network.activity_mask(name, output) if name not in outputs else None
         before = None if tangent is None else tangent.clone()
         out = activity(self, name, layer, layer_input, output, tangent=tangent, **kwargs)
         if out is not None:
