@@ -200,7 +200,8 @@ class TorchNetwork(nn.Module):
     def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The loss, the logits and the exact gradient of every trained parameter, by ``torch.autograd``."""
         names, params = zip(*self.named_parameters())
-        with _refusing(type(self.module).__name__), torch.enable_grad(), _math_attention():  # the kernel the forward-mode passes run: the same dropout
+        # the kernel the forward-mode passes run: the same dropout
+        with _refusing(type(self.module).__name__), torch.enable_grad(), _math_attention():
             logits = self._logits(self.module(x))
             loss = self.loss_fn(logits, labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -339,7 +340,8 @@ class TorchNetwork(nn.Module):
         draws = [torch.randn((directions, *t.shape), generator=generator, device=t.device, dtype=t.dtype) for t in wrt]
         result = self._jvp(x, labels, _Draws(dict(zip(params, draws)), draws[len(params):]))
         rewind()
-        expected = sum((g.double().unsqueeze(0) * d.double()).reshape(directions, -1).sum(1) for g, d in zip(grads, draws))
+        expected = sum((g.double().unsqueeze(0) * d.double()).reshape(directions, -1).sum(1)
+                       for g, d in zip(grads, draws))
         scale = float(sum(g.double().square().sum() for g in grads).sqrt())
         error = float((result.dir_derivs.double() - expected).abs().max())
         # the least precise floating dtype among the parameters, the outputs and the loss sets the tolerance:
@@ -1034,7 +1036,8 @@ def _outputs_of(layers: dict[nn.Module, tuple[str, list[str]]], model: str = "")
             return None
         if not output.requires_grad:  # its module's own trained parameters would give it a gradient
             raise TorchBackendError(
-                f"{model}: activity perturbation perturbs the output of {layers[module][0]!r} ({type(module).__name__}), which "
+                f"{model}: activity perturbation perturbs the output of {layers[module][0]!r} "
+                f"({type(module).__name__}), which "
                 "this model computes outside autograd's graph (under torch.no_grad, or inside "
                 "checkpoint(use_reentrant=True)), so its derivative cannot be checked against autograd's: use "
                 "checkpoint(use_reentrant=False), or train with a weight-perturbation estimator (naive, "
