@@ -434,14 +434,14 @@ class TorchNetwork(nn.Module):
         mask), on copies of its buffers as the call found them (batch-norm statistics do not move again), the global
         random state put back afterwards; refused if it does not give the call's output again."""
         call = (layer_input if isinstance(layer_input, RecordedCall)
-                else RecordedCall.of(layer, (layer_input,), {}, d_output.device))
+                else RecordedCall.of(layer, (layer_input,), {}, d_output.device,
+                                      self._layers().get(layer, (name, []))[1]))
         call.check(type(self.module).__name__, name)
         if len(call.args) == 1 and not call.kwargs:
             direct = _layer_vjp(layer, call.args[0], d_output)
             if direct is not None:
                 return direct
-        own = set(self._layers().get(layer, (name, []))[1])
-        params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters() if p in own}
+        params = {p: v.detach().requires_grad_(True) for p, v in layer.named_parameters() if p in call.own}
         state = {**{n: v.detach() for n, v in layer.named_parameters()},
                  **{n: v.clone() for n, v in call.buffers.items()}, **params}
         now = rng_state(d_output.device)
@@ -780,15 +780,16 @@ class RecordedCall:
     rng: tuple[Tensor, Tensor | None]
     versions: list[tuple[Tensor, int]]
     buffers: dict[str, Tensor]
+    own: list[str]  # the module's trained parameters (relative names, TorchNetwork._layers')
     sums: Tensor | None = None  # the output's sum and absolute sum (float64): the replay must give them again
 
     @classmethod
-    def of(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-           device: torch.device) -> "RecordedCall":
+    def of(cls, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device,
+           own: list[str]) -> "RecordedCall":
         args, kwargs = tree_map_only(Tensor, _primal_of, (args, kwargs))
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         buffers = {name: _primal_of(b).clone() for name, b in module.named_buffers()}
-        return cls(args, kwargs, rng_state(device), [(t, t._version) for t in tensors], buffers)
+        return cls(args, kwargs, rng_state(device), [(t, t._version) for t in tensors], buffers, own)
 
     def check_replay(self, model: str, name: str, output: Any) -> None:
         if self.sums is None:
@@ -883,7 +884,7 @@ class _Tangents:
                     f"gradient of its other calls: use an estimator with Gaussian directions (naive, "
                     f"multi_direction, ...)")
             if self.direction == 0 and self.source.perturbs_activities:
-                self.recorded.setdefault(module, []).append(RecordedCall.of(module, args, kwargs, self.device))
+                self.recorded.setdefault(module, []).append(RecordedCall.of(module, args, kwargs, self.device, own))
             for param in own:  # a plain (dual) tensor in each parameter's place, for this forward only
                 holder_name, _, leaf = param.rpartition(".")
                 holder = module.get_submodule(holder_name) if holder_name else module

@@ -198,7 +198,12 @@ def test_batch_is_one_getitems_call_equal_to_plain_indexing(idx_root, monkeypatc
 
 
 def test_training_loader_resumes_mid_epoch(idx_root):
-    dm = loaded(idx_root, batch_size=5)
+    assert_resumes_mid_epoch(loaded(idx_root, batch_size=5))
+
+
+def assert_resumes_mid_epoch(dm) -> int:
+    """``dm``'s training loader, stopped after 3 batches of epoch 2 and resumed from its state, gives the rest of
+    that epoch's batches exactly; returns the number of batches in the epoch."""
     full = dm.train_dataloader()
     full.sampler.set_epoch(2)
     batches = list(full)
@@ -211,8 +216,9 @@ def test_training_loader_resumes_mid_epoch(idx_root):
     resumed.sampler.set_epoch(2)
     rest = list(resumed)
     assert len(seen) + len(rest) == len(batches)
-    for (x, y), (x_ref, y_ref) in zip(seen + rest, batches):
+    for (x, y), (x_ref, y_ref) in zip(seen + rest, batches, strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    return len(batches)
     assert resumed.state_dict() == {"epoch": 2, "consumed": len(batches)}
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 pytest.importorskip("sklearn", reason="DigitsDataModule needs scikit-learn (the finetune extra)")
 from sklearn.datasets import load_digits  # noqa: E402
+from test_data import assert_resumes_mid_epoch  # noqa: E402
 
 import fg_lightning  # noqa: E402
 import fg_lightning.data  # noqa: E402
@@ -159,21 +160,7 @@ def test_loaders_cover_each_set_once_train_shuffled_eval_in_order(default):
 
 def test_training_loader_resumes_mid_epoch():
     dm = loaded(per_class=5, val_per_class=0, batch_size=7)  # 50 images: 7 batches, the last of 1
-    full = dm.train_dataloader()
-    full.sampler.set_epoch(2)
-    batches = list(full)
-    partial = dm.train_dataloader()
-    partial.sampler.set_epoch(2)
-    seen = [batch for _, batch in zip(range(3), partial)]
-    resumed = dm.train_dataloader()
-    resumed.load_state_dict(partial.state_dict())
-    assert partial.state_dict() == {"epoch": 2, "consumed": 3}
-    resumed.sampler.set_epoch(2)
-    rest = list(resumed)
-    assert len(seen) + len(rest) == len(batches) == 8
-    for (x, y), (x_ref, y_ref) in zip(seen + rest, batches, strict=True):
-        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
-    assert resumed.state_dict() == {"epoch": 2, "consumed": len(batches)}
+    assert assert_resumes_mid_epoch(dm) == 8
 
 
 def test_a_loader_before_setup_says_so():
