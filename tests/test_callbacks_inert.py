@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fg_lightning.callbacks import CommBytes, EstimatorSummary, GradientCosine, PeakMemory, StepTimer
-from fg_lightning.estimators import Backprop, MultiDirection
+from fg_lightning.estimators import Backprop, MultiDirection, ZerothOrder
 from fg_lightning.module import ForwardGradientModule
 
 STEPS = 6
@@ -59,8 +59,9 @@ def every_default_callback():
     return [StepTimer(), CommBytes(), PeakMemory(), GradientCosine(every_n_steps=1), EstimatorSummary()]
 
 
-@pytest.mark.parametrize("make_estimator", [Backprop, lambda: MultiDirection(k=2, seed=1)],
-                         ids=["backprop", "multi_direction"])
+@pytest.mark.parametrize("make_estimator", [Backprop, lambda: MultiDirection(k=2, seed=1),
+                                            lambda: ZerothOrder(k=2, seed=1)],
+                         ids=["backprop", "multi_direction", "zeroth_order"])
 def test_a_run_with_every_default_callback_equals_a_run_with_none(make_estimator):
     watched, watched_model, _ = fit(make_estimator(), every_default_callback())
     plain, plain_model, _ = fit(make_estimator(), [])

@@ -30,6 +30,8 @@ REFERENCE = {
     "local_backprop": (1.0, 1.0),
     "local_guess": (0.886, 0.97),
     "local_guess_example": (0.896, 0.984),
+    # the mean over seeds 11, 3, 1, 2, 5, 7 (MLP 0.110-0.129, CNN 0.082-0.095): multi_direction's, as its O(ε²) from it
+    "zeroth_order": (0.121, 0.09),
 }
 
 

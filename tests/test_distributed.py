@@ -65,8 +65,9 @@ def test_two_ranks_take_the_union_batch_update(name, model, two_ranks):
     torch.testing.assert_close(rank0["losses"], single["losses"], rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("name", ["naive", "multi_direction", "orthogonal", "partition", "local_weight"])
+@pytest.mark.parametrize("name", ["naive", "multi_direction", "orthogonal", "partition", "local_weight", "zeroth_order"])
 def test_random_directions_send_k_derivatives_the_loss_and_the_batch_size(name, two_ranks):
+    """(zeroth_order: its k loss differences, the directional derivatives up to O(ε²))"""
     for model in ("mlp", "cnn"):
         sent = two_ranks[0][name, model]["bytes"]
         k = 1 if name == "naive" else K
@@ -163,11 +164,13 @@ def scalars(save_dir, config, tag, version=0):
 
 
 @needs_script
-@pytest.mark.parametrize("config, strategy", [("mlp_naive", None), ("mlp_backprop", "fg_ddp")],
-                         ids=["naive-no-strategy", "backprop-fg_ddp"])
+@pytest.mark.parametrize("config, strategy", [("mlp_naive", None), ("mlp_backprop", "fg_ddp"),
+                                              ("mlp_zeroth_order", "fg_ddp")],
+                         ids=["naive-no-strategy", "backprop-fg_ddp", "zeroth_order-fg_ddp"])
 def test_fg_cli_on_two_processes_is_one_process_on_the_union_batch(config, strategy, idx_root, tmp_path):
     """Two processes with batch 4 each end where one process with batch 8 ends (float32 tolerance); without
-    --trainer.strategy fg-cli picks fg_ddp. perf/comm_bytes: K + 2 numbers for naive, the gradient for backprop."""
+    --trainer.strategy fg-cli picks fg_ddp. perf/comm_bytes: K + 2 numbers for naive and zeroth_order (its k = 1 loss
+    difference, the loss, the batch size), the gradient for backprop."""
     extra = ["--trainer.max_steps", "4"] + (["--trainer.strategy", strategy] if strategy else [])
     done = two_processes(fit_args(config, idx_root, tmp_path / "ddp", 4, *extra), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -181,7 +184,7 @@ def test_fg_cli_on_two_processes_is_one_process_on_the_union_batch(config, strat
     for step, loss in scalars(tmp_path / "one", config, "train/loss").items():
         assert losses[step] == pytest.approx(loss, rel=1e-5)
     n = sum(v.numel() for v in one["state_dict"].values())
-    expected = 3 * 4 if config == "mlp_naive" else (n + 2) * 4
+    expected = 3 * 4 if config in ("mlp_naive", "mlp_zeroth_order") else (n + 2) * 4
     assert set(scalars(tmp_path / "ddp", config, "perf/comm_bytes").values()) == {expected}
 
 

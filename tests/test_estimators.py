@@ -20,7 +20,7 @@ import torch
 from fg_lightning.engine import CNN, MLP, cross_entropy
 from fg_lightning.estimators import (
     REGISTRY, Backprop, DivergenceError, GradientEstimator, InputApprox, InputQR, LocalBackprop, LocalGuess,
-    MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition, apply_estimate,
+    MomentumForwardGradient, MultiDirection, NaiveForwardGradient, Partition, ZerothOrder, apply_estimate,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective, ThreadCollective
 from fg_lightning.estimators.local import _ActivityTangents
@@ -113,10 +113,25 @@ def mutant(make, mutation):
 # --- the contract ---------------------------------------------------------------------------------------------------
 
 
+def parameters_put_back(net):
+    """A function that puts ``net``'s parameters back as they are now. An estimator that perturbs them in place and
+    restores them (ZerothOrder, as MeZO) leaves them within rounding of where they were, and its next estimate moves
+    by that rounding over ε: estimates compared bit for bit start from the same parameters."""
+    saved = {name: p.detach().clone() for name, p in net.named_parameters()}
+
+    def put_back():
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(saved[name])
+
+    return put_back
+
+
 def check_contract(make, net, x, labels):
     first, second, other_seed = make(seed=1), make(seed=1), make(seed=2)
     for step in range(4):
-        a, b, c = (e.estimate(net, x, labels, step) for e in (first, second, other_seed))
+        put_back = parameters_put_back(net)
+        a, b, c = (put_back() or e.estimate(net, x, labels, step) for e in (first, second, other_seed))
         assert list(a.grads) == [name for name, _ in net.named_parameters()]
         for name, param in net.named_parameters():
             assert a.grads[name].shape == param.shape and a.grads[name].dtype == param.dtype
@@ -125,14 +140,27 @@ def check_contract(make, net, x, labels):
         assert any(not torch.equal(a.grads[n], c.grads[n]) for n in a.grads), "another seed must give other directions"
 
 
+def reported_tolerance(estimator) -> dict:
+    """How close ``estimator``'s reported loss and logits are to the network's: assert_close's defaults, but for
+    ZerothOrder, which reports the mean of the values at θ ± εz: L(θ) + O(ε²) where the network is smooth, O(ε) at an
+    example whose ReLU or max-pool kink the perturbation crosses. Measured at ε = 1e-3 on the small MLP and CNN, seeds
+    0-9, 4 steps each: logits off by at most 0.87ε (their median by 1.6e-5), the loss by 0.044ε; allowed: 5ε and ε,
+    still 0.6 below a loss of 0.5."""
+    inner = getattr(estimator, "inner", estimator)  # a Mutant's estimator
+    if isinstance(inner, ZerothOrder):
+        return {"logits": dict(rtol=0, atol=5 * inner.eps), "loss": dict(rtol=0, atol=inner.eps)}
+    return {"logits": {}, "loss": {}}
+
+
 def check_reports_the_network_loss(make, net, x, labels):
     """``Estimate.loss`` and ``.logits`` are the network's on this batch, at every step (exact or not)."""
     estimator = make(seed=1)
+    tolerance = reported_tolerance(estimator)
     logits = net(x)
     for step in range(4):
         estimate = estimator.estimate(net, x, labels, step)
-        torch.testing.assert_close(estimate.logits, logits)
-        torch.testing.assert_close(estimate.loss, cross_entropy(logits, labels))
+        torch.testing.assert_close(estimate.logits, logits, **tolerance["logits"])
+        torch.testing.assert_close(estimate.loss, cross_entropy(logits, labels), **tolerance["loss"])
 
 
 @pytest.mark.parametrize("make", CASES.values(), ids=CASES.keys())
@@ -150,10 +178,11 @@ def test_state_dict_round_trip_continues_identically(make):
     original = make(seed=3)
     for step in range(4):
         original.estimate(net, x, labels, step)
-    state = copy.deepcopy(original.state_dict())
+    state, put_back = copy.deepcopy(original.state_dict()), parameters_put_back(net)  # and the parameters, as saved
     expected = [original.estimate(net, x, labels, step) for step in range(4, 8)]
     resumed = make(seed=99)  # the seed is part of the state: a resumed estimator need not be built with it
     resumed.load_state_dict(state)
+    put_back()
     for step, want in zip(range(4, 8), expected):
         got = resumed.estimate(net, x, labels, step)
         assert got.exact == want.exact
@@ -240,9 +269,9 @@ def test_contract_a_forgotten_reduction_is_caught_in_one_process(name):
 def test_registry_flags_come_from_the_estimators():
     assert {name for name, spec in REGISTRY.items() if spec.takes_k} == {
         "multi_direction", "orthogonal", "partition", "activity", "activity_recomputed", "local_activity",
-        "local_weight"}
+        "local_weight", "zeroth_order"}
     assert {name for name, spec in REGISTRY.items() if not spec.unbiased} == {
-        "orthogonal", "input_approx", "momentum", "local_guess", "local_guess_example"}
+        "orthogonal", "input_approx", "momentum", "local_guess", "local_guess_example", "zeroth_order"}
     assert REGISTRY["orthogonal"].make(k=3).aggregation == "orthogonal"
     assert {name for name, spec in REGISTRY.items() if spec.needs_local_losses} == {
         "local_activity", "local_weight", "local_backprop", "local_guess", "local_guess_example"}
@@ -583,7 +612,8 @@ def check_descent(name, make, data):
 def test_every_registered_estimator_has_a_training_setting_and_a_backward_class():
     assert all(spec.training.lr > 0 and spec.training.steps > 0 for spec in REGISTRY.values())
     assert {name for name, spec in REGISTRY.items() if spec.backward == "none"} == {
-        "naive", "naive_replayed", "multi_direction", "orthogonal", "partition", "input_qr", "input_approx", "local_weight"}
+        "naive", "naive_replayed", "multi_direction", "orthogonal", "partition", "input_qr", "input_approx", "local_weight",
+        "zeroth_order"}
     assert {name for name, spec in REGISTRY.items() if spec.backward == "layer"} == {
         "activity", "activity_recomputed", "local_activity"}
 
