@@ -207,7 +207,7 @@ class GradientCosine(UpdateCallback):
         self._step = trainer.global_step
         if self._step % self.every_n_steps == 0:
             x, labels = batch
-            rewind = Rewind(pl_module.network, x.device)
+            rewind = Rewind(pl_module.network, labels.device)
             self._exact = pl_module.estimator.exact_gradient(pl_module.network, x, labels, pl_module.comm)
             rewind()  # the step's forward then runs as if this one had not
 

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import signal
 import threading
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -20,6 +20,7 @@ from fg_lightning.checkpoints import CheckpointMismatchError, check_settings
 from fg_lightning.distributed import check_strategy
 from fg_lightning.engine import Network
 from fg_lightning.estimators import DivergenceError, GradientEstimator, training_step
+from fg_lightning.estimators.base import Inputs, batch_size
 from fg_lightning.estimators.collective import Collective, TorchCollective
 from fg_lightning.estimators.compiled import CompiledStep
 from fg_lightning.torch_network import Loss, TorchNetwork
@@ -271,19 +272,19 @@ class ForwardGradientModule(LightningModule):
     def _update_callbacks(self) -> list[UpdateCallback]:
         return [cb for cb in self.trainer.callbacks if isinstance(cb, UpdateCallback)]
 
-    def _out_of_memory(self, err: RuntimeError, x: Tensor, step: int) -> RuntimeError:
+    def _out_of_memory(self, err: RuntimeError, x: Inputs, step: int) -> RuntimeError:
         """The error to raise for ``err``: a one-line MemoryError naming ``k`` if the step ran out of memory."""
         # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
         if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
             return err
         k = getattr(self.estimator, "k", None)
         hint = f"; k={k} directions hold k tangents of every parameter: lower k" if k is not None else ""
-        return MemoryError(f"{self.estimator!r} ran out of memory at step {step} on a batch of {len(x)}"
+        return MemoryError(f"{self.estimator!r} ran out of memory at step {step} on a batch of {batch_size(x)}"
                            f"{hint} ({' '.join(str(err).split())[:200]})")
 
-    def _divergence(self, err: DivergenceError, x: Tensor, step: int) -> DivergenceError:
+    def _divergence(self, err: DivergenceError, x: Inputs, step: int) -> DivergenceError:
         """The error to raise: the data's fault if the input batch is not finite; else where the last good state is."""
-        if not bool(x.isfinite().all()):
+        if not all(bool(value.isfinite().all()) for value in (x.values() if isinstance(x, Mapping) else [x])):
             return DivergenceError(f"the input batch of step {step} holds NaN or infinite values: the data, not the "
                                    "learning rate, made the loss non-finite")
         saved = [cb.ckpt_path for cb in self.trainer.callbacks if isinstance(cb, ExceptionCheckpoint) and cb.ckpt_path]

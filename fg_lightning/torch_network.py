@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover
     _math_attention = contextlib.nullcontext
 
 from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source, full_name
-from fg_lightning.estimators.base import Rewind, rng_state, set_rng_state
+from fg_lightning.estimators.base import Inputs, Rewind, batch_size, rng_state, set_rng_state
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -117,6 +117,13 @@ class TorchNetwork(nn.Module):
     with autograd (:meth:`check_forward_mode`) to catch what the watch cannot see. Buffers (batch-norm statistics) are
     updated as in an ordinary training step.
 
+    Inputs and outputs pass one adapter, :meth:`forward`, which every pass calls (the forward-mode passes, autograd's
+    ``loss_and_grad``, the checks, activity perturbation's): an input ``x`` that is a ``Mapping`` of tensors (a
+    Hugging Face batch, ``{"input_ids": (B, T), "attention_mask": (B, T)}``) is passed as keyword arguments,
+    ``module(**x)``, with the examples along dim 0 of every value (a disagreement is refused naming each key's size,
+    :func:`~fg_lightning.estimators.base.batch_size`); any other input as ``module(x)``. Inputs carry no tangent
+    (integer ones could not). What the module returns goes through :meth:`_logits` (a ``ModelOutput``'s ``logits``).
+
     Args:
         module: the classifier.
         loss: ``loss(logits, labels) -> scalar``, the mean over the batch.
@@ -176,7 +183,12 @@ class TorchNetwork(nn.Module):
         for _, param in self.named_parameters(recurse=recurse):
             yield param
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Inputs) -> Tensor:
+        """The module's logits for the input ``x``: the one adapter between the estimators and the module, which
+        every pass goes through (see the class docstring)."""
+        if isinstance(x, Mapping):
+            batch_size(x)  # the values agree on the batch, or one line names each one's
+            return self._logits(self.module(**x))
         return self._logits(self.module(x))
 
     @staticmethod
@@ -197,12 +209,12 @@ class TorchNetwork(nn.Module):
     def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(logits, labels)
 
-    def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def loss_and_grad(self, x: Inputs, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The loss, the logits and the exact gradient of every trained parameter, by ``torch.autograd``."""
         names, params = zip(*self.named_parameters())
         # the kernel the forward-mode passes run: the same dropout
         with _refusing(type(self.module).__name__), torch.enable_grad(), _math_attention():
-            logits = self._logits(self.module(x))
+            logits = self.forward(x)
             loss = self.loss_fn(logits, labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -239,7 +251,7 @@ class TorchNetwork(nn.Module):
                 layers[module] = (name, own)
         return layers
 
-    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource | Callable[..., Any]) -> JvpResult:
+    def jvp(self, x: Inputs, labels: Tensor, tangents: TangentSource | Callable[..., Any]) -> JvpResult:
         """The loss and its directional derivative along each of the K directions of ``tangents`` (a
         :class:`~fg_lightning.engine.tangents.TangentSource` or a ``tangent_fn``), one forward-mode pass per
         direction (see the module docstring). The source's ``weights(name, module, module_input)`` is asked once per
@@ -262,9 +274,9 @@ class TorchNetwork(nn.Module):
                 self._checked.add(kind)
             return self._jvp(x, labels, source)
 
-    def _jvp(self, x: Tensor, labels: Tensor, source: TangentSource) -> JvpResult:
-        tangents = _Tangents(self, source, x.device)
-        rewind = Rewind(self.module, x.device)
+    def _jvp(self, x: Inputs, labels: Tensor, source: TangentSource) -> JvpResult:
+        tangents = _Tangents(self, source, labels.device)
+        rewind = Rewind(self.module, labels.device)
         derivs: list[Tensor] = []
         rules = _LeanRules({id(buffer) for buffer in self.module.buffers()})
         self._pass = tangents
@@ -273,7 +285,7 @@ class TorchNetwork(nn.Module):
                 while True:
                     with torch.no_grad(), fwAD.dual_level():
                         with tangents.uses if tangents.direction == 0 else contextlib.nullcontext():
-                            logits_dual = self._logits(self.module(x))
+                            logits_dual = self.forward(x)
                             loss_dual = self.loss_fn(logits_dual, labels)
                         logits_primal, logits_tangent = fwAD.unpack_dual(logits_dual)
                         primal, tangent = fwAD.unpack_dual(loss_dual)
@@ -301,7 +313,7 @@ class TorchNetwork(nn.Module):
                           "memory and time of unfused attention", stacklevel=3)
         return JvpResult(loss, logits, torch.stack(derivs), tangents.given)
 
-    def check_forward_mode(self, x: Tensor, labels: Tensor, activities: bool = False, directions: int = 2) -> None:
+    def check_forward_mode(self, x: Inputs, labels: Tensor, activities: bool = False, directions: int = 2) -> None:
         """Raise :class:`TorchBackendError` unless forward mode's derivative of the loss on this batch equals
         autograd's, ``∇L·v`` (and ``Σ ∂L/∂z_c·u_c`` over every call's output ``z_c`` with ``activities``), along
         ``directions`` random directions. :meth:`jvp` runs it once per kind on its first batch (and again when a
@@ -310,7 +322,7 @@ class TorchNetwork(nn.Module):
         With ``activities``, also refuse a model whose modules mix the examples of a batch
         (:meth:`check_examples_apart`). The random state and buffers are put back: the run's numbers are the same
         with and without it. Costs one backward and ``directions`` forward passes (one more with ``activities``)."""
-        rewind = Rewind(self.module, x.device)
+        rewind = Rewind(self.module, labels.device)
         params = dict(self.named_parameters())
         layers = self._layers() if activities else {}
         returned: list[tuple[nn.Module, Tensor]] = []  # every module call's output as the model got it, innermost
@@ -319,7 +331,7 @@ class TorchNetwork(nn.Module):
             hooks = [m.register_forward_hook(lambda m, a, out: returned.append((m, out)) if isinstance(out, Tensor)
                                              else None) for m in self.module.modules()] if activities else []
             try:
-                logits = self._logits(self.module(x))
+                logits = self.forward(x)
                 loss = self.loss_fn(logits, labels)
             finally:
                 for hook in hooks:
@@ -336,7 +348,7 @@ class TorchNetwork(nn.Module):
         grads = [torch.zeros_like(t) if g is None else g
                  for t, g in zip(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))]
         rewind()
-        generator = torch.Generator(x.device).manual_seed(0)
+        generator = torch.Generator(labels.device).manual_seed(0)
         draws = [torch.randn((directions, *t.shape), generator=generator, device=t.device, dtype=t.dtype) for t in wrt]
         result = self._jvp(x, labels, _Draws(dict(zip(params, draws)), draws[len(params):]))
         rewind()
@@ -360,7 +372,7 @@ class TorchNetwork(nn.Module):
         if activities:
             self.check_examples_apart(x, labels)
 
-    def check_examples_apart(self, x: Tensor, labels: Tensor) -> None:
+    def check_examples_apart(self, x: Inputs, labels: Tensor) -> None:
         """Raise :class:`TorchBackendError`, naming the module, unless every module keeps the examples of the batch
         apart along the first axis of its output. Activity perturbation estimates ``∂L/∂z_b`` from example ``b``'s
         own term of the loss; a module that mixes examples (batch norm in training mode, any statistic over the
@@ -372,7 +384,7 @@ class TorchNetwork(nn.Module):
         batch = len(labels)
         names = {module: name for name, module in self.module.named_modules()}
         index = torch.arange(batch, device=labels.device)
-        rewind = Rewind(self.module, x.device)
+        rewind = Rewind(self.module, labels.device)
         for bit in range(max(0, (batch - 1).bit_length())):
             for rows in ((index >> bit) & 1 == 1, (index >> bit) & 1 == 0):
                 mixing: list[nn.Module] = []
@@ -466,7 +478,7 @@ class TorchNetwork(nn.Module):
             z = logits.detach().requires_grad_(True)
             return torch.autograd.grad(self.loss_fn(z, labels), z)[0]
 
-    def directions_per_pass(self, x: Tensor, num_dirs: int) -> int:
+    def directions_per_pass(self, x: Inputs, num_dirs: int) -> int:
         return 1
 
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import re
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from test_estimators import in_threads
 from torch import nn
+from torch.utils.data import DataLoader
 
-from fg_lightning.estimators import REGISTRY, Backprop
+from fg_lightning.estimators import REGISTRY, Backprop, MultiDirection, ZerothOrder
+from fg_lightning.estimators.base import batch_size
 from fg_lightning.engine import MLP, GivenTangents
 from fg_lightning.finetune import CheckpointError, lora, pretrained
 from fg_lightning.models import ViT
@@ -136,15 +140,43 @@ def _hf_vit():
             ["classifier.*", "*.q_proj.*", "*.fc2.*", "vit.embeddings.cls_token"], images(size=8))
 
 
-def _hf_bert():
+BERT_TRAINABLE = ["classifier.*", "*.attention.self.query.*", "bert.pooler.*"]
+
+
+def tiny_bert(**config):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=8, max_position_embeddings=16, num_labels=3)
+                                     intermediate_size=8, max_position_embeddings=16, num_labels=3, **config)
+    return transformers.BertForSequenceClassification(config).double()
+
+
+def token_batch(batch: int = 4, length: int = 6, seed: int = 1):
+    """A Hugging Face batch, a dict as a tokenizer pads it: ``input_ids`` (1..19, 0 where padded), an
+    ``attention_mask`` whose rows keep ``length``, ``length - 1`` and ``length - 3`` tokens in turn (two rows in three
+    padded), ``token_type_ids``; and labels, the first token's id mod 3 (learnable)."""
+    generator = torch.Generator().manual_seed(seed)
+    kept = length - torch.tensor([0, 1, 3])[torch.arange(batch) % 3]
+    attention_mask = (torch.arange(length) < kept[:, None]).long()
+    input_ids = torch.randint(1, 20, (batch, length), generator=generator) * attention_mask
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    return inputs, input_ids[:, 0] % 3
+
+
+def _hf_bert():
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 20, (4, 6), generator=generator), torch.randint(0, 3, (4,), generator=generator)
-    return (transformers.BertForSequenceClassification(config).double(),
-            ["classifier.*", "*.attention.self.query.*", "bert.pooler.*"], batch)
+    return tiny_bert(), BERT_TRAINABLE, batch
+
+
+def padded_bert():
+    """:func:`tiny_bert` with weights drawn at 0.5 (BERT's 0.02 gives near-uniform attention and logits near zero):
+    the attention_mask moves the padded rows' logits by a few percent, and 30 forward-gradient steps learn."""
+    return tiny_bert(initializer_range=0.5)
+
+
+def _hf_bert_dict():
+    return padded_bert(), BERT_TRAINABLE, token_batch()
 
 
 def _timm_vit():
@@ -155,17 +187,113 @@ def _timm_vit():
     return model.double(), ["head.*", "blocks.0.attn.qkv.*"], images(size=8)
 
 
-@pytest.mark.parametrize("make", [_hf_vit, _hf_bert, _timm_vit], ids=["hf_vit", "hf_bert", "timm_vit"])
+@pytest.mark.parametrize("make", [_hf_vit, _hf_bert, _hf_bert_dict, _timm_vit],
+                         ids=["hf_vit", "hf_bert", "hf_bert_dict", "timm_vit"])
 def test_transformers_from_the_hubs_libraries_are_exact_offline(make):
-    """Hugging Face models (a ModelOutput's logits through the backend's one adapter, token ids as input) and timm's
-    ViT (fused attention, run on the math kernel), built from small configurations: the jvp along the trained
-    subset's basis is autograd's gradient; every weight estimator and activity perturbation run."""
+    """Hugging Face models (a ModelOutput's logits through the backend's one adapter; token ids as input, or a dict of
+    token ids, a padding attention_mask and token types passed as keyword arguments) and timm's ViT (fused attention,
+    run on the math kernel), built from small configurations: the jvp along the trained subset's basis is autograd's
+    gradient; every weight estimator and activity perturbation run."""
     model, trainable, (x, labels) = make()
     network = TorchNetwork(model, num_classes=3, trainable=trainable)
     assert basis_error(network, x, labels) < 1e-10
     for name in ("naive", "input_qr", "partition", "activity"):
         grads = REGISTRY[name].make(k=2).estimate(network, x, labels, 0).grads
         assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_a_dict_input_goes_to_the_model_as_keyword_arguments():
+    """The adapter calls ``model(**x)``: the network's logits are the model's own on a padded batch, where the
+    attention_mask matters (without it the padded rows' logits differ, the others' do not)."""
+    model = padded_bert().eval()
+    x, _ = token_batch()
+    padded = x["attention_mask"].min(1).values == 0
+    assert 0 < int(padded.sum()) < len(padded)
+    with torch.no_grad():
+        logits = TorchNetwork(model, num_classes=3)(x)
+        torch.testing.assert_close(logits, model(**x).logits, rtol=0, atol=0)
+        unmasked = model(input_ids=x["input_ids"], token_type_ids=x["token_type_ids"]).logits
+    assert float((unmasked - logits)[padded].abs().amin()) > 1e-3
+    torch.testing.assert_close(unmasked[~padded], logits[~padded])
+
+
+def test_zeroth_orders_central_difference_is_the_directional_derivative_on_a_dict_input():
+    """ZerothOrder (k = 1, dropout on: every forward from one random state) on a padded dict batch: its loss difference
+    ``(L(θ+εz) − L(θ−εz)) / 2ε`` is the forward-mode derivative along its ``z`` (its estimate ``ĝ = difference · z``
+    over the difference)."""
+    network = TorchNetwork(padded_bert(), num_classes=3, trainable=BERT_TRAINABLE)
+    x, labels = token_batch()
+    torch.manual_seed(0)
+    estimate = ZerothOrder(k=1, eps=1e-5, seed=3).estimate(network, x, labels, 0)
+    difference = float(estimate.grads.weights[0])
+    directions = {name: (grad / difference).unsqueeze(0) for name, grad in estimate.grads.items()}
+    torch.manual_seed(0)
+    derivative = float(network.jvp(x, labels, GivenTangents(directions)).dir_derivs[0])
+    assert abs(derivative) > 1e-3
+    assert difference == pytest.approx(derivative, rel=1e-7)
+
+
+def test_two_ranks_of_dict_batches_take_the_union_batch_update():
+    """ZerothOrder (forward passes only: two threads may run it) on a dict batch split 3 + 5 over two ranks: the
+    update of one process on the union batch, each rank's batch mean weighted by its dict's dim 0."""
+    x, labels = token_batch(batch=8)
+    networks = [TorchNetwork(padded_bert().eval(), num_classes=3, trainable=BERT_TRAINABLE) for _ in range(3)]
+    parts = [slice(0, 3), slice(3, 8)]
+
+    def estimate(comm):
+        rows = parts[comm.rank]
+        part = {key: value[rows] for key, value in x.items()}
+        return dict(ZerothOrder(k=2, seed=3).estimate(networks[comm.rank], part, labels[rows], 0, comm).grads)
+
+    ranks = in_threads(estimate)
+    single = ZerothOrder(k=2, seed=3).estimate(networks[2], x, labels, 0).grads
+    for name, grad in single.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("name", ["multi_direction", "zeroth_order"])
+def test_a_short_training_on_dict_batches_lowers_the_loss(name):
+    """ForwardGradientModule under a Trainer on a synthetic padded token dataset (dict inputs through the default
+    collate, Lightning's batch transfer and the module's step): 30 SGD steps on the trained subset lower the loss."""
+    model = padded_bert()
+    x, labels = token_batch(batch=48, seed=2)
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            value = float(nn.functional.cross_entropy(model(**x).logits, labels))
+        model.train()
+        return value
+
+    before = loss()
+    module = ForwardGradientModule(model, REGISTRY[name].make(k=4, seed=0), lambda p: torch.optim.SGD(p, lr=0.1),
+                                   num_classes=3, trainable=BERT_TRAINABLE)
+    examples = [({key: value[i] for key, value in x.items()}, labels[i]) for i in range(len(labels))]
+    pl.Trainer(max_steps=30, logger=False, enable_model_summary=False, enable_checkpointing=False,
+               enable_progress_bar=False, accelerator="cpu").fit(
+        module, DataLoader(examples, batch_size=16, shuffle=True))
+    after = loss()
+    print(f"{name}: loss {before:.3f} -> {after:.3f}")
+    assert after < before - 0.2, (before, after)
+
+
+def test_dict_values_that_disagree_on_the_batch_are_refused_in_one_line():
+    """Before any update, naming every key's dim 0: by the estimator (MultiDirection, and ZerothOrder, which moves the
+    parameters before its first forward) or by the network's adapter (Backprop's loss_and_grad); an empty dict too."""
+    x, labels = token_batch()
+    bad = {**x, "attention_mask": x["attention_mask"][:3]}
+    sizes = re.escape("{'input_ids': 4, 'attention_mask': 3, 'token_type_ids': 4}")
+    network = TorchNetwork(padded_bert(), num_classes=3, trainable=BERT_TRAINABLE)
+    before = {name: p.clone() for name, p in network.named_parameters()}
+    for estimator in (MultiDirection(k=2), ZerothOrder(k=2), Backprop()):
+        with pytest.raises(ValueError, match=f"batch sizes \\(dim 0\\) are {sizes}$") as info:
+            estimator.estimate(network, bad, labels, 0)
+        assert "\n" not in str(info.value)
+        assert all(torch.equal(p, before[name]) for name, p in network.named_parameters())
+    with pytest.raises(ValueError, match="empty mapping"):
+        batch_size({})
+    assert batch_size(x) == 4 and batch_size(x["input_ids"]) == 4
 
 
 def test_pretrain_then_fine_tune_lora_through_fg_cli(idx_root, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -15,7 +16,9 @@ from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside,
 
 from fg_lightning.cli import main as fg_cli
 from fg_lightning.engine import CNN, MLP, TangentSource, to_torch
-from fg_lightning.estimators import REGISTRY, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate
+from fg_lightning.estimators import (
+    REGISTRY, DivergenceError, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate,
+)
 from fg_lightning.estimators import local as local_module
 from fg_lightning.module import ForwardGradientModule
 from fg_lightning.torch_network import TorchBackendError, TorchNetwork
@@ -211,6 +214,58 @@ def test_activity_perturbation_on_a_users_model():
         REGISTRY["activity"].make().estimate(scaled, torch.randn(5, 3), torch.randint(0, 2, (5,)), 0)
     REGISTRY["activity"].make(exact_output=False).estimate(scaled, torch.randn(5, 3), torch.randint(0, 2, (5,)), 0)
 
+
+
+class KeywordInputs(nn.Module):
+    """A classifier called with keyword arguments: ``features (B, 6)`` and ``keep (B, 6)``, an integer 0/1 mask of the
+    features it uses."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 8), norm, nn.Linear(8, 3)
+
+    def forward(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.fc1(features * keep)).relu())
+
+
+def test_activity_perturbation_on_a_dict_input():
+    """A dict input (a float and an integer tensor, the examples along dim 0 of both) through activity perturbation's
+    passes: the examples-apart check names a batch norm in training mode; with a layer norm the output layer's
+    gradient is autograd's."""
+    generator = torch.Generator().manual_seed(0)
+    x = {"features": torch.randn(6, 6, generator=generator, dtype=torch.float64),
+         "keep": torch.randint(0, 2, (6, 6), generator=generator)}
+    labels = torch.randint(0, 3, (6,), generator=generator)
+    torch.manual_seed(0)
+    mixing = TorchNetwork(KeywordInputs(nn.BatchNorm1d(8)).double())
+    with pytest.raises(TorchBackendError, match=r"^KeywordInputs: 'norm' \(BatchNorm1d\) mixes the examples[^\n]*$"):
+        REGISTRY["activity"].make().estimate(mixing, x, labels, 0)
+    net = TorchNetwork(KeywordInputs(nn.LayerNorm(8)).double())
+    _, _, exact = net.loss_and_grad(x, labels)
+    grads = REGISTRY["activity"].make(k=2).estimate(net, x, labels, 0).grads
+    torch.testing.assert_close(grads["fc2.weight"], exact["fc2.weight"], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(grads["fc1.weight"], exact["fc1.weight"])
+
+
+def test_a_dict_batch_trains_through_the_module_and_its_nan_is_named_as_the_datas():
+    """Dict inputs through the default collate and ForwardGradientModule's step under a Trainer: two steps train; a
+    NaN in one of the dict's tensors is named as the input batch's, not the learning rate's."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    keep, labels = torch.randint(0, 2, (8, 6), generator=generator), torch.randint(0, 3, (8,), generator=generator)
+
+    def fit(features):
+        examples = [({"features": features[i], "keep": keep[i]}, labels[i]) for i in range(8)]
+        module = ForwardGradientModule(KeywordInputs(nn.LayerNorm(8)).double(), MultiDirection(k=2))
+        pl.Trainer(max_steps=2, logger=False, enable_model_summary=False, enable_checkpointing=False,
+                   enable_progress_bar=False, accelerator="cpu").fit(
+            module, torch.utils.data.DataLoader(examples, batch_size=4))
+        return module
+
+    assert fit(features).global_step == 2
+    features[5, 1] = float("nan")
+    with pytest.raises(DivergenceError, match="input batch of step 1 holds NaN or infinite values"):
+        fit(features)
 
 
 def test_a_users_sequential_cnn_trains_with_multi_direction_through_fg_cli(idx_root, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator
+from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, batch_size
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
@@ -17,5 +17,5 @@ class Backprop(GradientEstimator):
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
         loss, logits, grads = network.loss_and_grad(x, labels)
-        loss, grads = comm.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
+        loss, grads = comm.mean_gradient(batch_size(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)

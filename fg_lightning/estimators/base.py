@@ -10,7 +10,7 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ class ForwardModel(Protocol):
       derivatives along a :class:`~fg_lightning.engine.tangents.TangentSource`'s tangents;
     - ``fully_connected(layer)``: whether input-generated directions (Section III-D) apply to a layer's weight;
     - ``has_local_losses``, ``num_classes``, ``logits_loss(logits, labels)``.
+
+    ``x`` is the batch's input, a tensor or (the torch backend) a mapping of tensors, :data:`Inputs`: an estimator
+    takes the number of examples with :func:`batch_size`, never ``len(x)``.
     """
 
     has_local_losses: bool
@@ -101,6 +104,25 @@ class LocalLossModel(ActivityModel, Protocol):
     def block_parameters(self) -> list[list[str]]: ...
 
     def named_layers(self) -> Iterator[tuple[str, Any]]: ...
+
+
+Inputs = Union[Tensor, Mapping[str, Tensor]]
+"""A batch's input: one tensor with the examples along dim 0, or a mapping of such tensors that the torch backend
+passes to the model as keyword arguments (a Hugging Face batch: ``{"input_ids": (B, T), "attention_mask": (B, T)}``)."""
+
+
+def batch_size(x: Inputs) -> int:
+    """The number of examples in the input ``x``: ``len(x)`` for a tensor; for a mapping, the dim 0 that all its
+    values share (``ValueError`` naming each key's size when they do not, or when it is empty)."""
+    if not isinstance(x, Mapping):
+        return len(x)
+    sizes = {key: value.shape[0] if isinstance(value, Tensor) and value.dim() else None for key, value in x.items()}
+    if not sizes:
+        raise ValueError("the input is an empty mapping: a batch needs at least one tensor")
+    if None in sizes.values() or len(set(sizes.values())) > 1:
+        raise ValueError(f"the input's values must all be tensors with the examples along dim 0, but their batch "
+                         f"sizes (dim 0) are {sizes}")
+    return next(iter(sizes.values()))
 
 
 def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -417,7 +439,7 @@ class GradientEstimator:
             loss, _, grads, _ = network.local_loss_and_grad(x, labels)
         else:
             loss, _, grads = network.loss_and_grad(x, labels)
-        return comm.mean_gradient(len(x), loss, grads)[1]
+        return comm.mean_gradient(batch_size(x), loss, grads)[1]
 
     # -- randomness ----------------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:

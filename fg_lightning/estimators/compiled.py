@@ -88,11 +88,11 @@ class CompiledStep:
         if comm.world_size > 1:
             raise ValueError(f"compile=True trains one process; {type(comm).__name__} has {comm.world_size}: "
                              "use compile=False with several processes")
-        if x.device.type == "cuda":
+        if labels.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten from here on
         scratch = Collective()  # a fresh counter: the graph would otherwise specialise on comm.bytes, step by step
         with _nested_graph_breaks():
-            estimate, finite = self.compiled(x.device)(x, labels, step, scratch)
+            estimate, finite = self.compiled(labels.device)(x, labels, step, scratch)
         comm.bytes += scratch.bytes
         apply_estimate(estimate, self.network, optimizer, step, self.estimator, before_step, finite=finite)
         return estimate

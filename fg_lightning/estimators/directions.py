@@ -10,7 +10,7 @@ from torch import Tensor
 from fg_lightning.engine import TangentSource, full_name, weighted_sum
 from fg_lightning.estimators.base import (
     Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads,
-    UpdateAsFormed, check_positive_int, num_parameters, parameter_layout, weights_finite,
+    UpdateAsFormed, batch_size, check_positive_int, num_parameters, parameter_layout, weights_finite,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
@@ -72,7 +72,7 @@ class MultiDirection(GradientEstimator):
                  comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
         replayed = self.tangents == "replayed"
         source = ReplayedGaussianTangents(self, self.k) if replayed else GaussianTangents(self, self.k)
-        result = comm.mean_derivatives(len(x), network.jvp(x, labels, source))
+        result = comm.mean_derivatives(batch_size(x), network.jvp(x, labels, source))
         params = dict(network.named_parameters())
 
         def tangent(name: str) -> Tensor:  # parameter name's (k, *shape) directions: drawn again, or as kept
@@ -166,7 +166,8 @@ class Partition(GradientEstimator):
             sizes = torch.bincount(part_ids, minlength=self.k).to(source.dtype)
             source.mul_((sizes / sq_norms).sqrt_()[part_ids])
 
-        result = comm.mean_derivatives(len(x), network.jvp(x, labels, _PartTangents(self.k, layout, part_ids, source)))
+        result = comm.mean_derivatives(batch_size(x),
+                                       network.jvp(x, labels, _PartTangents(self.k, layout, part_ids, source)))
         # Parts are disjoint, so Σ_j (∇f·v^j) v^j is v times the derivative of each coordinate's own part.
         flat = source.mul_(result.dir_derivs[part_ids])  # the tangents hold copies: source is free to reuse
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, (shape, offset) in layout.items()}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fg_lightning.engine import OuterTangent, Tangent, TangentSource
-from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, forward_gradient
+from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, batch_size, forward_gradient
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
@@ -30,7 +30,7 @@ class _InputGenerated(GradientEstimator):
 
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
-        result = comm.mean_derivatives(len(x), network.jvp(x, labels, _InputTangents(self, network, comm)))
+        result = comm.mean_derivatives(batch_size(x), network.jvp(x, labels, _InputTangents(self, network, comm)))
         return Estimate(result.loss, result.logits, forward_gradient(result))
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 from fg_lightning.engine import GivenTangents, Layer, TangentSource, full_name, weighted_sum
 from fg_lightning.engine.layers import relu_grad_
 from fg_lightning.estimators.base import (
-    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, UpdateAsFormed, check_positive_int,
+    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, UpdateAsFormed, batch_size,
+    check_positive_int,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 from fg_lightning.estimators.per_example import ExampleGuesses, local_backward, unsupported
@@ -68,9 +69,9 @@ class _ActivityPerturbation(GradientEstimator):
         else:
             source.block_done(0, result.dir_derivs, None)
         if update is not None:  # every layer's update is applied
-            return update.done(comm.batch_mean([result.loss], len(x))[0], result.logits)
+            return update.done(comm.batch_mean([result.loss], batch_size(x))[0], result.logits)
         # data parallel: each weight's estimate sums over its rank's examples; one all-reduce of the gradient
-        loss, grads = comm.mean_gradient(len(x), result.loss,
+        loss, grads = comm.mean_gradient(batch_size(x), result.loss,
                                          {name: source.grads[name] for name, _ in network.named_parameters()})
         return Estimate(loss, result.logits, grads)
 
@@ -394,7 +395,8 @@ class LocalWeightPerturbation(GradientEstimator):
 
     def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
-        result = comm.mean_derivatives(len(x), network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
+        result = comm.mean_derivatives(batch_size(x),
+                                       network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
         grads = {}
         for names, derivs, groups in zip(network.block_parameters(), result.block_derivs, result.group_derivs):
             for name in names:
@@ -418,7 +420,7 @@ class LocalBackprop(GradientEstimator):
     def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
         loss, logits, grads, _ = network.local_loss_and_grad(x, labels)
-        loss, grads = comm.mean_gradient(len(x), loss, grads)  # data parallel: one all-reduce of the gradient
+        loss, grads = comm.mean_gradient(batch_size(x), loss, grads)  # data parallel: one all-reduce of the gradient
         return Estimate(loss, logits, grads)
 
 
@@ -466,7 +468,7 @@ class LocalGuess(GradientEstimator):
     def exact_gradient(self, network: LocalLossModel, x: Tensor, labels: Tensor,
                        comm: Collective = ONE_PROCESS) -> dict[str, Tensor]:
         loss, _, grads = network.loss_and_grad(x, labels)  # it projects the network loss's gradient
-        return comm.mean_gradient(len(x), loss, grads)[1]
+        return comm.mean_gradient(batch_size(x), loss, grads)[1]
 
     def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
@@ -474,7 +476,7 @@ class LocalGuess(GradientEstimator):
             return self._example_estimate(network, x, labels, comm)
         loss, _, local, _ = network.local_loss_and_grad(x, labels)
         # data parallel: the guesses are the union batch's local gradients (one all-reduce), the same on every rank
-        _, local = comm.mean_gradient(len(x), loss, local)
+        _, local = comm.mean_gradient(batch_size(x), loss, local)
         main = {name for name, _ in network.named_layers()}
         # The last block's local loss is the network's: its guess is the gradient itself and needs no projection.
         guessed = [[n for n in names if n.split(".")[0] in main] for names in network.block_parameters()[:-1]]
@@ -485,7 +487,7 @@ class LocalGuess(GradientEstimator):
         for name, index in block_of.items():
             guesses[name] = local[name].new_zeros(len(guessed), *local[name].shape)
             guesses[name][index] = local[name]
-        result = comm.mean_derivatives(len(x), network.jvp(x, labels, GivenTangents(guesses)))
+        result = comm.mean_derivatives(batch_size(x), network.jvp(x, labels, GivenTangents(guesses)))
         sq_norms = torch.stack([sum(local[n].square().sum() for n in names) for names in guessed])
         scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
                             torch.zeros_like(sq_norms))
@@ -510,6 +512,6 @@ class LocalGuess(GradientEstimator):
                 grads[f"{name}.{param}"] = grad
             del tap
         # data parallel: every part is a mean over this rank's examples; one all-reduce of the gradient
-        loss, grads = comm.mean_gradient(len(x), result.loss,
+        loss, grads = comm.mean_gradient(batch_size(x), result.loss,
                                          {name: grads[name] for name, _ in network.named_parameters()})
         return Estimate(loss, result.logits, grads)

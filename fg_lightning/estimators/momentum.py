@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from fg_lightning.engine import GivenTangents
-from fg_lightning.estimators.base import Estimate, ForwardModel, GradientEstimator, check_positive_int, parameter_layout
+from fg_lightning.estimators.base import (
+    Estimate, ForwardModel, GradientEstimator, batch_size, check_positive_int, parameter_layout,
+)
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
@@ -116,7 +118,7 @@ class MomentumForwardGradient(GradientEstimator):
         checkpoint = step % self.fix_gap == 0 or self._sorted_index is None
         if checkpoint:  # data parallel: the gradient all-reduced, so that every rank ranks it the same
             loss, logits, grads = network.loss_and_grad(x, labels)
-            loss, grads = comm.mean_gradient(len(x), loss, grads)
+            loss, grads = comm.mean_gradient(batch_size(x), loss, grads)
             exact = torch.cat([grads[name].flatten() for name, _, _ in layout])
             self._sorted_index = self._rank(exact, groups)
         gamma = self.decay_at(step) ** (step % self.fix_gap)
@@ -125,7 +127,7 @@ class MomentumForwardGradient(GradientEstimator):
             dir_deriv = exact @ direction
         else:
             views = {name: direction[offset : offset + shape.numel()].view(1, *shape) for name, shape, offset in layout}
-            result = comm.mean_derivatives(len(x), network.jvp(x, labels, GivenTangents(views)))
+            result = comm.mean_derivatives(batch_size(x), network.jvp(x, labels, GivenTangents(views)))
             loss, logits, dir_deriv = result.loss, result.logits, result.dir_derivs[0]
         flat = direction * dir_deriv
         grads = {name: flat[offset : offset + shape.numel()].view(shape) for name, shape, offset in layout}

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from fg_lightning.estimators.base import (
-    Estimate, ForwardModel, GradientEstimator, ReplayedGrads, Rewind, UpdateAsFormed, check_positive_int,
-    weights_finite,
+    Estimate, ForwardModel, GradientEstimator, ReplayedGrads, Rewind, UpdateAsFormed, batch_size,
+    check_positive_int, weights_finite,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
@@ -147,9 +147,10 @@ class ZerothOrder(GradientEstimator):
     def estimate(self, network: ForwardModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
         self._refuse_half_precision(network)  # also here: a network cast after validate() (Lightning's precision)
+        examples = batch_size(x)  # a bad input refused before any parameter moves
         params = dict(network.named_parameters())
         queries = _Queries(self.distribution)
-        rewind = Rewind(network, x.device)  # type: ignore[arg-type]
+        rewind = Rewind(network, labels.device)  # type: ignore[arg-type]
         losses, differences, logits = [], [], None
         with torch.no_grad():
             for query in range(self.k):
@@ -172,7 +173,7 @@ class ZerothOrder(GradientEstimator):
                     logits = (plus_logits + minus_logits) / 2  # (B, C), second-order accurate
                 losses.append((plus + minus) / 2)
                 differences.append((plus - minus) / (2 * self.eps))  # ∇L·z_i + O(ε²)
-            loss, differences = comm.batch_mean([torch.stack(losses).mean(), torch.stack(differences)], len(x))
+            loss, differences = comm.batch_mean([torch.stack(losses).mean(), torch.stack(differences)], examples)
         weights = differences / self.k  # ĝ = Σ_i w_i z_i
         grads = _QueryGrads(weights, queries, params)
         if update is None:
