@@ -21,6 +21,7 @@ freezes the rest): the frozen ones get no tangent, no perturbation and no optimi
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Any
 
@@ -34,16 +35,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, or whose weights do not fit the model."""
 
 
-def pretrained(model: nn.Module, checkpoint: str, key_prefix: str | None = None) -> nn.Module:
+def pretrained(model: nn.Module, checkpoint: str, key_prefix: str | None = None,
+               skip: list[str] | None = None) -> nn.Module:
     """``model`` with its weights from ``checkpoint``: a checkpoint ``fg-cli`` (Lightning) wrote, whose
     ``state_dict`` holds the network under ``network.module.`` (``key_prefix`` to take another prefix), or a file of
-    ``model.state_dict()`` as ``torch.save`` wrote it. Every weight must fit: a missing, unexpected or mis-shaped one
-    is refused in one line naming it, before anything is trained.
+    ``model.state_dict()`` as ``torch.save`` wrote it. ``skip``: names or patterns (``fnmatch``) of the model's
+    weights left as the model initialised them, a new classifier head for a new task, say (torchvision's ViT starts
+    its head at zero). Every other weight must fit: a missing, unexpected or mis-shaped one, or a ``skip`` pattern
+    matching no weight, is refused in one line naming it, before anything is trained.
 
     Example::
 
-        model = pretrained(ViT(), "tb_logs/vit_pretrain/version_0/checkpoints/last.ckpt")
+        model = pretrained(ViT(), "tb_logs/vit_pretrain/version_0/checkpoints/last.ckpt", skip=["heads.*"])
     """
+    skip = [] if skip is None else skip
+    if isinstance(skip, str) or not all(isinstance(pattern, str) and pattern for pattern in skip):
+        raise CheckpointError(f"skip must be a list of weight names or patterns, got skip={skip!r}")
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(name, p) for name in model.state_dict())]
+    if unmatched:
+        raise CheckpointError(f"skip pattern(s) {unmatched} match no weight of {type(model).__name__}")
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint!r} is not a file")
     try:
@@ -55,8 +65,12 @@ def pretrained(model: nn.Module, checkpoint: str, key_prefix: str | None = None)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {checkpoint!r} holds no state_dict")
     prefix = ("network.module." if "state_dict" in saved else "") if key_prefix is None else key_prefix
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    expected = model.state_dict()
+
+    def skipped(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not skipped(k[len(prefix):])}
+    expected = {k: v for k, v in model.state_dict().items() if not skipped(k)}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     shapes = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
@@ -65,7 +79,7 @@ def pretrained(model: nn.Module, checkpoint: str, key_prefix: str | None = None)
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if names]
         raise CheckpointError(f"checkpoint {checkpoint!r} does not fit {type(model).__name__} "
                               f"(prefix {prefix!r}): {'; '.join(parts)}")
-    model.load_state_dict(weights)
+    model.load_state_dict(weights, strict=not skip)
     return model
 
 

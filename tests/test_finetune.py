@@ -124,6 +124,15 @@ def test_pretrained_weights_load_from_a_checkpoint_and_a_misfit_is_refused(tmp_p
         with pytest.raises(CheckpointError, match=re.escape(words)) as info:
             pretrained(model, str(file))
         assert "\n" not in str(info.value)
+    # a new head for a new task: `skip` leaves it as the model made it (a 5-class head from a 10-class checkpoint)
+    fresh = ViT(num_layers=1, hidden_dim=8, mlp_dim=16, num_heads=2, num_classes=5).double()
+    head = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("heads.")}
+    pretrained(fresh, str(path), skip=["heads.*"])
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, head[name] if name in head else source.state_dict()[name]), name
+    for skip, words in ((["head.*"], "skip pattern(s) ['head.*'] match no weight"), ("heads.*", "skip must be a list")):
+        with pytest.raises(CheckpointError, match=re.escape(words)):
+            pretrained(small_vit(), str(path), skip=skip)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be loaded") as info:
@@ -336,3 +345,70 @@ def test_pretrain_then_fine_tune_lora_through_fg_cli(idx_root, tmp_path, capsys)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "does not fit VisionTransformer" in lines[0], lines
     assert not (tmp_path / "refused").exists()
+
+
+FINETUNE_CONFIGS = sorted(name[:-5] for name in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+                          if name.startswith("vit_finetune_"))
+
+
+@pytest.mark.parametrize("name", FINETUNE_CONFIGS)
+def test_every_fine_tuning_config_trains_from_a_checkpoint(name, tmp_path):
+    """Each configs/vit_finetune_*.yaml runs through fg-cli from a pretrained ViT's checkpoint: the head starts new
+    (zero, `skip`), a trained weight moves, a frozen one (LoRA's base) stays bit for bit."""
+    pytest.importorskip("peft")
+    pytest.importorskip("sklearn")
+    from fg_lightning.cli import main as fg_cli
+
+    torch.manual_seed(0)
+    source = ViT()
+    checkpoint = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": {f"network.module.{k}": v for k, v in source.state_dict().items()}}, checkpoint)
+    lora_config = "lora" in name
+    key = "model.network.init_args." + ("model.init_args." if lora_config else "") + "checkpoint"
+    fg_cli(["fit", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", name + ".yaml"),
+            f"--{key}", str(checkpoint), "--data.init_args.per_class", "5", "--trainer.max_steps", "3",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    tuned = torch.load(tmp_path / "runs" / name / "version_0" / "checkpoints" / "last.ckpt",
+                       weights_only=False)["state_dict"]
+    prefix = "network.module.model.base_model.model." if lora_config else "network.module."
+    mlp = "encoder.layers.encoder_layer_0.mlp.0." + ("base_layer." if lora_config else "") + "weight"
+    pretrained_mlp = source.state_dict()["encoder.layers.encoder_layer_0.mlp.0.weight"]
+    assert torch.equal(tuned[prefix + mlp], pretrained_mlp) == lora_config  # frozen under LoRA, trained otherwise
+    if lora_config:
+        assert any("lora_B" in k and tuned[k].abs().sum() > 0 for k in tuned)  # the adapters moved
+    head = [k for k in tuned if k.endswith("heads.head.weight")]
+    assert head and all(tuned[k].abs().sum() > 0 for k in head)  # trained from zero, not the pretrained head's
+    assert not any(torch.equal(tuned[k], source.heads.head.weight) for k in head)
+
+
+def test_a_timm_model_fine_tunes_through_fg_cli(tmp_path):
+    """The README's timm config (timm.create_model as the model's class_path, its **kwargs as dict_kwargs), here with
+    pretrained=False and a 28x28 single-channel configuration: MeZO on its LoRA adapters for 2 steps."""
+    pytest.importorskip("timm")
+    pytest.importorskip("peft")
+    pytest.importorskip("sklearn")
+    from fg_lightning.cli import main as fg_cli
+
+    config = tmp_path / "timm.yaml"
+    config.write_text("""seed_everything: 0
+model:
+  network:
+    class_path: fg_lightning.finetune.lora
+    init_args:
+      target_modules: [qkv, fc1, fc2]
+      modules_to_save: [head]
+      model:
+        class_path: timm.create_model
+        init_args: {model_name: vit_tiny_patch16_224, pretrained: false}
+        dict_kwargs: {num_classes: 10, img_size: 28, patch_size: 7, in_chans: 1, depth: 2}
+  estimator: {class_path: fg_lightning.estimators.ZerothOrder}
+  optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.001}}
+data:
+  class_path: fg_lightning.data.DigitsDataModule
+  init_args: {per_class: 5, batch_size: 10}
+trainer: {max_steps: 2, logger: false, enable_progress_bar: false, default_root_dir: %s}
+""" % tmp_path)
+    fg_cli(["fit", "--config", str(config)])
+    saved = torch.load(next(tmp_path.glob("checkpoints/*.ckpt")), weights_only=False)["state_dict"]
+    assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in saved)

@@ -8,10 +8,11 @@
     fg-bench accuracy --dataset fashion_mnist --epochs 10 --schedule cosine
     fg-bench depth --models mlp cnn --depths 2 8 32
     fg-bench comm --batch-sizes 256
+    fg-bench finetune --quick
     fg-bench all --device cuda
 
 Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
-The long ones (speed, memory, depth, quality, stability, momentum, accuracy) print a progress line before each case
+The long ones (speed, memory, depth, quality, stability, momentum, accuracy, finetune) print a progress line before each case
 (case i/N, seconds so far, the time left) and take ``--quick``: a smoke look in at most 3 minutes on 2 CPU cores.
 
 ``all`` runs ``speed`` and ``memory`` for both networks, every registered estimator and the stock baselines, with
@@ -33,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from fg_lightning.bench import finetune
 from fg_lightning.bench.common import MODELS, model_switches
 from fg_lightning.bench.depth import ESTIMATORS as DEPTH_ESTIMATORS, MODELS as DEPTH_MODELS
 from fg_lightning.bench.suite import PRESETS
@@ -218,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
             "--quick", action="store_true",
             help=f"a smoke look, measured {QUICK_MEASURED[name]} on 2 shared CPU cores: {' '.join(options)} (in place "
                  "of those options)")
+    finetune.add_arguments(commands.add_parser(
+        "finetune", help="a pretrained ViT fine-tuned on the digits with and without a backward pass: peak memory over "
+                         "inference's, step time, test accuracy against steps and seconds"))
     suite = commands.add_parser("all", help="speed and memory, every estimator and model, into results/<card>/")
     suite.add_argument("--preset", choices=list(PRESETS), default=None, help="default: gpu with --device cuda, else cpu")
     suite.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +238,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     they name."""
     args = parser().parse_args(argv)
     if getattr(args, "quick", False):
-        args = parser().parse_args([*argv, *QUICK[args.command]])
+        preset = finetune.QUICK if args.command == "finetune" else QUICK[args.command]
+        args = parser().parse_args([*argv, *preset])
     args.command_line = shlex.join(["fg-bench", *argv])
     return args
 

@@ -27,12 +27,25 @@ from fg_lightning.bench.budget import Budget, case_label, tangent_bytes
 COLUMNS = ["model", "batch_size", "estimator", "k", "peak_mb", "ratio_vs_autograd", "fwd_bound_mb", "ratio_vs_bound",
            "method", "error"]
 MIB = 2**20
+# glibc: every block of 64 KiB or more gets its own mapping, returned to the OS on free, so RSS follows the live tensors
+# (by default the threshold grows to 32 MiB and freed blocks linger in the heap). Read as a process starts: the
+# environment of the processes that measure.
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
+    """``/proc/self/status``'s ``field`` (``VmRSS``, ``VmHWM``) in MiB."""
     with open("/proc/self/status") as f:
         kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
     return kib / 1024
+
+
+def reset_peak_rss() -> float:
+    """Resets this process's peak RSS (``VmHWM``) to its current RSS and returns that RSS (MiB): the peak read after
+    a step is then the step's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mb("VmRSS")
 
 
 def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None, **network_kwargs: Any) -> dict[str, float]:
@@ -42,13 +55,11 @@ def measure_cpu_case(model: str, batch_size: int, name: str, k: int | None, **ne
     step(*make_batch(network, 2, torch.device("cpu")), 0)
     x, labels = make_batch(network, batch_size, torch.device("cpu"))
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS: the warm-up's peak does not count
-    resting = _status_mb("VmRSS")
+    resting = reset_peak_rss()  # the warm-up's peak does not count
     step(x, labels, 1)
     # The kernel's RSS counters are per-CPU and approximate (a few hundred KiB), so a step that allocates next to
     # nothing can read a little below rest: that is no memory above rest, read as 0.
-    return {"peak_mb": max(_status_mb("VmHWM") - resting, 0.0), "resting_mb": resting}
+    return {"peak_mb": max(status_mb("VmHWM") - resting, 0.0), "resting_mb": resting}
 
 
 def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: int,
@@ -56,9 +67,7 @@ def _cpu_case(model: str, batch_size: int, name: str, k: int | None, threads: in
     code = ("import json, sys, torch; from fg_lightning.bench.memory import measure_cpu_case; "
             f"torch.set_num_threads({threads}); "
             f"print(json.dumps(measure_cpu_case({model!r}, {batch_size}, {name!r}, {k!r}, **{network_kwargs!r})))")
-    # glibc: every block of 64 KiB or more gets its own mapping, returned to the OS on free, so RSS follows the live
-    # tensors (by default the threshold grows to 32 MiB and freed blocks linger in the heap).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    env = {**os.environ, **PINNED_MALLOC}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
