@@ -755,15 +755,12 @@ def test_replayed_tangents_give_the_stored_paths_estimates_at_the_same_seed(aggr
     assert not torch.equal(got["fc1.weight"], estimators[0].estimate(net, x, labels, 3).grads["fc1.weight"])
 
 
-@pytest.mark.parametrize("tangents", ["stored", "replayed"])
-@pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
-def test_random_directions_under_plain_sgd_are_applied_one_parameter_at_a_time(aggregation, tangents, monkeypatch):
-    """Under plain SGD ``training_step`` applies each parameter's part of a random-direction estimate as it is formed
-    (UpdateAsFormed): the parameters of the kept estimate's ``.grad`` path, no ``.grad`` written, one parameter per
-    part, and never more than one formed part alive at a time (an estimate that forms every part first fails)."""
+def count_parts_as_formed(monkeypatch) -> tuple[list[int], list[list[str]]]:
+    """Patch ``UpdateAsFormed`` to record each applied part's parameter names (``parts``) and the most formed parts
+    alive at once (``most[0]``)."""
     import weakref
 
-    from fg_lightning.estimators import AppliedGrads, UpdateAsFormed, training_step
+    from fg_lightning.estimators import UpdateAsFormed
 
     alive, most, parts = [], [0], []
     original = UpdateAsFormed.__call__
@@ -774,6 +771,20 @@ def test_random_directions_under_plain_sgd_are_applied_one_parameter_at_a_time(a
         parts.append(list(grads))
         return original(self, grads, checked)
 
+    monkeypatch.setattr(UpdateAsFormed, "__call__", counted)
+    return most, parts
+
+
+@pytest.mark.parametrize("tangents", ["stored", "replayed"])
+@pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
+def test_random_directions_under_plain_sgd_are_applied_one_parameter_at_a_time(aggregation, tangents, monkeypatch):
+    """Under plain SGD ``training_step`` applies each parameter's part of a random-direction estimate as it is formed
+    (UpdateAsFormed): the parameters of the kept estimate's ``.grad`` path, no ``.grad`` written, one parameter per
+    part, and never more than one formed part alive at a time (an estimate that forms every part first fails)."""
+    from fg_lightning.estimators import AppliedGrads, training_step
+
+    most, parts = count_parts_as_formed(monkeypatch)
+
     def trained(keep, steps=3):
         net, x, labels = small_problem()
         estimator = MultiDirection(k=4, aggregation=aggregation, tangents=tangents, seed=3)
@@ -783,7 +794,6 @@ def test_random_directions_under_plain_sgd_are_applied_one_parameter_at_a_time(a
             assert isinstance(estimate.grads, AppliedGrads) != keep
         return net
 
-    monkeypatch.setattr(UpdateAsFormed, "__call__", counted)
     fused = trained(keep=False)
     assert most[0] == 1 and len(parts) == 3 * len(list(fused.parameters())) and all(len(p) == 1 for p in parts)
     assert all(p.grad is None for p in fused.parameters())

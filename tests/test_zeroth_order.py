@@ -8,21 +8,20 @@ by 1.1, a perturbation not restored, z drawn again differently, the random state
 from __future__ import annotations
 
 import math
-import weakref
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from test_estimators import (
-    SEED, TARGET_SE, check_two_ranks_take_the_union_batch_update, flat, gaussian_var, mutant, small_problem,
-    tiny_problem,
+    SEED, TARGET_SE, check_two_ranks_take_the_union_batch_update, count_parts_as_formed, flat, gaussian_var, mutant,
+    small_problem, tiny_problem,
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fg_lightning.engine import MLP, cross_entropy
 from fg_lightning.estimators import (
-    REGISTRY, AppliedGrads, DivergenceError, UpdateAsFormed, ZerothOrder, training_step,
+    REGISTRY, AppliedGrads, DivergenceError, ZerothOrder, training_step,
 )
 from fg_lightning.estimators import zeroth_order as zeroth_order_module
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
@@ -238,15 +237,6 @@ def test_applied_as_formed_is_the_kept_estimates_sgd_step_bit_for_bit(backend, d
     """Under plain SGD the update of each parameter is applied as it is formed (UpdateAsFormed), one parameter per part
     and never more than one formed part alive: the parameters of the kept estimate's step through ``.grad``, bit for
     bit, with no ``.grad`` written."""
-    alive, most, parts = [], [0], []
-    original = UpdateAsFormed.__call__
-
-    def counted(self, grads, checked=False):
-        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(g) for g in grads.values()]
-        most[0] = max(most[0], len(alive))
-        parts.append(list(grads))
-        return original(self, grads, checked)
-
     def trained(keep, steps=3):
         net, x, labels = small_problem()
         if backend == "torch":
@@ -260,7 +250,7 @@ def test_applied_as_formed_is_the_kept_estimates_sgd_step_bit_for_bit(backend, d
             assert isinstance(estimate.grads, AppliedGrads) != keep
         return net
 
-    monkeypatch.setattr(UpdateAsFormed, "__call__", counted)
+    most, parts = count_parts_as_formed(monkeypatch)
     formed = trained(keep=False)
     names = [name for name, _ in formed.named_parameters()]
     assert most[0] == 1 and parts == 3 * [[name] for name in names]
