@@ -255,9 +255,10 @@ class TorchNetwork(nn.Module):
         """The loss and its directional derivative along each of the K directions of ``tangents`` (a
         :class:`~fg_lightning.engine.tangents.TangentSource` or a ``tangent_fn``), one forward-mode pass per
         direction (see the module docstring). The source's ``weights(name, module, module_input)`` is asked once per
-        module that owns trained parameters, at its first call; with ``perturbs_activities``, its ``activity(name,
-        module, module_input, output)`` once per *call* of such a module (a module called twice gets two independent
-        tangents). ``source.per_example``: ``dir_derivs[k, b]`` is example ``b``'s term, ``∂L/∂logits_b ·
+        module that owns trained parameters, at its first call (a ``replayable`` source at every call of every pass,
+        only that direction's tangents kept, for that call: the result then carries no ``tangents``); with
+        ``perturbs_activities``, its ``activity(name, module, module_input, output)`` once per *call* of such a module
+        (a module called twice gets two independent tangents). ``source.per_example``: ``dir_derivs[k, b]`` is example ``b``'s term, ``∂L/∂logits_b ·
         ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
 
         Every use of a trained parameter gets its tangent or the pass raises :class:`TorchBackendError` naming the
@@ -841,15 +842,24 @@ class _Tangents:
     module that owns trained parameters starts its forward, its parameters become dual tensors carrying this
     direction's tangent (asked from the source at the module's first call, with its input); after each call of
     such a module, the source's activity tangent for that call is added to its output. The first pass also watches every
-    use of a parameter and of each perturbed output (:class:`_Watch`)."""
+    use of a parameter and of each perturbed output (:class:`_Watch`).
+
+    A source's tangents are kept, all K directions of every parameter (``given``: the result's ``tangents``), through
+    the K passes. A ``replayable`` source (one that gives the same tangents whenever asked again: MeZO's seed replay)
+    is asked again at every call of a module instead, and only this direction's slice of what it gives is kept, for
+    that call alone: one module's K tangents alive while it is asked, one direction's while it runs, none between
+    (memory flat in K, for K - 1 more draws of every tangent), and the result carries no ``tangents``, as the
+    engine's pass."""
 
     def __init__(self, network: TorchNetwork, source: TangentSource, device: torch.device) -> None:
         self.network, self.source, self.device = network, source, device
         self.model = type(network.module).__name__
         self.layers = network._layers()
         self.uses = _Watch(self.model, dict(network.named_parameters()), self.layers)
-        self.given: dict[str, Any] = {}  # full parameter name -> as the source gave it
-        self.dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape)
+        self.replay = source.replayable  # asked again at each call, nothing kept between calls
+        self.given: dict[str, Any] = {}  # full parameter name -> as the source gave it (not kept when replayed)
+        self.dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape) (not kept when replayed)
+        self.outer: set[str] = set()  # full parameter names whose tangent the source gave as an OuterTangent
         self.activities: dict[tuple[str, int], Tensor] = {}  # (module name, call) -> (K, *output.shape)
         self.calls: dict[str, int] = {}  # module name -> calls so far in this pass
         self.recorded: dict[nn.Module, list[RecordedCall]] = {}  # each running owner's call, innermost last
@@ -887,14 +897,21 @@ class _Tangents:
         name, own = self.layers[module]
         self.calls[name] = call = self.calls.get(name, 0) + 1
         with self.uses.pause():
-            if self.direction == 0 and call == 1:
-                self.ask(name, module, own, args, kwargs)
-            elif call == 2 and any(isinstance(self.given.get(full_name(name, p)), OuterTangent) for p in own):
+            if call == 2 and any(full_name(name, p) in self.outer for p in own):
                 raise TorchBackendError(
                     f"{self.model}: {name!r} is called more than once in one forward, and its weight's direction was "
                     f"drawn from the input of its first call (input_qr, input_approx), which does not span the "
                     f"gradient of its other calls: use an estimator with Gaussian directions (naive, "
                     f"multi_direction, ...)")
+            # this call's tangents, this direction's, by full name: asked again (replayable) and held by the dual
+            # tensors below for this call only; or views of all K, kept from the first call of the first pass
+            if self.replay:
+                mine = self.ask(name, module, own, args, kwargs)
+            else:
+                if self.direction == 0 and call == 1:
+                    self.ask(name, module, own, args, kwargs)
+                mine = {full: self.dense[full][self.direction] for full in (full_name(name, p) for p in own)
+                        if full in self.dense}
             if self.direction == 0 and self.source.perturbs_activities:
                 self.recorded.setdefault(module, []).append(RecordedCall.of(module, args, kwargs, self.device, own))
             for param in own:  # a plain (dual) tensor in each parameter's place, for this forward only
@@ -902,23 +919,35 @@ class _Tangents:
                 holder = module.get_submodule(holder_name) if holder_name else module
                 self.swapped.append((holder, {leaf: holder._parameters[leaf]}))
                 value = holder._parameters[leaf].detach()
-                dense = self.dense.get(full_name(name, param))
-                if dense is not None:
-                    value = fwAD.make_dual(value, dense[self.direction].to(value.dtype))
+                tangent = mine.get(full_name(name, param))
+                if tangent is not None:
+                    value = fwAD.make_dual(value, tangent.to(value.dtype))
                 holder._parameters[leaf] = value
+            del mine
         self.uses.running.append(name)
 
     def ask(self, name: str, module: nn.Module, own: list[str], args: tuple[Any, ...],
-            kwargs: dict[str, Any]) -> None:
+            kwargs: dict[str, Any]) -> dict[str, Tensor]:
+        """Asks the source for the module's tangents; returns this direction's, by full parameter name (a copy
+        when replayed: the source's ``(K, *shape)`` tensor is released as this returns)."""
         params = {p: v for p, v in module.named_parameters() if p in own}
         given = self.source.weights(name, module, _primal(args, kwargs), params)
+        mine: dict[str, Tensor] = {}
         for param, tangent in given.items():
             full = full_name(name, param)
             if param not in own:
                 raise ValueError(f"the tangent source gave a tangent for {full!r}, which is not a trained parameter")
             self.check_dirs(f"tangent for {full!r}", tuple(tangent.shape), tuple(params[param].shape))
-            self.given[full] = tangent
-            self.dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
+            if isinstance(tangent, OuterTangent):
+                self.outer.add(full)
+            if self.replay:  # (*shape): direction d's outer product, or a copy of its slice
+                d = self.direction
+                mine[full] = (tangent.out_factor[d].unsqueeze(1) * tangent.in_factor[d].unsqueeze(0)
+                              if isinstance(tangent, OuterTangent) else tangent[d].clone())
+            else:
+                self.given[full] = tangent
+                self.dense[full] = tangent.dense() if isinstance(tangent, OuterTangent) else tangent
+        return mine
 
     def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         own = len(self.layers[module][1])

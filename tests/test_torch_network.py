@@ -602,3 +602,66 @@ def test_the_first_pass_check_takes_rounding_from_the_least_precise_dtype(seed):
     for name in ("naive", "activity"):
         grads = REGISTRY[name].make(k=2).estimate(TorchNetwork(model), x.bfloat16(), labels, 0).grads
         assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def _replay_problem(model):
+    torch.manual_seed(0)
+    module = UserCNN() if model == "cnn" else CalledTwice()
+    shape, classes = ((1, 28, 28), 10) if model == "cnn" else ((5,), 3)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, *shape, generator=generator)
+    return module, x, torch.randint(0, classes, (6,), generator=generator)
+
+
+@pytest.mark.parametrize("model", ["cnn", "called_twice"])
+@pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
+def test_torch_backend_replayed_tangents_give_the_stored_estimate_bit_for_bit(model, aggregation):
+    """On the torch backend a replayed source is asked again at every call of every pass and only that direction's
+    slice is kept: the loss and the estimate are the stored path's, exactly (the same numbers as before the backend
+    stopped keeping all K), step after step, with dropout and batch norm in train mode and for a module called twice
+    in a forward."""
+    module, x, labels = _replay_problem(model)
+    nets = [TorchNetwork(module), TorchNetwork(type(module)())]
+    nets[1].load_state_dict(nets[0].state_dict())
+    estimators = [MultiDirection(k=4, aggregation=aggregation, tangents=t, seed=3) for t in ("replayed", "stored")]
+    for step in range(3):
+        got, want = [(torch.manual_seed(step), est.estimate(net, x, labels, step))[1]  # the same dropout masks
+                     for est, net in zip(estimators, nets)]
+        assert torch.equal(got.loss, want.loss)
+        for name, grad in want.grads.items():
+            assert torch.equal(got.grads[name], grad), (step, name)
+        for net, estimate in zip(nets, (got, want)):  # the next step from moved parameters
+            with torch.no_grad():
+                for name, param in net.named_parameters():
+                    param.sub_(0.01 * estimate.grads[name])
+    assert estimators[0].generator(x.device).get_state().equal(estimators[1].generator(x.device).get_state())
+
+
+def test_torch_backend_holds_one_modules_replayed_tangents_at_a_time():
+    """A replayable source on the torch backend is asked again at each module call of each of the K passes, and
+    what it gave is released before the next ask: no (K, *shape) tangent outlives its module's call, and the result
+    keeps none (a backend that kept every module's K directions through the passes, as for a stored source, fails
+    here)."""
+    import weakref
+
+    from fg_lightning.estimators.base import ReplayedGaussianTangents
+
+    module, x, labels = _replay_problem("cnn")
+    net = TorchNetwork(module)
+    net.jvp(x, labels, ReplayedGaussianTangents(MultiDirection(k=1), 1))  # the first call's check, out of the count
+    k, given, most_alive, asks = 4, [], [0], []
+
+    class Watched(ReplayedGaussianTangents):
+        def weights(self, name, layer, layer_input, params):
+            most_alive[0] = max(most_alive[0], sum(ref() is not None for ref in given))
+            tangents = super().weights(name, layer, layer_input, params)
+            asks.append(name)
+            given.extend(weakref.ref(t) for t in tangents.values())
+            return tangents
+
+    owners = [name for name, _ in net._layers().values()]
+    result = net.jvp(x, labels, Watched(MultiDirection(k=k), k))
+    assert most_alive[0] == 0, f"{most_alive[0]} tangents given earlier were alive at a later ask"
+    assert asks == owners * k  # every module, in every pass
+    assert result.dir_derivs.shape == (k,) and result.tangents == {}
+    assert all(ref() is None for ref in given)

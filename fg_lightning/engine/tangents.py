@@ -96,7 +96,8 @@ class TangentSource:
     - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (drawn again from a
       recorded generator state, as MeZO's seed replay): the engine's pass then keeps none of them (one layer's
       tangents alive at a time, asked again in a later chunk of directions), its result carries no ``tangents``, and
-      the estimator asks again to form its estimate. (The torch backend, one pass per direction, keeps them as it does any source's.)
+      the estimator asks again to form its estimate. (The torch backend, one pass per direction, asks again at every
+      call of a layer and keeps that direction's tangents for that call alone: flat in K.)
     - :meth:`block_done` (a local source): a block's derivatives, as soon as they are known.
     """
 
