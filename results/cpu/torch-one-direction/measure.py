@@ -1,8 +1,8 @@
 """Peak memory above rest and step time of one MultiDirection step on the torch backend (ViT width 384, batch 50),
 each case in a fresh process with glibc's mmap threshold pinned (fg_lightning.bench.memory's method):
 
-    python scripts/one_direction_memory.py            # every case, a table
-    python scripts/one_direction_memory.py 4 replayed # one case, JSON (what the table's processes run)
+    python results/cpu/torch-one-direction/measure.py            # every case, a table
+    python results/cpu/torch-one-direction/measure.py 4 replayed # one case, JSON (what the table's processes run)
 """
 
 from __future__ import annotations
