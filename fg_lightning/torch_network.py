@@ -258,8 +258,8 @@ class TorchNetwork(nn.Module):
         module that owns trained parameters, at its first call (a ``replayable`` source at every call of every pass,
         only that direction's tangents kept, for that call: the result then carries no ``tangents``); with
         ``perturbs_activities``, its ``activity(name, module, module_input, output)`` once per *call* of such a module
-        (a module called twice gets two independent tangents). ``source.per_example``: ``dir_derivs[k, b]`` is example ``b``'s term, ``∂L/∂logits_b ·
-        ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
+        (a module called twice gets two independent tangents). ``source.per_example``: ``dir_derivs[k, b]`` is example
+        ``b``'s term, ``∂L/∂logits_b · ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
 
         Every use of a trained parameter gets its tangent or the pass raises :class:`TorchBackendError` naming the
         parameter and the use (:class:`_ParameterUses`); the first call of each kind (weight tangents, activity

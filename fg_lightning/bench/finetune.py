@@ -127,8 +127,10 @@ class Method:
 # steps, 0.63 at 2,000 and then unstable, 3e-3 unstable); the whole model under plain SGD (no optimizer state: the
 # memory of inference) at 3e-4: 0.29 after 300 steps (1e-3: 0.23, 3e-3: 0.11). k = 1: at k = 1, from the same seed,
 # zeroth order and the forward gradient take the same step up to O(eps^2) (their accuracies agree to 3 decimals), and
-# on the torch backend each direction holds a parameter-sized tangent through the step (vit-wide, forward_gradient
-# above rest: 73 MB at k = 1, 197 MB at k = 4; k = 4 under AdamW reached 0.54 after 250 steps with LoRA, 0.67 after 750).
+# on the torch backend stored tangents (MultiDirection's default, used here) hold a parameter-sized tangent per
+# direction through the step (vit-wide, forward_gradient above rest: 73 MB at k = 1, 197 MB at k = 4; replayed ones
+# are flat in k, results/cpu/torch-one-direction). k = 4 under AdamW reached 0.54 after 250 steps with LoRA, 0.67
+# after 750.
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("backprop_adamw", "full", Backprop, torch.optim.AdamW, 1e-3, "global"),
     Method("backprop_lora", "lora", Backprop, torch.optim.AdamW, 3e-3, "global"),
