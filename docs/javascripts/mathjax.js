@@ -1,0 +1,7 @@
+// MathJax for pymdownx.arithmatex (generic mode), as Material for MkDocs documents it.
+window.MathJax = {
+  tex: {inlineMath: [["\\(", "\\)"]], displayMath: [["\\[", "\\]"]], processEscapes: true, processEnvironments: true},
+  options: {ignoreHtmlClass: ".*|", processHtmlClass: "arithmatex"}
+};
+document$.subscribe(() => { MathJax.startup.output.clearCache(); MathJax.typesetClear(); MathJax.texReset();
+                            MathJax.typesetPromise(); });
