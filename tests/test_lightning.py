@@ -79,11 +79,11 @@ def test_every_config_runs_through_fg_cli(config, idx_root, tmp_path):
         assert values["grad/cosine"][0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_tags_the_readme_names_are_the_tags_logged(idx_root, tmp_path):
+def test_the_tags_the_docs_name_are_the_tags_logged(idx_root, tmp_path):
     import re
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    paragraph = readme[readme.index("TensorBoard tags:"):].split("\n\n")[0]
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "getting-started.md")).read()
+    paragraph = page[page.index("TensorBoard tags:"):].split("\n\n")[0]
     named = set(re.findall(r"`([a-z_]+/[a-z_/.<>]+)`", paragraph))
     config = [c for c in CONFIGS if c.endswith("mlp_momentum.yaml")][0]  # momentum: steps with and without backprop
     args = cli_args(config, idx_root, tmp_path, "--model.estimator.init_args.fix_gap", "3")
