@@ -20,7 +20,7 @@ a ``--preset``: ``gpu`` (the default on CUDA: batch 256, 4096 and 16384; k 1, 4,
 warmup 3, repeats 10; the torch.compile'd baseline at batch 4096 only; estimated 3-5 minutes on one H100), ``cpu``
 or ``tiny`` (seconds, for tests). It prints a progress line per case, records a failing case (e.g. CUDA out of
 memory) or one that cannot fit as an error row and goes on, records what is left after ``--time-limit`` seconds
-(gpu: 480) as skipped, and writes to ``results/<card>/`` (``results/nvidia-h100-80gb-hbm3/``, ``results/cpu/``)
+(gpu: 600) as skipped, and writes to ``results/<card>/`` (``results/nvidia-h100-80gb-hbm3/``, ``results/cpu/``)
 unless ``--out`` is given, with a README.md naming the command, device, torch version and wall time.
 """
 
@@ -186,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--pretrain-lr", type=float, default=1e-2)
         if name == "stability":
             sub.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 1e-4, 3e-4, 1e-3, 1e-2, 1e-1])
-            sub.add_argument("--k", type=_positive, default=10, help="k for multi_direction and partition")
+            sub.add_argument("--k", type=_positive, default=10,
+                             help="k for every estimator that takes k (multi_direction, partition, orthogonal, ...)")
             sub.add_argument("--steps", type=_positive, default=300)
         if name == "momentum":
             sub.add_argument("--lr", type=float, default=1e-6)
