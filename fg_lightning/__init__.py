@@ -19,7 +19,8 @@ _EXPORTS = {
     "fg_lightning.estimators": [
         "REGISTRY", "ActivityPerturbation", "Backprop", "DivergenceError", "Estimate", "GradientEstimator",
         "InputApprox", "InputQR", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess", "LocalWeightPerturbation",
-        "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "apply_estimate",
+        "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "ZerothOrder",
+        "apply_estimate",
     ],
     "fg_lightning.module": ["ForwardGradientModule"],
     "fg_lightning.torch_network": ["TorchNetwork"],

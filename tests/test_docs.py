@@ -68,6 +68,14 @@ def test_every_fg_bench_command_a_page_names_exists():
     assert named - {"all"} and not named - set(commands), named - set(commands)
 
 
+def test_the_api_reference_documents_every_public_name():
+    import fg_lightning
+
+    page = open(os.path.join(ROOT, "docs", "api.md")).read()
+    documented = {line.rsplit(".", 1)[-1] for line in re.findall(r"^::: (\S+)", page, flags=re.M)}
+    assert not set(fg_lightning.__all__) - documented, set(fg_lightning.__all__) - documented
+
+
 def test_the_readme_stays_short():
     assert len(open(PAGES[0]).read().splitlines()) <= 200
 
