@@ -4,21 +4,16 @@
     fg-cli fit --config configs/cnn_momentum.yaml --ckpt_path last       # resume the newest run of that config
     fg-cli predict --config configs/mlp_backprop.yaml --ckpt_path last   # writes <log dir>/predictions.pt
 
-LightningCLI does the work: its parser (``--config`` files merged in order, ``trainer: trainer.yaml``), the optimizer as
-the module's argument (``auto_configure_optimizers=False``), the config recorded as the module's hyperparameters (the
-module compares a checkpoint's with its own). fg-cli refuses before training what cannot work: an error a user can
-cause prints ``fg-cli: <ErrorType>: <message>`` and exits with 1 (``FG_CLI_TRACEBACK=1`` for the traceback); Ctrl-C
-(SIGTERM) names the checkpoint to resume from and exits with 130 (143); a run that fails before its first step leaves
-no log folder.
+LightningCLI does the work (``--config`` files, ``trainer: trainer.yaml``, the optimizer as the module's argument, the
+config as the module's hyperparameters). fg-cli adds: a user's error is one line before training, Ctrl-C and SIGTERM
+name the checkpoint to resume from, a run that fails before its first step leaves no log folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import logging
-import math
 import os
 import re
 import shutil
@@ -38,7 +33,7 @@ from fg_lightning.callbacks import PredictionWriter
 from fg_lightning.data import DataError, DatasetNotFoundError, MNISTDataModule
 from fg_lightning.distributed import ForwardGradientDDPStrategy, PeerLostError, auto_strategy, check_strategy
 from fg_lightning.checkpoints import CheckpointError, newest_checkpoint, read_checkpoint
-from fg_lightning.module import DivergenceError, ForwardGradientModule
+from fg_lightning.module import DivergenceError, ForwardGradientModule, check_learning_rate
 from fg_lightning.torch_network import TorchBackendError
 
 
@@ -53,31 +48,15 @@ class Terminated(Exception):
 # Errors a user causes with a setting, a file or the machine's memory: one line, not a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DataError, DatasetNotFoundError, DivergenceError, PeerLostError,
                MisconfigurationException, MemoryError, torch.OutOfMemoryError, TorchBackendError)
-# The engine's hand-written passes use the parameters' dtype; nobody has checked them under autocast or half precision.
-PRECISIONS = {"32-true", "32", "64-true", "64"}
 # Raised on every run inside torch's and Lightning's code, where fg-cli cannot avoid it: torch's deprecation of the
 # LeafSpec that Lightning's CombinedLoader builds; ModelCheckpoint's note that under manual optimization it saves after
-# the optimizer step (as the module means it to); a resumed run's ModelCheckpoint in its own version_N folder; the
-# litlogger advertisement. ``quiet`` also keeps "Seed set to" off (config.yaml records the seed).
+# the optimizer step (as the module means it to); a resumed run's ModelCheckpoint in its own version_N folder. And two
+# lines: the litlogger advertisement, and the seed (config.yaml records it).
 QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"The dirpath has changed from .* won't be",
                   r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
-QUIET_LINES, RANK_ZERO_LOGGER = ("💡 Tip: For seamless cloud logging",), "lightning.pytorch.utilities.rank_zero"
+QUIET_LINES = {"lightning.pytorch.utilities.rank_zero": "💡 Tip: For seamless cloud logging",
+               "lightning.fabric.utilities.seed": "Seed set to"}
 MODULE_DEFAULTS = inspect.signature(ForwardGradientModule).parameters
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
-def check_learning_rate(value: Any) -> None:
-    """Refuse a learning rate that is not a finite positive number, by name: torch.optim accepts nan, inf and 0."""
-    try:
-        lr = float(value)
-    except (TypeError, ValueError):
-        return  # None, or not a number: jsonargparse names it
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"model.optimizer.init_args.lr {value} is not a finite positive number: the learning "
-                              "rate scales every update (e.g. --model.optimizer.init_args.lr 1e-3)")
 
 
 def check_checkpoint(config: Namespace) -> None:
@@ -98,9 +77,9 @@ def check_checkpoint(config: Namespace) -> None:
         read_checkpoint(path)
 
 
-def check_trainer(config: Namespace) -> None:
-    """Trainer settings that cannot work under the module's manual optimisation: gradient clipping moves to the module
-    (which clips the estimate), the rest is refused."""
+def move_clipping(config: Namespace) -> None:
+    """``--trainer.gradient_clip_val`` / ``_algorithm`` go to the module, which clips the estimate (Lightning refuses
+    to clip under manual optimisation, and refuses ``accumulate_grad_batches`` there itself)."""
     trainer, model = config.trainer, config.model
     for key in ("gradient_clip_val", "gradient_clip_algorithm"):
         value, mine, default = trainer.get(key), model.get(key), MODULE_DEFAULTS[key].default
@@ -109,13 +88,6 @@ def check_trainer(config: Namespace) -> None:
                               "(the module clips the estimate itself)")
         if value is not None:
             model[key], trainer[key] = value, None
-    if trainer.get("accumulate_grad_batches") not in (None, 1):
-        raise ConfigError(f"--trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} is not supported: "
-                          "each step's estimate is applied at once; for a less noisy update use a larger "
-                          "--data.batch_size or more directions (e.g. --model.estimator.init_args.k)")
-    if trainer.get("precision") is not None and str(trainer.precision) not in PRECISIONS:
-        raise ConfigError(f"--trainer.precision {trainer.precision} is not supported: the hand-written passes have not "
-                          "been checked under autocast or half precision; use 32-true or 64-true")
 
 
 def name_run_after_config(config: Namespace) -> None:
@@ -128,55 +100,45 @@ def name_run_after_config(config: Namespace) -> None:
 
 
 class ForwardGradientCLI(LightningCLI):
-    """LightningCLI with the project's module and data, TensorBoard logs in ``tb_logs/`` by default, ``config.yaml``
-    beside them and ``predictions.pt`` from ``predict``; :meth:`parse_arguments` checks before anything is built,
-    :meth:`instantiate_trainer` before anything is written."""
+    """LightningCLI with the project's module and data, TensorBoard logs in ``tb_logs/``, ``config.yaml`` beside them,
+    ``predictions.pt`` from ``predict``; checks before anything is built or written."""
 
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"callbacks": [PredictionWriter()], "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "tb_logs", "name": "default"}}})
-        # Any LightningDataModule by class_path (fg_lightning.data.DigitsDataModule for fine-tuning); a `data:` section
-        # without one is MNISTDataModule's arguments
+        # Parse errors raise (parse_arguments makes them one line), not a usage block with exit code 2; any
+        # LightningDataModule by class_path (DigitsDataModule to fine-tune), MNISTDataModule's arguments without one.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, **{name: {"exit_on_error": False}
+                                                                       for name in self.subcommands()}})
         super().__init__(ForwardGradientModule, LightningDataModule, subclass_mode_data=True,
                          save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"data": {"class_path": f"{MNISTDataModule.__module__}.{MNISTDataModule.__name__}"}})
 
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        # A parse error raises ArgumentError (one line, see parse_arguments), not a usage block with exit code 2.
-        return super().init_parser(**{"exit_on_error": False, **kwargs})
-
-    def setup_parser(self, *args: Any, **kwargs: Any) -> None:
-        """``--help`` lists what works: not ``accumulate_grad_batches`` (parsed, to be refused saying why), and for
-        ``--model.network`` the project's networks rather than every ``torch.nn`` class (about 680 lines)."""
-        super().setup_parser(*args, **kwargs)
-        for action in (a for p in [self.parser, *self._subcommand_parsers.values()] for a in p._actions):
-            if action.dest == "trainer.accumulate_grad_batches":
-                action.help = argparse.SUPPRESS
-            elif action.dest == "model.network" and hasattr(action, "extra_help"):
-                action.extra_help = lambda: ", known subclasses: fg_lightning.MLP, fg_lightning.CNN, or any " \
-                                            "torch.nn.Module classifier"
-
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse (not through LightningCLI's, which warns when main(args) runs under pytest), then refuse what cannot
-        work."""
+        """LightningCLI's parse, its ArgumentError made one line; a learning rate on the command line that is not a
+        finite positive number is refused first (jsonargparse refuses ``nan`` in ~950 characters of union errors)."""
         raw = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []
-        for key, value in zip(raw, [*raw[1:], None]):  # `--...lr nan`: jsonargparse refuses nan and inf unnamed
+        for key, value in zip(raw, [*raw[1:], None]):
             if isinstance(key, str) and re.fullmatch(r"--model\.optimizer(\.init_args)?\.lr(=.*)?", key):
-                check_learning_rate(key.partition("=")[2] if "=" in key else value)
+                try:
+                    check_learning_rate(key.partition("=")[2] if "=" in key else value)
+                except ValueError as err:
+                    raise ConfigError(err) from None
         try:
-            self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+            super().parse_arguments(parser, args)
         except ArgumentError as err:
             off = re.search(r"(?:\s--|option ')(optimizer|lr_scheduler)\b", str(err))  # LightningCLI's, turned off
             raise ConfigError(str(err) + (f"; fg-cli has no --{off[1]}: set the module's --model.{off[1]} (e.g. "
                                           f"--model.{off[1]}.class_path ... --model.{off[1]}.init_args.<arg> ...)"
                                           if off else "")) from None
+
+    def before_instantiate_classes(self) -> None:
         config = self.config.get(self.config.get("subcommand") or "")
         if config is not None:
-            check_learning_rate(config.get("model.optimizer.init_args.lr"))
-            check_trainer(config)
+            move_clipping(config)
             name_run_after_config(config)
             if config.get("ckpt_path"):
                 check_checkpoint(config)
@@ -201,12 +163,9 @@ class ForwardGradientCLI(LightningCLI):
         self.datamodule.prepare_data()
         self.datamodule.setup(self.subcommand)
         config = self.config_init[self.subcommand].trainer
-        try:
-            if self.subcommand == "fit" and config.strategy == "auto":
-                kwargs["strategy"] = auto_strategy(config.accelerator, config.devices, config.num_nodes)
-            trainer = super().instantiate_trainer(**kwargs)
-        except ImportError as err:  # e.g. --trainer.accelerator tpu without torch_xla
-            raise ConfigError(f"the trainer settings need a package that is not installed: {err}") from err
+        if self.subcommand == "fit" and config.strategy == "auto":
+            kwargs["strategy"] = auto_strategy(config.accelerator, config.devices, config.num_nodes)
+        trainer = super().instantiate_trainer(**kwargs)  # an ImportError (tpu without torch_xla): instantiate_classes
         if self.subcommand == "fit":
             check_strategy(trainer.strategy)  # Lightning's ddp, FSDP...: in one line, before any process starts
         if self.subcommand == "predict":
@@ -236,9 +195,9 @@ class ForwardGradientCLI(LightningCLI):
                 shutil.rmtree(folder, ignore_errors=True)
                 with contextlib.suppress(OSError):  # its run's folder too, if nothing else is in it
                     os.rmdir(os.path.dirname(folder))
-        files = {getattr(callback, attr, None) for callback in trainer.callbacks
-                 for attr in ("ckpt_path", "last_model_path", "best_model_path")}
-        files = [path for path in files if isinstance(path, str) and path and os.path.isfile(path)]
+        files = [path for path in {getattr(callback, attr, None) for callback in trainer.callbacks for attr in
+                                   ("ckpt_path", "last_model_path", "best_model_path")}
+                 if isinstance(path, str) and os.path.isfile(path)]
         where = f"resume with --ckpt_path {max(files, key=os.path.getmtime)}" if files else "no checkpoint was written"
         stopped = f"stopped at step {trainer.global_step}; {where}"
         causes = (err, err.__context__)  # Lightning's sys.exit after its graceful shutdown has the signal as context
@@ -253,30 +212,24 @@ class ForwardGradientCLI(LightningCLI):
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence :data:`QUIET_WARNINGS`, :data:`QUIET_LINES` and the seed's line for one run; every other warning and
-    line stays."""
-    seed, info = logging.getLogger("lightning.fabric.utilities.seed"), logging.getLogger(RANK_ZERO_LOGGER)
-    level = seed.level
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(QUIET_LINES)
-
+    """Silence :data:`QUIET_WARNINGS` and :data:`QUIET_LINES` for one run; every other warning and line stays."""
+    filters = {name: (lambda record, start=start: not str(record.msg).startswith(start))
+               for name, start in QUIET_LINES.items()}
     with warnings.catch_warnings():
         for message in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        seed.setLevel(logging.WARNING)
-        info.addFilter(keep)
+        for name, keep in filters.items():
+            logging.getLogger(name).addFilter(keep)
         try:
             yield
         finally:
-            info.removeFilter(keep)
-            seed.setLevel(level)
+            for name, keep in filters.items():
+                logging.getLogger(name).removeFilter(keep)
 
 
 def main(args: Any = None) -> None:
-    """Entry point of ``fg-cli``: the errors a user can cause end in one line on stderr and exit code 1
-    (``FG_CLI_TRACEBACK=1`` shows the traceback instead), Ctrl-C with 130, SIGTERM with 143; other errors keep their
-    traceback."""
+    """``fg-cli``: a user's error ends in one line on stderr and exit code 1 (``FG_CLI_TRACEBACK=1``: the traceback),
+    Ctrl-C with 130, SIGTERM with 143; other errors keep their traceback."""
     show_traceback = os.environ.get("FG_CLI_TRACEBACK", "") not in ("", "0")
     sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from the first Ctrl-C on and never restores it
     try:
@@ -287,7 +240,7 @@ def main(args: Any = None) -> None:
             raise
         code = 130 if isinstance(err, KeyboardInterrupt) else 128 + signal.SIGTERM if isinstance(err, Terminated) else 1
         hint = " (FG_CLI_TRACEBACK=1 for the traceback)" if code == 1 else ""
-        print(f"fg-cli: {type(err).__name__}: {_one_line(err) or 'interrupted'}{hint}", file=sys.stderr)
+        print(f"fg-cli: {type(err).__name__}: {' '.join(str(err).split()) or 'interrupted'}{hint}", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
         if sigint is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import signal
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
@@ -11,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -106,6 +108,21 @@ def _signals_held() -> Iterator[None]:
             signal.signal(sig, handler)
         for signum in dict.fromkeys(held):
             signal.raise_signal(signum)
+
+
+# The engine's hand-written passes use the parameters' dtype; nobody has checked them under autocast or half precision.
+PRECISIONS = {"32-true", "32", "64-true", "64"}
+
+
+def check_learning_rate(lr: Any) -> None:
+    """Refuse a learning rate that is not a finite positive number, naming it: torch.optim accepts nan, inf and 0."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        return  # None (an optimizer without one), or not a number: the optimizer or the parser names it
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"lr {lr} is not a finite positive number: the learning rate scales every update "
+                         "(e.g. --model.optimizer.init_args.lr 1e-3)")
 
 
 class ForwardGradientModule(LightningModule):
@@ -212,7 +229,8 @@ class ForwardGradientModule(LightningModule):
         self._state_before_update: dict[str, Any] | None = None  # set while a step has not applied its update
         self.comm = Collective()  # one process until setup("fit") knows the strategy
         # torch.optim checks its arguments (lr, betas...) only as it is built: one built now fails here, not at fit.
-        ForwardGradientModule.configure_optimizers(self)
+        built = ForwardGradientModule.configure_optimizers(self)
+        check_learning_rate((built["optimizer"] if isinstance(built, dict) else built).defaults.get("lr"))
         # Built by LightningCLI (fg-cli), the hyperparameters are the parsed config it hands to Lightning (class paths
         # and arguments), from which load_from_checkpoint rebuilds the module; objects passed in by hand are not.
         objects = ["network", "estimator", "optimizer", "lr_scheduler", "loss"]
@@ -226,6 +244,10 @@ class ForwardGradientModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if str(self.trainer.precision) not in PRECISIONS:
+            raise MisconfigurationException(f"precision {self.trainer.precision} is not supported: the hand-written "
+                                            "passes have not been checked under autocast or half precision; use "
+                                            "32-true or 64-true")
         # Before the strategy wraps or moves anything: a strategy that cannot train the engine fails here, in one line.
         if stage != "fit":  # evaluation runs under any strategy (Lightning's ddp only wraps the module to fit)
             return

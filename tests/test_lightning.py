@@ -163,6 +163,25 @@ def test_global_step_counts_optimizer_steps_and_max_steps_stops(idx_root, tmp_pa
     assert all(not torch.equal(a, b) for a, b in zip(before, module.network.parameters()))
 
 
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0])  # a negative one: torch.optim names it
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused_as_the_module_is_built(lr):
+    """torch.optim takes nan, inf and 0; the module refuses them by name, for Python users of Trainer as for fg-cli."""
+    with pytest.raises(ValueError, match=f"^lr {lr} is not a finite positive number"):
+        ForwardGradientModule(MLP(hidden=(8,), seed=0), NaiveForwardGradient(),
+                              optimizer=lambda params: torch.optim.SGD(params, lr=lr))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_a_precision_the_passes_are_not_checked_under_is_refused_before_any_step(precision, idx_root, tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    module = make_module(Backprop(), 0.05)
+    before = [p.clone() for p in module.network.parameters()]
+    with pytest.raises(MisconfigurationException, match=f"^precision {precision} is not supported"):
+        trainer(tmp_path, 2, enable_checkpointing=False, precision=precision).fit(module, datamodule=data(idx_root))
+    assert all(torch.equal(a, b) for a, b in zip(before, module.network.parameters()))
+
+
 class Crash(pl.Callback):
     """Kills a run as it is about to take step ``at`` (a crash or a pre-empted job)."""
 
