@@ -824,3 +824,52 @@ def test_direction_weights_too_large_for_their_draws_are_refused():
     assert bool(weights_finite(torch.tensor([big / 32]))["direction weights"])
     assert not bool(weights_finite(torch.tensor([big / 8]))["direction weights"])
     assert torch.isinf(torch.tensor([big / 8]) * 9).all()  # a draw of 9 overflows such a weight
+
+
+# --- the protocols say the whole contract ---------------------------------------------------------------------------
+
+class Recorder:
+    """A network seen through a proxy that records every attribute an estimator reads on it."""
+
+    def __init__(self, network, seen):
+        object.__setattr__(self, "_network", network)
+        object.__setattr__(self, "_seen", seen)
+
+    def __getattr__(self, name):
+        self._seen.add(name)
+        return getattr(self._network, name)
+
+    def __call__(self, x):
+        self._seen.add("__call__")
+        return self._network(x)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_member_an_estimator_reads_on_a_network_is_declared_in_a_protocol(name):
+    """Through validate, the estimate (streamed under plain SGD, and kept), the exact gradient and the compile check,
+    on the engine's MLP and CNN and on the torch backend: whatever an estimator asks of a network is declared in a
+    protocol of ``fg_lightning.estimators.base`` (a capability), so a third backend knows what to offer."""
+    from fg_lightning.engine import to_torch
+    from fg_lightning.estimators import base, training_step
+    from fg_lightning.estimators.compiled import compile_refusal
+    from fg_lightning.torch_network import TorchNetwork
+
+    protocols = (base.ForwardModel, base.ActivityModel, base.LocalLossModel, base.RecomputableModel,
+                 base.LayeredBlocksModel, base.CompilableModel, base.WrapperModel)
+    declared = set().union(*(base._members(protocol) for protocol in protocols))
+    make = CASES[name]
+    nets = [small_problem(local=local(make)), small_cnn_problem(local=local(make))]
+    if not local(make):  # the torch backend has no local-loss heads
+        net, x, labels = small_problem()
+        nets.append((TorchNetwork(to_torch(net)), x, labels))
+    seen: set[str] = set()
+    for net, x, labels in nets:
+        proxy = Recorder(net, seen)
+        estimator = make()
+        estimator.validate(proxy)
+        compile_refusal(estimator, proxy)
+        estimator.exact_gradient(proxy, x, labels)
+        for step, optimizer in enumerate((torch.optim.SGD(net.parameters(), lr=1e-3),
+                                          torch.optim.Adam(net.parameters(), lr=1e-3))):
+            training_step(estimator, proxy, x, labels, step, optimizer, Collective())
+    assert seen and seen <= declared, sorted(seen - declared)

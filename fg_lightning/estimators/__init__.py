@@ -6,7 +6,9 @@ zeroth-order SPSA / MeZO estimate (forward passes only).
 
 from fg_lightning.estimators.backprop import Backprop
 from fg_lightning.estimators.base import (
-    ActivityModel, AppliedGrads, DivergenceError, Estimate, ForwardModel, GaussianTangents, GradientEstimator, LocalLossModel, ReplayedGrads, Rewind, UpdateAsFormed, apply_estimate, check_finite, cosine,
+    ActivityModel, AppliedGrads, CompilableModel, DivergenceError, Estimate, ForwardModel, GaussianTangents,
+    GradientEstimator, LayeredBlocksModel, LocalLossModel, RecomputableModel, ReplayedGrads, Rewind, UpdateAsFormed,
+    WrapperModel, apply_estimate, check_finite, cosine,
     forward_gradient, num_parameters, parameter_layout, training_step,
 )
 from fg_lightning.estimators.directions import MultiDirection, NaiveForwardGradient, Partition
@@ -23,4 +25,5 @@ __all__ = [
     "LocalWeightPerturbation", "DivergenceError", "Estimate", "EstimatorSpec", "ForwardModel", "GradientEstimator", "InputApprox",
     "InputQR", "MomentumForwardGradient", "MultiDirection", "NaiveForwardGradient", "Partition", "ReplayedGrads", "Rewind", "apply_estimate",
     "check_finite", "cosine", "forward_gradient", "num_parameters", "parameter_layout", "training_step", "UpdateAsFormed", "ZerothOrder",
+    "CompilableModel", "LayeredBlocksModel", "RecomputableModel", "WrapperModel",
 ]

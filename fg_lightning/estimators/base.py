@@ -10,7 +10,7 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Union, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -26,12 +26,14 @@ class ForwardModel(Protocol):
     backend's :class:`~fg_lightning.torch_network.TorchNetwork`: any ``torch.nn`` classifier).
 
     - ``named_parameters()`` / ``parameters()``: the trained parameters (one meaning in both backends: the ones an
-      estimator's update covers), by full name;
+      estimator's update covers), by full name; ``buffers()``: the state a forward may change (batch-norm
+      statistics), which zeroth order puts back between its queries;
     - ``loss_and_grad(x, labels) -> (loss, logits, grads)``: the exact gradient, a tensor per parameter name;
     - ``jvp(x, labels, tangents) -> JvpResult``: forward mode, the one primitive: the loss and its directional
       derivatives along a :class:`~fg_lightning.engine.tangents.TangentSource`'s tangents;
     - ``fully_connected(layer)``: whether input-generated directions (Section III-D) apply to a layer's weight;
-    - ``has_local_losses``, ``num_classes``, ``logits_loss(logits, labels)``.
+    - ``network(x)``: the logits (zeroth order's queries); ``has_local_losses``, ``num_classes``,
+      ``logits_loss(logits, labels)``.
 
     ``x`` is the batch's input, a tensor or (the torch backend) a mapping of tensors, :data:`Inputs`: an estimator
     takes the number of examples with :func:`batch_size`, never ``len(x)``.
@@ -40,9 +42,13 @@ class ForwardModel(Protocol):
     has_local_losses: bool
     num_classes: int
 
+    def __call__(self, x: Inputs) -> Tensor: ...
+
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def buffers(self) -> Iterator[Tensor]: ...
 
     def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]: ...
 
@@ -104,6 +110,55 @@ class LocalLossModel(ActivityModel, Protocol):
     def block_parameters(self) -> list[list[str]]: ...
 
     def named_layers(self) -> Iterator[tuple[str, Any]]: ...
+
+    def output_cells(self, name: str, shape: Sequence[int]) -> Tensor | None: ...
+
+
+# Optional capabilities: an estimator asks ``isinstance(network, <one of these>)``, never for a class.
+
+@runtime_checkable
+class RecomputableModel(Protocol):
+    """A network that can run its primal pass again, call by call (the engine's networks), so that activity
+    perturbation need not keep the layers' inputs (``ActivityPerturbation(recompute=True)``):
+
+    - ``primal_calls(x)``: each parameterised layer's call, ``(name, layer, input, output)``, in the pass's order;
+    - ``activity_mask_in_site(name)``: whether the perturbed point, once the pass is over, holds its own mask (an
+      in-place ReLU's output, the next layer's input), so that no mask need be kept beside it.
+    """
+
+    def primal_calls(self, x: Tensor) -> Iterator[tuple[str, Any, Tensor, Tensor]]: ...
+
+    def activity_mask_in_site(self, name: str) -> bool: ...
+
+
+@runtime_checkable
+class LayeredBlocksModel(LocalLossModel, Protocol):
+    """A local-loss network whose blocks and heads are lists of the engine's layers, run by their own hand-written
+    passes (per-example local guesses, :mod:`fg_lightning.estimators.per_example`):
+
+    - ``blocks``: each block's layer names and its head's name (None for the last block, whose loss is the network's);
+    - ``head_layers(head)``: a head's layers, ``(name, layer)``, in order.
+    """
+
+    blocks: list[tuple[list[str], str | None]]
+
+    def head_layers(self, head: str) -> list[tuple[str, Any]]: ...
+
+
+@runtime_checkable
+class CompilableModel(Protocol):
+    """A network whose training step runs under ``torch.compile`` (the engine's; the torch backend's
+    ``forward_ad`` pass does not compile): ``compilable`` is True."""
+
+    compilable: bool
+
+
+@runtime_checkable
+class WrapperModel(Protocol):
+    """A network that wraps a ``torch.nn`` model (the torch backend's ``TorchNetwork``): ``module`` is that model,
+    the one error messages name."""
+
+    module: torch.nn.Module
 
 
 Inputs = Union[Tensor, Mapping[str, Tensor]]
@@ -415,7 +470,7 @@ class GradientEstimator:
         network without the capability the estimator asks for (``requires``: a protocol), or with local-loss heads
         it would leave untrained. Subclasses that add checks call ``super().validate(network)``."""
         name = type(self).__name__
-        model = type(getattr(network, "module", network)).__name__
+        model = type(network.module if isinstance(network, WrapperModel) else network).__name__
         if self.needs_local_losses and not isinstance(network, LocalLossModel):
             raise ValueError(f"{name} trains each block on its local loss: it needs a LocalLossModel "
                              f"({', '.join(_members(LocalLossModel, ActivityModel))}), which the engine's "

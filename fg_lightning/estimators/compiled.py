@@ -10,13 +10,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fg_lightning.estimators.base import Estimate, GradientEstimator, apply_estimate, finite
+from fg_lightning.estimators.base import CompilableModel, Estimate, GradientEstimator, apply_estimate, finite
 from fg_lightning.estimators.collective import Collective
 
 
 def compile_refusal(estimator: GradientEstimator, network: torch.nn.Module) -> str | None:
     """Why ``estimator``'s step on ``network`` cannot be compiled, in one line naming it, or None when it can."""
-    if not getattr(network, "compilable", False):
+    if not (isinstance(network, CompilableModel) and network.compilable):
         return (f"compile=True compiles the engine's hand-written step; {type(network).__name__} runs on the torch "
                 "backend (torch.autograd.forward_ad), which it does not compile: use an engine MLP or CNN, or "
                 "compile=False")

@@ -27,8 +27,8 @@ from torch import Tensor
 from fg_lightning.engine import GivenTangents, Layer, TangentSource, full_name, weighted_sum
 from fg_lightning.engine.layers import relu_grad_
 from fg_lightning.estimators.base import (
-    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, UpdateAsFormed, batch_size,
-    check_positive_int,
+    ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, RecomputableModel, UpdateAsFormed,
+    batch_size, check_positive_int,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 from fg_lightning.estimators.per_example import ExampleGuesses, local_backward, unsupported
@@ -54,7 +54,7 @@ class _ActivityPerturbation(GradientEstimator):
 
     def estimate(self, network: ActivityModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
-        recompute = self.recompute and hasattr(network, "primal_calls")
+        recompute = self.recompute and isinstance(network, RecomputableModel)
         source = _ActivityTangents(self, network, labels, comm, update, x if recompute else None)
         result = network.jvp(x, labels, source)
         if source.exact and not any(_unchanged(kept, result.logits) for kept in source.exact.values()):
@@ -164,8 +164,8 @@ class _ActivityTangents(TangentSource):
             return None
         generator = self.estimator.generator(output.device)
         kept = self.inputs is None  # else recomputed, mask included, when the weight steps run
-        mask_in_site = getattr(self.network, "activity_mask_in_site", None)  # the engine's networks
-        in_site = kept and self.estimator.relu_mask and mask_in_site is not None and mask_in_site(name)
+        in_site = (kept and self.estimator.relu_mask and isinstance(self.network, RecomputableModel)
+                   and self.network.activity_mask_in_site(name))
         # The pass does not mask its tangent: the layers that mask the site zero the tangent there anyway (the mask
         # is ĝ_z's); where the site keeps the mask, it is read from it then.
         mask = self.network.activity_mask(name, output) if kept and self.estimator.relu_mask and not in_site else None

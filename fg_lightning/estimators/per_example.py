@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fg_lightning.engine import Conv2d, Linear, TangentSource
+from fg_lightning.estimators.base import LayeredBlocksModel
 
 GUESS_LAYERS = (Linear, Conv2d)
 """The parameterised layers whose per-example gradients are formed here: those of the engine's MLP and CNN."""
@@ -48,8 +49,8 @@ def unsupported(network: Any) -> str | None:
     :class:`~fg_lightning.engine.Network` with local-loss heads (its blocks, its heads' layers, the layers' own
     passes), and only ``Linear`` and ``Conv2d`` layers with parameters in the blocks that are guessed (all but the
     last)."""
-    lacks = [member for member in ("blocks", "head_layers") if not hasattr(network, member)]
-    if lacks:
+    if not isinstance(network, LayeredBlocksModel):
+        lacks = [member for member in ("blocks", "head_layers") if not hasattr(network, member)]
         return (f"{type(network).__name__} lacks {', '.join(lacks)}: the per-example local gradients come from the "
                 "engine's hand-written layer passes, MLP(local_losses=True) / CNN(local_losses=True)")
     layers = dict(network.named_layers())
