@@ -33,7 +33,7 @@ from fg_lightning.callbacks import PredictionWriter
 from fg_lightning.data import DataError, DatasetNotFoundError, MNISTDataModule
 from fg_lightning.distributed import ForwardGradientDDPStrategy, PeerLostError, auto_strategy, check_strategy
 from fg_lightning.checkpoints import CheckpointError, newest_checkpoint, read_checkpoint
-from fg_lightning.module import DivergenceError, ForwardGradientModule, check_learning_rate
+from fg_lightning.module import DivergenceError, ForwardGradientModule, check_learning_rate, check_precision
 from fg_lightning.torch_network import TorchBackendError
 
 
@@ -138,6 +138,7 @@ class ForwardGradientCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.config.get("subcommand") or "")
         if config is not None:
+            check_precision(config.trainer.get("precision"))  # the module's check, before the Trainer prints a line
             move_clipping(config)
             name_run_after_config(config)
             if config.get("ckpt_path"):

@@ -125,6 +125,13 @@ def check_learning_rate(lr: Any) -> None:
                          "(e.g. --model.optimizer.init_args.lr 1e-3)")
 
 
+def check_precision(precision: Any) -> None:
+    """Refuse a precision the hand-written passes have not been checked under (autocast, half precision)."""
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise MisconfigurationException(f"precision {precision} is not supported: the hand-written passes have not "
+                                        "been checked under autocast or half precision; use 32-true or 64-true")
+
+
 class ForwardGradientModule(LightningModule):
     """Trains ``network`` with the updates that ``estimator`` produces (``automatic_optimization = False``).
 
@@ -244,10 +251,7 @@ class ForwardGradientModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        if str(self.trainer.precision) not in PRECISIONS:
-            raise MisconfigurationException(f"precision {self.trainer.precision} is not supported: the hand-written "
-                                            "passes have not been checked under autocast or half precision; use "
-                                            "32-true or 64-true")
+        check_precision(self.trainer.precision)
         # Before the strategy wraps or moves anything: a strategy that cannot train the engine fails here, in one line.
         if stage != "fit":  # evaluation runs under any strategy (Lightning's ddp only wraps the module to fit)
             return

@@ -11,6 +11,13 @@ import os
 import struct
 
 import numpy as np
+import pytest
+
+# Debian's dataset-fashion-mnist (the real Fashion-MNIST, IDX files), which .ci/run installs; the tests that train on
+# real data skip without it.
+FASHION = "/usr/share/datasets/fashion-mnist"
+needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION),
+                                   reason=f"needs Debian's dataset-fashion-mnist in {FASHION} (.ci/run installs it)")
 
 IDX_STEMS = {
     "train_images": "train-images-idx3-ubyte",

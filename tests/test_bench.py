@@ -28,7 +28,8 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
-def idx_root(tmp_path_factory):
+def random_idx_root(tmp_path_factory):
+    """80 random (unlearnable) 28x28 images and 16 test ones: what the benches time, not what they learn."""
     root = tmp_path_factory.mktemp("idx")
     rng = np.random.default_rng(1)
     labels, test_labels = rng.integers(0, 10, 80).astype(np.uint8), rng.integers(0, 10, 16).astype(np.uint8)
@@ -173,9 +174,9 @@ def test_memory(tmp_path):
     assert_plot(out, "memory")
 
 
-def test_quality_stability_momentum_on_idx_files(tmp_path, idx_root, capsys):
+def test_quality_stability_momentum_on_idx_files(tmp_path, random_idx_root, capsys):
     out = str(tmp_path)
-    data = ["--dataset", "mnist", "--root", idx_root, "--no-download", "--batch-sizes", "8", "--val-size", "16"]
+    data = ["--dataset", "mnist", "--root", random_idx_root, "--no-download", "--batch-sizes", "8", "--val-size", "16"]
     fg_bench(["quality", "--device", "cpu", "--out", out, "--models", "mlp", "--draws", "2", "--directions", "2", *data])
     quality = load(out, "quality")
     overall = {r["estimator"]: r for r in quality if r["param"] == "all"}

@@ -45,7 +45,7 @@ def ids_of(images, dataset="mnist"):
 
 
 @pytest.fixture
-def idx_root(tmp_path):
+def gz_root(tmp_path):
     """A root folder holding the four fake .gz files directly."""
     write_idx(tmp_path, *fake_arrays())
     return tmp_path
@@ -118,17 +118,17 @@ def test_torchvision_layout_is_searched_before_root(tmp_path):
     assert ids.min().item() == 50
 
 
-def test_log_names_the_folder_loaded(idx_root, caplog, monkeypatch):
+def test_log_names_the_folder_loaded(gz_root, caplog, monkeypatch):
     # Lightning stops its loggers propagating (to caplog's handler on the root logger) when it is imported first.
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-        loaded(idx_root)
+        loaded(gz_root)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MNISTDataModule:")]
-    assert lines == [f"MNISTDataModule: mnist from {idx_root / 'MNIST' / 'raw'} (copied there from {idx_root})"]
+    assert lines == [f"MNISTDataModule: mnist from {gz_root / 'MNIST' / 'raw'} (copied there from {gz_root})"]
 
 
-def test_flatten_gives_784_vectors(idx_root):
-    dm = loaded(idx_root, flatten=True)
+def test_flatten_gives_784_vectors(gz_root):
+    dm = loaded(gz_root, flatten=True)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 784) and y.shape == (8,) and y.dtype == torch.int64
     assert dm.test_set.tensors[0].shape == (N_TEST, 784)
@@ -142,20 +142,20 @@ def split_ids(dm):
     return ids_of(dm.train_set.tensors[0]).tolist(), ids_of(dm.val_set.tensors[0]).tolist()
 
 
-def test_same_seed_same_split_and_first_batch(idx_root):
-    a, b = loaded(idx_root, seed=3), loaded(idx_root, seed=3)
+def test_same_seed_same_split_and_first_batch(gz_root):
+    a, b = loaded(gz_root, seed=3), loaded(gz_root, seed=3)
     assert split_ids(a) == split_ids(b)
     batch_a, batch_b = next(iter(a.train_dataloader())), next(iter(b.train_dataloader()))
     assert torch.equal(batch_a[0], batch_b[0]) and torch.equal(batch_a[1], batch_b[1])
 
 
-def test_different_seed_different_split(idx_root):
-    a, b = loaded(idx_root, seed=0), loaded(idx_root, seed=1)
+def test_different_seed_different_split(gz_root):
+    a, b = loaded(gz_root, seed=0), loaded(gz_root, seed=1)
     assert sorted(split_ids(a)[1]) != sorted(split_ids(b)[1])
 
 
-def test_loaders_cover_each_set_once_train_shuffled_eval_in_order(idx_root):
-    dm = loaded(idx_root, batch_size=5)  # 48 training images: the last batch (3) is kept, not dropped
+def test_loaders_cover_each_set_once_train_shuffled_eval_in_order(gz_root):
+    dm = loaded(gz_root, batch_size=5)  # 48 training images: the last batch (3) is kept, not dropped
     train_batches = list(dm.train_dataloader())
     assert [len(y) for _, y in train_batches] == [5] * 9 + [3]
     train_ids = torch.cat([ids_of(x) for x, _ in train_batches])
@@ -167,17 +167,17 @@ def test_loaders_cover_each_set_once_train_shuffled_eval_in_order(idx_root):
     assert test_ids.tolist() == list(range(100, 100 + N_TEST))
 
 
-def test_loader_options_pass_through(idx_root):
-    dm = loaded(idx_root, num_workers=2, pin_memory=False)
+def test_loader_options_pass_through(gz_root):
+    dm = loaded(gz_root, num_workers=2, pin_memory=False)
     loader = dm.train_dataloader()
     assert loader.num_workers == 2 and loader.persistent_workers and not loader.pin_memory
-    assert not loaded(idx_root).train_dataloader().persistent_workers
+    assert not loaded(gz_root).train_dataloader().persistent_workers
     assert MNISTDataModule().pin_memory == torch.cuda.is_available()
     assert MNISTDataModule(pin_memory=True).pin_memory
 
 
-def test_batch_is_one_getitems_call_equal_to_plain_indexing(idx_root, monkeypatch):
-    dm = loaded(idx_root, batch_size=5)
+def test_batch_is_one_getitems_call_equal_to_plain_indexing(gz_root, monkeypatch):
+    dm = loaded(gz_root, batch_size=5)
     calls = []
     getitems = BatchTensorDataset.__getitems__
 
@@ -197,8 +197,8 @@ def test_batch_is_one_getitems_call_equal_to_plain_indexing(idx_root, monkeypatc
     pickle.dumps(dm.train_dataloader().collate_fn)  # worker processes started by spawn must pickle it
 
 
-def test_training_loader_resumes_mid_epoch(idx_root):
-    assert_resumes_mid_epoch(loaded(idx_root, batch_size=5))
+def test_training_loader_resumes_mid_epoch(gz_root):
+    assert_resumes_mid_epoch(loaded(gz_root, batch_size=5))
 
 
 def assert_resumes_mid_epoch(dm) -> int:
@@ -222,11 +222,11 @@ def assert_resumes_mid_epoch(dm) -> int:
     assert resumed.state_dict() == {"epoch": 2, "consumed": len(batches)}
 
 
-def test_val_size_zero_and_too_large(idx_root):
-    dm = loaded(idx_root, val_size=0)
+def test_val_size_zero_and_too_large(gz_root):
+    dm = loaded(gz_root, val_size=0)
     assert (len(dm.train_set), len(dm.val_set)) == (N_TRAIN, 0)
     with pytest.raises(ValueError, match=f"val_size: {N_TRAIN}"):
-        loaded(idx_root, val_size=N_TRAIN)
+        loaded(gz_root, val_size=N_TRAIN)
 
 
 def test_hyperparameters_saved():
@@ -251,8 +251,8 @@ class _TinyClassifier(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_runs_under_trainer(idx_root, tmp_path):
-    dm = MNISTDataModule(root=str(idx_root), val_size=VAL_SIZE, batch_size=8, download=False)
+def test_runs_under_trainer(gz_root, tmp_path):
+    dm = MNISTDataModule(root=str(gz_root), val_size=VAL_SIZE, batch_size=8, download=False)
     trainer = Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(_TinyClassifier(), datamodule=dm)
@@ -388,14 +388,14 @@ def test_truncated_idx_file_names_the_file(tmp_path):
     assert paths["test_images"] in str(info.value) and "\n" not in str(info.value)
 
 
-def test_truncated_gz_file_names_it_and_leaves_no_partial_file(idx_root):
-    path = str(idx_root / (IDX_STEMS["train_images"] + ".gz"))
+def test_truncated_gz_file_names_it_and_leaves_no_partial_file(gz_root):
+    path = str(gz_root / (IDX_STEMS["train_images"] + ".gz"))
     with open(path, "r+b") as f:
         f.truncate(2000)
     with pytest.raises(ValueError, match="truncated or corrupted") as info:
-        loaded(idx_root)
+        loaded(gz_root)
     assert path in str(info.value)
-    assert os.listdir(idx_root / "MNIST" / "raw") == []  # nothing torchvision could mistake for a whole file
+    assert os.listdir(gz_root / "MNIST" / "raw") == []  # nothing torchvision could mistake for a whole file
 
 
 def test_label_out_of_range_names_the_value_and_the_file(tmp_path):

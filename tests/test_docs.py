@@ -7,11 +7,10 @@ import os
 import re
 
 import pytest
+from idx_files import needs_fashion
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-NEEDS_DATA = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 # The marker on the first line of each python block, and the test that runs it.
 MARKERS = {
     "# README own-model example": "test_readme_own_model_example_runs",
@@ -80,21 +79,21 @@ def test_the_readme_stays_short():
     assert len(open(PAGES[0]).read().splitlines()) <= 200
 
 
-@NEEDS_DATA
+@needs_fashion
 def test_readme_own_model_example_runs(tmp_path, monkeypatch):
     namespace = run_example("# README own-model example", tmp_path, monkeypatch)
     assert namespace["trainer"].global_step == 20
     assert type(namespace["module"].network).__name__ == "TorchNetwork"
 
 
-@NEEDS_DATA
+@needs_fashion
 def test_reuse_example_runs(tmp_path, monkeypatch):
     namespace = run_example("# docs example", tmp_path, monkeypatch)
     assert namespace["trainer"].global_step == 20
     assert os.path.isdir(tmp_path / "tb_logs" / "docs")
 
 
-@NEEDS_DATA
+@needs_fashion
 def test_own_model_example_runs(tmp_path, monkeypatch):
     namespace = run_example("# docs own-model example", tmp_path, monkeypatch)
     assert namespace["trainer"].global_step == 20

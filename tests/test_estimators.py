@@ -16,6 +16,7 @@ from dataclasses import replace
 import ddp_worker
 import pytest
 import torch
+from idx_files import needs_fashion
 
 from fg_lightning.engine import CNN, MLP, cross_entropy
 from fg_lightning.estimators import (
@@ -558,21 +559,6 @@ def test_input_approx_scale_matches_the_gradient_scale_better_than_the_batch_siz
 
 # --- training on real data ------------------------------------------------------------------------------------------
 
-FASHION = "/usr/share/datasets/fashion-mnist"
-needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION),
-                                   reason=f"needs Debian's dataset-fashion-mnist in {FASHION} (.ci/run installs it)")
-
-
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    from fg_lightning.data import MNISTDataModule
-
-    if not os.path.isdir(FASHION):
-        pytest.skip(f"needs Debian's dataset-fashion-mnist in {FASHION} (.ci/run installs it)")
-    data = MNISTDataModule("fashion_mnist", root=str(tmp_path_factory.mktemp("data")), download=False, val_size=2048,
-                           batch_size=256, flatten=True)
-    data.setup("fit")
-    return data
 
 
 # Each registry record's `training` (SGD learning rate, steps, how the result compares with the exact gradient at that
@@ -620,8 +606,8 @@ def test_every_registered_estimator_has_a_training_setting_and_a_backward_class(
 
 @needs_fashion
 @pytest.mark.parametrize("name", REGISTRY)
-def test_each_estimator_trains_on_fashion_mnist(name, fashion):
-    check_descent(name, registered(name), fashion)
+def test_each_estimator_trains_on_fashion_mnist(name, fashion_flat):
+    check_descent(name, registered(name), fashion_flat)
 
 
 # --- cosine to the exact gradient on the paper's MLP, one batch of real data ---
@@ -633,8 +619,8 @@ def mean_cosine(estimator, net, x, labels, exact, draws, steps=None):
 
 
 @needs_fashion
-def test_cosine_to_the_gradient_on_the_paper_mlp(fashion):
-    x, labels = next(iter(fashion.train_dataloader()))
+def test_cosine_to_the_gradient_on_the_paper_mlp(fashion_flat):
+    x, labels = next(iter(fashion_flat.train_dataloader()))
     net = MLP(seed=0)
     exact = net.loss_and_grad(x, labels)[2]
     n = sum(p.numel() for p in net.parameters())
@@ -683,9 +669,9 @@ def test_an_estimate_scaled_by_1_1_is_caught(name, monkeypatch):
 
 @needs_fashion
 @pytest.mark.parametrize("name", REGISTRY)
-def test_a_zero_update_is_caught(name, fashion):
+def test_a_zero_update_is_caught(name, fashion_flat):
     with pytest.raises(AssertionError):
-        check_descent(name, mutant(registered(name), "zeros"), fashion)
+        check_descent(name, mutant(registered(name), "zeros"), fashion_flat)
 
 
 def test_momentum_without_updates_between_checkpoints_is_caught(monkeypatch):

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from idx_files import needs_fashion
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fg_lightning.callbacks import EstimatorSummary, ExceptionCheckpoint, GradientCosine, PeakMemory, StepTimer
@@ -413,8 +414,7 @@ def test_gradient_cosine_of_backprop_is_one(idx_root, tmp_path):
     assert len(cosines) == 3 and all(abs(c - 1) < 1e-5 for c in cosines)
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+@needs_fashion
 @pytest.mark.parametrize("config, min_acc", [("mlp_backprop", 0.6), ("mlp_input_approx", 0.2)])
 def test_one_epoch_on_real_fashion_mnist_beats_chance(config, min_acc, tmp_path):
     path = [c for c in CONFIGS if c.endswith(f"{config}.yaml")][0]

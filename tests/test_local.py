@@ -6,11 +6,11 @@ the contract, resume and training on Fashion-MNIST run for every registered esti
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from idx_files import needs_fashion
 
 from fg_lightning.engine import CNN, MLP, GivenTangents, TangentSource, to_torch
 from fg_lightning.estimators import (
@@ -206,19 +206,6 @@ def test_bad_arguments_name_the_value(make, message):
         make()
 
 
-FASHION = "/usr/share/datasets/fashion-mnist"
-needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION),
-                                   reason=f"needs Debian's dataset-fashion-mnist in {FASHION} (.ci/run installs it)")
-
-
-@pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    from fg_lightning.data import MNISTDataModule
-
-    data = MNISTDataModule("fashion_mnist", root=str(tmp_path_factory.mktemp("data")), download=False, val_size=1024,
-                           batch_size=256)
-    data.setup("fit")
-    return data
 
 
 @needs_fashion

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_local import FASHION, fashion, held_out_losses, needs_fashion  # noqa: F401  (a fixture)
+from idx_files import needs_fashion
+from test_local import held_out_losses
 from torch import nn
 
 from fg_lightning.engine import CNN, MLP, GivenTangents, to_torch
