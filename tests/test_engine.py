@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    CNN, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent,
+    CNN, GELU, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent,
     ReLU,
     cross_entropy_and_grad, cross_entropy_jvp, to_torch, weighted_sum,
 )
@@ -52,6 +52,8 @@ LAYER_CASES = [
     ("group-norm-4d", lambda: GroupNorm(2, 4, eps=1e-3), (3, 4, 3, 5)),
     ("layer-norm-4d", lambda: GroupNorm(1, 3), (2, 3, 4, 4)),
     ("group-norm-bands", lambda: GroupNorm(2, 4, bands=(3, 2)), (3, 4, 5, 5)),  # CNN(norm=True, patches=2)
+    ("gelu", lambda: GELU(), (4, 6)),
+    ("gelu-4d", lambda: GELU(), (2, 3, 4, 5)),
 ]
 
 
@@ -146,8 +148,15 @@ def small_cnn():
     return CNN(in_channels=2, image_size=12, channels=(3, 4, 5), hidden=6, num_classes=4).double()
 
 
+def gelu_mlp():
+    """A network composed from the engine's layers by hand: the GELU between them needs nothing of the network."""
+    return Network([("fc1", Linear(12, 9)), ("gelu1", GELU()), ("fc2", Linear(9, 7)), ("gelu2", GELU()),
+                    ("fc3", Linear(7, 5))], input_shape=(12,)).double()
+
+
 NETWORKS = [
     ("mlp", small_mlp, (8, 12)),
+    ("mlp-gelu", gelu_mlp, (8, 12)),
     ("mlp-image-input", small_mlp, (8, 3, 2, 2)),
     ("cnn", small_cnn, (6, 2, 12, 12)),
     ("mlp-norm", lambda: MLP(in_features=12, hidden=(9, 7), num_classes=5, norm=True).double(), (8, 12)),

@@ -84,6 +84,12 @@ class Layer(nn.Module):
         """
         raise NotImplementedError
 
+    def stock(self) -> nn.Module:
+        """The stock ``torch.nn`` module that computes the same function, its parameters named as this layer's (the
+        oracle of the tests and the baseline of the benchmarks: :func:`~fg_lightning.engine.to_torch` copies the
+        weights in)."""
+        raise TypeError(f"no stock torch.nn equivalent for {type(self).__name__}")
+
 
 class Linear(Layer):
     """``y = x Wᵀ + b`` with ``W: (out, in)``; initialised as ``torch.nn.Linear``."""
@@ -103,6 +109,9 @@ class Linear(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def stock(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         return self.forward(x), x
@@ -157,6 +166,10 @@ class Conv2d(Layer):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def stock(self) -> nn.Module:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         bias=self.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv(x, self.weight, self.bias)
@@ -217,6 +230,9 @@ class ReLU(Layer):
     def forward(self, x: Tensor) -> Tensor:
         return x.relu_() if self.inplace else x.relu()
 
+    def stock(self) -> nn.Module:
+        return nn.ReLU(inplace=self.inplace)
+
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         y = self.forward(x)
         return y, y  # y > 0 exactly where x > 0; y is saved anyway as the next layer's input
@@ -228,6 +244,33 @@ class ReLU(Layer):
         if dx is not None:  # x (B, ...) broadcast over the K directions
             relu_grad_(dx, x)
         return self.forward(x), dx
+
+
+class GELU(Layer):
+    """``y = x Φ(x)``, Φ the standard normal CDF: the exact GELU (Hendrycks & Gimpel 2016), ``torch.nn.GELU()``, the
+    MLP-Mixer's activation. Elementwise, so both passes scale the incoming derivative by ``Φ(x) + x φ(x)`` (ATen's
+    ``gelu_backward`` kernel, the one autograd runs), in place: the VJP its cotangent, the JVP each direction's
+    tangent, ``x`` broadcast over the K directions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return F.gelu(x), x
+
+    @staticmethod
+    def slope(x: Tensor) -> Tensor:
+        """``dy/dx = Φ(x) + x φ(x)``, elementwise."""
+        return torch.ops.aten.gelu_backward(torch.ones_like(x), x)
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        return (dy.mul_(self.slope(saved)) if need_input_grad else None), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        return F.gelu(x), (None if dx is None else dx.mul_(self.slope(x)))
+
+    def stock(self) -> nn.Module:
+        return nn.GELU()
 
 
 def relu_grad_(grad: Tensor, x: Tensor) -> Tensor:
@@ -257,6 +300,9 @@ class MaxPool2d(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def stock(self) -> nn.Module:
+        return nn.MaxPool2d(self.kernel_size, self.stride)
 
     def _pool_with_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return F.max_pool2d(x, self.kernel_size, self.stride, return_indices=True)
@@ -295,6 +341,9 @@ class Flatten(Layer):
     def forward(self, x: Tensor) -> Tensor:
         return x.flatten(1)
 
+    def stock(self) -> nn.Module:
+        return nn.Flatten()
+
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         return self.forward(x), x.shape
 
@@ -310,6 +359,9 @@ class GlobalAvgPool(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean((2, 3))
+
+    def stock(self) -> nn.Module:
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         return self.forward(x), x.shape
@@ -340,6 +392,9 @@ class AdaptiveAvgPool2d(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def stock(self) -> nn.Module:
+        return nn.AdaptiveAvgPool2d(self.output_size)
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         return self.forward(x), x
@@ -409,6 +464,11 @@ class GroupNorm(Layer):
     def forward(self, x: Tensor) -> Tensor:
         return self.primal(x)[0]
 
+    def stock(self) -> nn.Module:
+        if self.bands is None:
+            return nn.GroupNorm(self.groups, self.channels, eps=self.eps, affine=False)
+        return _BandedGroupNorm(self.groups, self.bands, self.eps)
+
     def _through(self, saved: tuple[Tensor, Tensor, Tensor], d: Tensor, batch_dims: int) -> Tensor:
         """The Jacobian times ``d`` (``(B, C, ...)``, or ``(K, B, C, ...)`` with ``batch_dims=2``)."""
         grouped, mean, inv_std = saved  # (B, G, n), (B, G, 1), (B, G, 1); with bands (B, G, C/G, H, W), (B, G, 1, H, W)
@@ -437,3 +497,16 @@ class GroupNorm(Layer):
         y, saved = self.primal(x)
         del x
         return y, (None if dx is None else self._through(saved, dx, 2))
+
+
+class _BandedGroupNorm(nn.Module):
+    """``GroupNorm(bands=...)``'s stock twin: ``F.group_norm`` on each cell of the bands' grid on its own."""
+
+    def __init__(self, groups: int, bands: tuple[int, ...], eps: float) -> None:
+        super().__init__()
+        self.groups, self.bands, self.eps = groups, bands, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = [torch.cat([F.group_norm(cell, self.groups, eps=self.eps) for cell in band.split(self.bands, 3)], 3)
+                for band in x.split(self.bands, 2)]
+        return torch.cat(rows, 2)
