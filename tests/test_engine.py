@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fg_lightning.engine import (
-    CNN, GELU, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Linear, MaxPool2d, Network, OuterTangent,
-    ReLU,
+    CNN, GELU, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, LayerNorm, Linear, MaxPool2d, Network,
+    OuterTangent, ReLU,
     cross_entropy_and_grad, cross_entropy_jvp, to_torch, weighted_sum,
 )
 
@@ -34,6 +34,13 @@ def stock_of(layer):
     return to_torch(Network([("layer", layer)], input_shape=(1,)))[0]
 
 
+def randomised(layer):
+    """``layer`` with random parameters (a LayerNorm starts at w = 1, b = 0, where a missing factor of w would pass)."""
+    for param in layer.parameters():
+        param.data.copy_(torch.randn_like(param))
+    return layer
+
+
 LAYER_CASES = [
     ("linear", lambda: Linear(5, 4), (6, 5)),
     ("linear-no-bias", lambda: Linear(5, 3, bias=False), (2, 5)),
@@ -52,6 +59,8 @@ LAYER_CASES = [
     ("group-norm-4d", lambda: GroupNorm(2, 4, eps=1e-3), (3, 4, 3, 5)),
     ("layer-norm-4d", lambda: GroupNorm(1, 3), (2, 3, 4, 4)),
     ("group-norm-bands", lambda: GroupNorm(2, 4, bands=(3, 2)), (3, 4, 5, 5)),  # CNN(norm=True, patches=2)
+    ("layer-norm-affine", lambda: randomised(LayerNorm(6)), (4, 6)),
+    ("layer-norm-tokens", lambda: randomised(LayerNorm(5, eps=1e-3)), (2, 3, 5)),  # (B, tokens, channels)
     ("gelu", lambda: GELU(), (4, 6)),
     ("gelu-4d", lambda: GELU(), (2, 3, 4, 5)),
 ]
@@ -149,9 +158,9 @@ def small_cnn():
 
 
 def gelu_mlp():
-    """A network composed from the engine's layers by hand: the GELU between them needs nothing of the network."""
-    return Network([("fc1", Linear(12, 9)), ("gelu1", GELU()), ("fc2", Linear(9, 7)), ("gelu2", GELU()),
-                    ("fc3", Linear(7, 5))], input_shape=(12,)).double()
+    """A network composed from the engine's layers by hand: LayerNorm and GELU need nothing of the network."""
+    return Network([("fc1", Linear(12, 9)), ("norm1", randomised(LayerNorm(9))), ("gelu1", GELU()),
+                    ("fc2", Linear(9, 7)), ("gelu2", GELU()), ("fc3", Linear(7, 5))], input_shape=(12,)).double()
 
 
 NETWORKS = [

@@ -1,7 +1,7 @@
 """From-scratch tensor-op engine: hand-written forward, backprop (VJP) and forward-mode (JVP) passes."""
 
 from fg_lightning.engine.layers import (
-    GELU, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, Linear, MaxPool2d, ReLU,
+    GELU, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, Layer, LayerNorm, Linear, MaxPool2d, ReLU,
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.network import CNN, MLP, Head, JvpResult, Network, TangentFn
@@ -12,7 +12,7 @@ from fg_lightning.engine.tangents import (
 
 __all__ = [
     "AdaptiveAvgPool2d", "CNN", "Conv2d", "Flatten", "GELU", "GlobalAvgPool", "GroupNorm", "Head", "MLP", "JvpResult",
-    "Layer",
+    "Layer", "LayerNorm",
     "Linear", "MaxPool2d", "Network", "OuterTangent", "ReLU", "Tangent",
     "GivenTangents", "TangentFn", "TangentSource", "WeightTangents", "as_source", "to_torch", "cross_entropy", "cross_entropy_and_grad", "cross_entropy_jvp", "full_name", "weighted_sum",
 ]

@@ -246,6 +246,72 @@ class ReLU(Layer):
         return self.forward(x), dx
 
 
+class LayerNorm(Layer):
+    """``y = x̂ · w + b``, ``x̂ = (x − μ) / √(σ² + eps)`` with μ and σ² over the last axis (each example's features,
+    or each token's channels): ``torch.nn.LayerNorm(features)``, learnt scale ``w`` and shift ``b`` (initialised to
+    1 and 0, as torch's). As :class:`Linear`, it saves its input (the statistics are computed again from it), so that
+    a one-layer step (activity perturbation's ``layer_grads``) gets its parameters' gradients from the input alone.
+
+    With ``J d = (d − mean(d) − x̂ · mean(d x̂)) / σ`` (symmetric, means over the last axis): the VJP is
+    ``dx = J(dy · w)``, ``dw = Σ dy · x̂``, ``db = Σ dy`` (sums over every axis but the last); the JVP is
+    ``dy = J(dx) · w + x̂ · dw + db``."""
+
+    def __init__(self, features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"LayerNorm needs a positive number of features, got features={features!r}")
+        self.features, self.eps = features, eps
+        self.weight = _frozen(torch.ones(features))
+        self.bias = _frozen(torch.zeros(features))
+
+    def extra_repr(self) -> str:
+        return f"{self.features}, eps={self.eps}"
+
+    def _normalised(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x̂, 1/σ)``, ``1/σ`` with a last axis of 1."""
+        var, mean = torch.var_mean(x, -1, correction=0, keepdim=True)
+        inv_std = var.add_(self.eps).rsqrt_()
+        return (x - mean).mul_(inv_std), inv_std
+
+    def _through(self, normalised: Tensor, inv_std: Tensor, d: Tensor) -> Tensor:
+        """``J d``, in place on ``d`` (``(..., features)``, any leading axes broadcast against ``x̂``'s)."""
+        mean_d, mean_dx = d.mean(-1, keepdim=True), (d * normalised).mean(-1, keepdim=True)
+        return d.sub_(mean_d).sub_(normalised * mean_dx).mul_(inv_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.features,), self.weight, self.bias, self.eps)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        normalised, inv_std = self._normalised(saved)
+        lead = tuple(range(dy.dim() - 1))
+        grads = {"weight": (dy * normalised).sum(lead), "bias": dy.sum(lead)}
+        return (self._through(normalised, inv_std, dy.mul_(self.weight)) if need_input_grad else None), grads
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        normalised, inv_std = self._normalised(x)
+        y = normalised * self.weight + self.bias
+        dy = None if dx is None else self._through(normalised, inv_std, dx).mul_(self.weight)
+        extra = x.dim() - 1  # a parameter tangent (K, features) broadcast over x's leading axes
+        for name, factor in (("weight", normalised), ("bias", None)):
+            tangent = tangents.get(name)
+            if tangent is None:
+                continue
+            term = tangent.reshape(tangent.shape[0], *([1] * extra), self.features)
+            if factor is not None:
+                term = term * factor  # (K, *x.shape)
+            if dy is None:  # a tensor of its own: the next layer may change it in place
+                dy = term if factor is not None else term.expand(tangent.shape[0], *x.shape).clone()
+            else:
+                dy.add_(term)
+        return y, dy
+
+    def stock(self) -> nn.Module:
+        return nn.LayerNorm(self.features, eps=self.eps)
+
+
 class GELU(Layer):
     """``y = x Φ(x)``, Φ the standard normal CDF: the exact GELU (Hendrycks & Gimpel 2016), ``torch.nn.GELU()``, the
     MLP-Mixer's activation. Elementwise, so both passes scale the incoming derivative by ``Φ(x) + x φ(x)`` (ATen's
