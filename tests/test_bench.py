@@ -242,7 +242,9 @@ def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
             assert "1e+06 (step" in board[model, name]["diverged_lrs"]
             trained = [r for r in grid if not r["diverged"]]
             for r in trained:
-                assert r["steps"] == 8 and [p["epoch"] for p in r["curve"]] == [1, 2]
+                # 10 points an epoch asked, an epoch of 4 steps: one after every step
+                assert r["steps"] == 8 and [p["epoch"] for p in r["curve"]] == [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2]
+                assert [p["step"] for p in r["curve"]] == list(range(1, 9))
                 assert r["test_acc"] == r["curve"][-1]["test_acc"] and r["wall_s"] > 0
             picked = [r for r in grid if r["picked"]]
             assert len(picked) == 1 and picked[0]["val_acc"] == max(r["val_acc"] for r in trained)
@@ -339,7 +341,7 @@ def test_accuracy_seeds_on_learnable_idx_files(tmp_path, monkeypatch, capsys):
     assert report["meta"]["seeds"] == 2 and report["meta"]["grid_growth"] == 1
     board = {row["estimator"]: row for row in report["leaderboard"]}
     table = open(os.path.join(out, "accuracy.md")).read()
-    assert "| test_sd |" in table and "| test_acc_at_backprop_time |" in table and "one epoch" in table
+    assert "| test_sd |" in table and "| test_acc_at_backprop_time |" in table and "measured 10 times an epoch" in table
     assert "mlp naive 0.001, 1e+06 + 0.000333" in table
     for name, row in board.items():
         group = [r for r in runs if r["estimator"] == name and r["lr"] == row["lr"]]
@@ -501,16 +503,24 @@ def test_train_epochs_scheduler_and_hook():
         return made[-1]
 
     result = train(network, REGISTRY["backprop"].make(), 0.1, batches, 6, torch.device("cpu"), epoch_steps=2,
-                   scheduler=cosine, on_epoch_end=lambda epoch, step, seconds: ends.append((epoch, step, seconds)))
+                   scheduler=cosine, on_point=lambda epochs, step, seconds: ends.append((epochs, step, seconds)))
     assert result["steps"] == 6 and result["train_s"] > 0
-    assert [(epoch, step) for epoch, step, _ in ends] == [(0, 2), (1, 4), (2, 6)]
+    assert [(epochs, step) for epochs, step, _ in ends] == [(1, 2), (2, 4), (3, 6)]
     assert made[0].last_epoch == 6 and made[0].get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # stepped per step
     assert Loader.sampler.epochs == [0, 1, 2]  # each epoch its own shuffle, from epoch 0 in every run
     # without epoch_steps an epoch is a whole pass over the loader
     ends.clear()
     train(network, REGISTRY["backprop"].make(), 0.1, batches, 6, torch.device("cpu"),
-          on_epoch_end=lambda epoch, step, seconds: ends.append((epoch, step)))
-    assert ends == [(0, 3), (1, 6)] and Loader.sampler.epochs == [0, 1, 2]  # one order, as before
+          on_point=lambda epochs, step, seconds: ends.append((epochs, step)))
+    assert ends == [(1, 3), (2, 6)] and Loader.sampler.epochs == [0, 1, 2]  # one order, as before
+    # points within each epoch: after steps 1 and 2 of every 3 (a third and two thirds), then at its end
+    ends.clear()
+    seconds = []
+    train(network, REGISTRY["backprop"].make(), 0.1, batches, 6, torch.device("cpu"), epoch_steps=3,
+          points_per_epoch=3, on_point=lambda epochs, step, spent: (ends.append((epochs, step)), seconds.append(spent)))
+    assert [step for _, step in ends] == [1, 2, 3, 4, 5, 6]
+    assert [epochs for epochs, _ in ends] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
+    assert seconds == sorted(seconds) and seconds[0] > 0
 
 
 def test_build_network_adds_local_losses_only_when_the_estimator_needs_them(monkeypatch):

@@ -103,8 +103,8 @@ def search(grid: list[float], run_rate: Callable[[float], list[dict[str, Any]]],
 
 
 def accuracy_at_time(curve: list[dict[str, Any]], seconds: float) -> float | None:
-    """The test accuracy after the last epoch of ``curve`` that ended within ``seconds`` of training (cumulative
-    ``wall_s``), or None when not even the first did: the resolution is one epoch."""
+    """The test accuracy at the last point of ``curve`` reached within ``seconds`` of training (cumulative
+    ``wall_s``), or None when not even the first was: the resolution is ``--points-per-epoch`` points an epoch."""
     within = [point for point in curve if point["wall_s"] <= seconds]
     return within[-1]["test_acc"] if within else None
 
@@ -113,7 +113,7 @@ def at_backprop_time(runs: list[dict[str, Any]], backprop: list[dict[str, Any]])
     """Mean over seeds of :func:`accuracy_at_time` of each run, within the training seconds (``wall_s``) of
     backprop's run with the same seed; None when backprop has no run of one of the seeds, or one of the runs had
     not finished an epoch by then."""
-    budget = {r.get("seed", 0): r["wall_s"] for r in backprop if r.get("wall_s") is not None}
+    budget = {r.get("seed", 0): r["wall_s"] for r in backprop if r.get("wall_s") is not None}  # training seconds
     values = [accuracy_at_time(r.get("curve", []), budget[r.get("seed", 0)]) if r.get("seed", 0) in budget else None
               for r in runs]
     return None if not values or None in values else statistics.fmean(values)
@@ -191,18 +191,20 @@ def run(args: Any) -> list[dict[str, Any]]:
         progress.case(f"{model} {with_k(name, k)} lr={lr:g} seed {seed}")
         network, curve = build_network(model, name, seed=seed).to(device), []
 
-        def on_epoch_end(epoch: int, step: int, seconds: float) -> None:
+        def on_point(epochs: float, step: int, seconds: float) -> None:
             val_loss, val_acc = evaluate(network, data.val_set, device)
             test_loss, test_acc = evaluate(network, data.test_set, device)
-            curve.append({"epoch": epoch + 1, "step": step, "wall_s": seconds, "val_loss": val_loss,
+            curve.append({"epoch": round(epochs, 6), "step": step, "wall_s": seconds, "val_loss": val_loss,
                           "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc})
-            print(f"fg-bench accuracy: {model} {name} lr={lr:g} seed {seed} epoch {epoch + 1}/{args.epochs}: "
-                  f"val acc {val_acc:.4f}, test acc {test_acc:.4f} ({seconds:.1f} s)")
+            if step % epoch_steps == 0:
+                print(f"fg-bench accuracy: {model} {name} lr={lr:g} seed {seed} epoch {round(epochs)}/{args.epochs}: "
+                      f"val acc {val_acc:.4f}, test acc {test_acc:.4f} ({seconds:.1f} s)")
 
         result = train(network, REGISTRY[name].make(k, seed=seed), lr, loaders[seed], total, device,
-                       epoch_steps=epoch_steps, scheduler=schedule, on_epoch_end=on_epoch_end)
+                       epoch_steps=epoch_steps, scheduler=schedule, on_point=on_point,
+                       points_per_epoch=args.points_per_epoch)
         start = 0
-        for point in curve:  # the mean training loss of each epoch
+        for point in curve:  # the mean training loss since the point before
             point["train_loss"] = statistics.fmean(result["losses"][start : point["step"]])
             start = point["step"]
         if result["diverged"]:
@@ -237,7 +239,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     leaderboard = pick(records, models, args.estimators)
     meta = {**environment(device), "dataset": args.dataset, "train_size": len(data.train_set),
             "val_size": len(data.val_set), "test_size": len(data.test_set), "batch_size": args.batch_size,
-            "epochs": args.epochs, "steps_per_epoch": epoch_steps, "schedule": args.schedule, "seeds": args.seeds,
+            "epochs": args.epochs, "steps_per_epoch": epoch_steps, "points_per_epoch": args.points_per_epoch, "schedule": args.schedule, "seeds": args.seeds,
             "grid_growth": args.grid_growth, "ablation": getattr(args, "ablation", False),
             "limit_train_batches": args.limit_train_batches,
             "command": args.command_line}
@@ -260,10 +262,10 @@ def run(args: Any) -> list[dict[str, Any]]:
              f"rate of its grid, the grid grew by the next rate beyond it (÷3, ×3; at most {args.grid_growth} per "
              "estimator; the largest rate below one that diverged is not an edge), and `at_grid_edge` marks a pick "
              "still at an edge (a better rate may lie beyond); `gap_vs_backprop` is `test_acc` minus backprop's on "
-             "the same network; `test_acc_at_backprop_time` is the test accuracy (mean over seeds) after the last "
-             "epoch that ended within the training time of backprop's run with the same seed, on the same network "
-             "and device: its resolution is one epoch, and it is blank when not even one epoch fitted (or backprop "
-             "was not run); `wall_s` is the mean training time only (evaluation excluded); `diverged_lrs` lists the "
+             "the same network; `test_acc_at_backprop_time` is the test accuracy (mean over seeds) at the last point "
+             "of its curve reached within the training time of backprop's run with the same seed, on the same "
+             f"network and device (test accuracy measured {args.points_per_epoch} times an epoch: that is its "
+             "resolution), blank when not even the first point was reached (or backprop was not run); `wall_s` is the mean training time only (evaluation excluded); `diverged_lrs` lists the "
              "rates at which a seed diverged (the first step). Grids as run (+ the rates added): " + grown
              + ". Every run (each rate and seed) and its per-epoch curve are in accuracy.json, beside the leaderboard.\n")
     table = write_report(args.out, "accuracy", records, COLUMNS, meta, notes, table_records=leaderboard,
@@ -287,10 +289,11 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
             group = [r for r in picked if r["model"] == model and r["estimator"] == name]
             k = "" if group[0]["k"] is None else f" k={group[0]['k']}"
             label = f"{name}{k} lr={group[0]['lr']:g}" + (f" ({len(group)} seeds)" if len(group) > 1 else "")
-            epochs = min(len(r["curve"]) for r in group)
-            accs = [statistics.fmean(r["curve"][e]["test_acc"] for r in group) for e in range(epochs)]
-            seconds = [statistics.fmean(r["curve"][e]["wall_s"] for r in group) for e in range(epochs)]
-            axes[0][col].plot(range(1, epochs + 1), accs, marker="o", markersize=3, label=label)
+            points = min(len(r["curve"]) for r in group)
+            accs = [statistics.fmean(r["curve"][e]["test_acc"] for r in group) for e in range(points)]
+            seconds = [statistics.fmean(r["curve"][e]["wall_s"] for r in group) for e in range(points)]
+            axes[0][col].plot([group[0]["curve"][e]["epoch"] for e in range(points)], accs, marker="o", markersize=3,
+                              label=label)
             axes[1][col].plot(seconds, accs, marker="o", markersize=3, label=label)
         axes[0][col].set(title=f"{model}: test accuracy", xlabel="epoch", ylabel="test acc")
         axes[1][col].set(xlabel="training seconds", ylabel="test acc")

@@ -213,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
                              help="cut each epoch after this many batches (quick looks; the report says so)")
             sub.add_argument("--seeds", type=_positive, default=3,
                              help="runs per rate, seeds 0..N-1 (weights, estimator, batch order); mean and sd over them")
+            sub.add_argument("--points-per-epoch", type=_positive, default=10,
+                             help="test accuracy this many times an epoch (evenly spaced, the last at its end): the "
+                                  "curves' and test_acc_at_backprop_time's resolution (evaluation time excluded)")
             sub.add_argument("--grid-growth", type=_nonnegative, default=3,
                              help="rates at most added per estimator beyond the grid's edge (/3, x3) while the pick "
                                   "sits on it; 0: the grid as given")

@@ -371,7 +371,7 @@ def _epochs(loader, epoch_steps: int | None):
 def train(network: Network, estimator: GradientEstimator, lr: float, loader, steps: int, device: torch.device,
           validation=None, cosine_every: int = 0, epoch_steps: int | None = None,
           scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-          on_epoch_end: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+          on_point: Callable[[float, int, float], None] | None = None, points_per_epoch: int = 1) -> dict[str, Any]:
     """Plain SGD with ``estimator`` for ``steps`` steps, through the same
     :func:`~fg_lightning.estimators.training_step` as ForwardGradientModule, stopping at the first non-finite loss or
     update. Returns the losses; every ``cosine_every`` steps the cosine to the exact gradient and the gain ĝ·g/|g|²
@@ -380,8 +380,11 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
 
     Without ``epoch_steps`` it cycles over ``loader`` in the loader's one order (as the short runs of ``stability``
     and ``momentum`` always have). With it, training goes in epochs of ``epoch_steps`` steps (fewer if the loader
-    runs out first), each shuffled as its epoch, and ``on_epoch_end(epoch, steps so far, train_s so far)`` follows
-    every completed epoch. ``scheduler(optimizer)`` builds a learning-rate scheduler, stepped after every step."""
+    runs out first), each shuffled as its epoch. ``on_point(epochs so far, steps so far, train_s so far)`` follows
+    every completed epoch and, with ``points_per_epoch`` P > 1 (and ``epoch_steps``), the steps ``round(j ·
+    epoch_steps / P)`` of each epoch too (``epochs so far``: ``epoch + steps in it / epoch_steps``), for accuracy
+    against time at a finer resolution than an epoch. ``scheduler(optimizer)`` builds a learning-rate scheduler,
+    stepped after every step."""
     from fg_lightning.estimators import DivergenceError
 
     optimizer, comm = torch.optim.SGD(network.parameters(), lr=lr), Collective()  # one process
@@ -389,7 +392,20 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
     losses: list[float] = []
     cosines: list[tuple[int, float, float, bool]] = []  # (step, cosine, gain ĝ·g/|g|², exact gradient computed?)
     diverged_at = None
+    if points_per_epoch < 1 or (points_per_epoch > 1 and epoch_steps is None):
+        raise ValueError(f"points_per_epoch must be 1, or more with epoch_steps, got {points_per_epoch}")
+    # the steps within an epoch after which a point falls (the epoch's end has its own)
+    points = ({round(j * epoch_steps / points_per_epoch) for j in range(1, points_per_epoch)} - {0, epoch_steps}
+              if epoch_steps else set())
     index, seconds, start = 0, 0.0, time.perf_counter()
+
+    def point(epochs: float) -> None:
+        nonlocal seconds, start
+        sync(device)
+        seconds += time.perf_counter() - start
+        on_point(epochs, index, seconds)
+        start = time.perf_counter()
+
     for epoch, batches in enumerate(_epochs(loader, epoch_steps)):
         taken = index
         for x, labels in batches:
@@ -412,14 +428,13 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
                 schedule.step()
             losses.append(float(estimate.loss))
             index += 1
+            if on_point is not None and index - taken in points:
+                point(epoch + (index - taken) / epoch_steps)
         else:
             if index == taken:
                 raise ValueError("the training loader gave no batch")
-            if on_epoch_end is not None:
-                sync(device)
-                seconds += time.perf_counter() - start
-                on_epoch_end(epoch, index, seconds)
-                start = time.perf_counter()
+            if on_point is not None:
+                point(epoch + 1)
         if index == steps or diverged_at is not None:
             break
     sync(device)
