@@ -96,9 +96,9 @@ QUICK: dict[str, tuple[str, ...]] = {
     "depth": ("--models", "mlp", "cnn", "--depths", "2", "8", "--width", "256", "--batch-size", "256",
               "--cnn-batch-size", "16", "--estimators", "backprop", "naive_replayed", "local_activity", "--warmup", "1",
               "--repeats", "2", "--no-compile"),
-    # the MLP, every estimator at each rate of its grid, one seed, one epoch cut to 5 batches, k = 4
+    # the MLP, every estimator at each rate of its grid, one seed, one epoch cut to 5 batches, k = 4, one evaluation
     "accuracy": ("--models", "mlp", "--epochs", "1", "--limit-train-batches", "5", "--seeds", "1", "--grid-growth",
-                 "0", "--k", "4"),
+                 "0", "--k", "4", "--points-per-epoch", "1"),
     "quality": ("--models", "mlp", "--directions", "4", "--draws", "5"),
     "stability": ("--models", "mlp", "--batch-sizes", "128", "--lrs", "1e-2", "1e-1", "--steps", "20", "--k", "4"),
     "momentum": ("--models", "mlp", "--steps", "40", "--cosine-every", "10"),
