@@ -110,6 +110,15 @@ class _Call:
     site: Tensor | None = None
 
 
+def _through_norms(norms: list[Layer], output: Tensor) -> tuple[Tensor, list]:
+    """``output`` through the normalisations ``norms``: the point perturbed, and what their VJPs need."""
+    saved = []
+    for norm in norms:
+        output, state = norm.primal(output)
+        saved.append(state)
+    return output, saved
+
+
 class _ActivityTangents(TangentSource):
     """Activity perturbation's tangents: ``k`` Gaussian tangents per example on the output of each call of every
     parameterised layer but the output layers (with ``exact_output``), past the normalisations that follow it,
@@ -262,7 +271,7 @@ class _ActivityTangents(TangentSource):
                 norms = self.network.activity_norms(name)
                 call.output = output if norms else None
                 if self.estimator.relu_mask:
-                    call.mask = self.network.activity_mask(name, self._through_norms(norms, output)[0])
+                    call.mask = self.network.activity_mask(name, _through_norms(norms, output)[0])
             del layer_input, output
             yield call
             call.layer_input = call.output = call.mask = None
@@ -299,19 +308,10 @@ class _ActivityTangents(TangentSource):
             g_z.mul_(call.mask)
         norms = self.network.activity_norms(call.name)
         if norms:  # back through the normalisations (their VJP at the layer's output) to the layer's output
-            _, saved = self._through_norms(norms, call.output)
+            _, saved = _through_norms(norms, call.output)
             for norm, state in zip(reversed(norms), reversed(saved)):
                 g_z = norm.vjp(state, g_z)[0]
         return g_z.div_(self.estimator.k)
-
-    @staticmethod
-    def _through_norms(norms: list[Layer], output: Tensor) -> tuple[Tensor, list]:
-        """``output`` through the normalisations ``norms``: the point perturbed, and what their VJPs need."""
-        saved = []
-        for norm in norms:
-            output, state = norm.primal(output)
-            saved.append(state)
-        return output, saved
 
 
 class ActivityPerturbation(_ActivityPerturbation):
