@@ -38,6 +38,7 @@ def _math_blocks(text: str) -> str:
 
 def markdown(text: str) -> str:
     text = _math_blocks(text)
+    text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)  # "Example::" introduces a literal block in reST
     text = MATH.sub(lambda m: f"${m.group(1)}$", text)
     return ROLE.sub(_role, text)
 

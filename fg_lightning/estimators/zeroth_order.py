@@ -69,7 +69,7 @@ class ZerothOrder(GradientEstimator):
     .. math::
         \hat g = \frac{1}{k}\sum_{i=1}^{k}
             \frac{L(\theta + \varepsilon z_i) - L(\theta - \varepsilon z_i)}{2\varepsilon}\, z_i,
-        \qquad z_i \sim \mathcal N(0, I)\ \text{(``distribution="gaussian"``) or Rademacher (±1)}.
+        \qquad z_i \sim \mathcal N(0, I)\ \text{(Gaussian) or Rademacher (±1)}.
 
     The central difference is :math:`\nabla f\cdot z_i + O(\varepsilon^2)`, so :math:`\hat g` is the forward gradient
     of :class:`~fg_lightning.estimators.MultiDirection` (Eq. 7) up to :math:`O(\varepsilon^2)`: :math:`E[\hat g] =
