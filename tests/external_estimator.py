@@ -1,6 +1,7 @@
-"""An estimator defined outside the package, as a user adds one (docs/estimators.md, "Adding an estimator"): a
-forward gradient with Rademacher directions, v_i = ±1 with equal probability. Unbiased (E[vvᵀ] = I), and a little
-less noisy than a Gaussian direction: its variance per coordinate is Σ_{j≠i} g_j², without the Gaussian's 2g_i² fourth-moment term."""
+"""An estimator defined outside the package, as a user adds one (docs/estimators.md, "Adding an estimator"): a forward
+gradient with Rademacher directions, v_i = ±1 with equal probability. Unbiased (E[vvᵀ] = I), and a little less noisy
+than a Gaussian direction: its variance per coordinate is Σ_{j≠i} g_j², without the Gaussian's 2g_i² fourth-moment
+term."""
 
 from __future__ import annotations
 

@@ -681,7 +681,8 @@ def test_momentum_without_updates_between_checkpoints_is_caught(monkeypatch):
 
 def test_an_estimator_defined_outside_the_package_is_taken_by_registering_it():
     """Adding an estimator as docs/estimators.md says: its class and one register() call. fg-bench offers it, the
-    accuracy leaderboard has its grid, and it passes the contract and unbiasedness checks every registered estimator passes."""
+    accuracy leaderboard has its grid, and it passes the contract and unbiasedness checks every registered estimator
+    passes."""
     from external_estimator import SPEC
 
     from fg_lightning.bench.accuracy import lr_grid

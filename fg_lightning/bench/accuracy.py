@@ -239,7 +239,8 @@ def run(args: Any) -> list[dict[str, Any]]:
     leaderboard = pick(records, models, args.estimators)
     meta = {**environment(device), "dataset": args.dataset, "train_size": len(data.train_set),
             "val_size": len(data.val_set), "test_size": len(data.test_set), "batch_size": args.batch_size,
-            "epochs": args.epochs, "steps_per_epoch": epoch_steps, "points_per_epoch": args.points_per_epoch, "schedule": args.schedule, "seeds": args.seeds,
+            "epochs": args.epochs, "steps_per_epoch": epoch_steps, "points_per_epoch": args.points_per_epoch,
+            "schedule": args.schedule, "seeds": args.seeds,
             "grid_growth": args.grid_growth, "ablation": getattr(args, "ablation", False),
             "limit_train_batches": args.limit_train_batches,
             "command": args.command_line}
@@ -265,7 +266,8 @@ def run(args: Any) -> list[dict[str, Any]]:
              "the same network; `test_acc_at_backprop_time` is the test accuracy (mean over seeds) at the last point "
              "of its curve reached within the training time of backprop's run with the same seed, on the same "
              f"network and device (test accuracy measured {args.points_per_epoch} times an epoch: that is its "
-             "resolution), blank when not even the first point was reached (or backprop was not run); `wall_s` is the mean training time only (evaluation excluded); `diverged_lrs` lists the "
+             "resolution), blank when not even the first point was reached (or backprop was not run); `wall_s` is "
+             "the mean training time only (evaluation excluded); `diverged_lrs` lists the "
              "rates at which a seed diverged (the first step). Grids as run (+ the rates added): " + grown
              + ". Every run (each rate and seed) and its per-epoch curve are in accuracy.json, beside the leaderboard.\n")
     table = write_report(args.out, "accuracy", records, COLUMNS, meta, notes, table_records=leaderboard,

@@ -13,7 +13,8 @@
 
 Each subcommand writes ``<out>/<subcommand>.json``, ``<out>/<subcommand>.md`` and PNG plots, and prints its table.
 The long ones (speed, memory, depth, quality, stability, momentum, accuracy, finetune) print a progress line before
-each case (case i/N, seconds so far, the time left) and take ``--quick``: a smoke look in at most 3 minutes on 2 CPU cores.
+each case (case i/N, seconds so far, the time left) and take ``--quick``: a smoke look in at most 3 minutes on 2 CPU
+cores.
 
 ``all`` runs ``speed`` and ``memory`` for both networks, every registered estimator and the stock baselines, with
 a ``--preset``: ``gpu`` (the default on CUDA: batch 256, 4096 and 16384; k 1, 4, 16 for speed and 1, 16 for memory;
