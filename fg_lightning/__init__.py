@@ -15,7 +15,7 @@ _EXPORTS = {
     "fg_lightning.callbacks": ["CommBytes", "GradientCosine", "PeakMemory", "StepTimer", "UpdateCallback"],
     "fg_lightning.distributed": ["ForwardGradientDDPStrategy"],
     "fg_lightning.data": ["DigitsDataModule", "MNISTDataModule"],
-    "fg_lightning.engine": ["CNN", "MLP", "JvpResult", "Network", "OuterTangent", "to_torch"],
+    "fg_lightning.engine": ["CNN", "MLP", "JvpResult", "Mixer", "Network", "OuterTangent", "to_torch"],
     "fg_lightning.estimators": [
         "REGISTRY", "ActivityPerturbation", "Backprop", "DivergenceError", "Estimate", "GradientEstimator",
         "InputApprox", "InputQR", "LocalActivityPerturbation", "LocalBackprop", "LocalGuess", "LocalWeightPerturbation",

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from test_local_groups import sample_mean_and_variance
 
-from fg_lightning.engine import CNN, MLP
+from fg_lightning.engine import CNN, MLP, Mixer
 from fg_lightning.estimators import ActivityPerturbation, LocalActivityPerturbation
 
 NETS = {
     "mlp": (lambda **kw: MLP(in_features=12, hidden=(16, 12), num_classes=4, seed=1, **kw), (5, 12)),
     "cnn": (lambda **kw: CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1, **kw), (5, 1, 16, 16)),
+    "mixer": (lambda **kw: Mixer(image_size=8, patch_size=2, channels=4, blocks=3, num_classes=4, seed=1, **kw),
+              (5, 1, 8, 8)),
 }
 VARIANTS = {
     "mlp": {"plain": {}, "norm": {"norm": True},
@@ -23,6 +25,8 @@ VARIANTS = {
     "cnn": {"plain": {}, "norm": {"norm": True}, "local-groups-norm": {"local_losses": True, "groups": 2, "norm": True},
             "local-patches-norm": {"local_losses": True, "groups": 2, "norm": True, "patches": 2},
             "local-head-pool-norm": {"local_losses": True, "groups": 2, "norm": True, "head_pool": 2}},
+    "mixer": {"plain": {}, "local-groups-norm": {"local_losses": True, "groups": 2},  # its norms are its own
+              "local-patches-norm": {"local_losses": True, "groups": 2, "patches": 2}},
 }
 CASES = [(model, variant) for model in NETS for variant in VARIANTS[model]]
 
@@ -106,4 +110,4 @@ def test_the_mask_past_the_norm_lowers_the_variance(model):
     net, x, labels = problem(model, "local-groups-norm")
     masked = sample_mean_and_variance(LocalActivityPerturbation(seed=1), net, x, labels, 400)[1].sum()
     plain = sample_mean_and_variance(LocalActivityPerturbation(relu_mask=False, seed=1), net, x, labels, 400)[1].sum()
-    assert masked < (0.8 if model == "mlp" else 0.5) * plain, (float(masked), float(plain))
+    assert masked < (0.5 if model == "cnn" else 0.8) * plain, (float(masked), float(plain))  # cnn: max-pools too

@@ -11,7 +11,7 @@ from torch import nn
 
 from fg_lightning.engine import (
     CNN, GELU, MLP, AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, GroupNorm, LayerNorm, Linear, MaxPool2d, Network,
-    OuterTangent, ReLU,
+    Mixer, OuterTangent, ReLU, TokenMixing,
     cross_entropy_and_grad, cross_entropy_jvp, to_torch, weighted_sum,
 )
 
@@ -63,6 +63,8 @@ LAYER_CASES = [
     ("layer-norm-tokens", lambda: randomised(LayerNorm(5, eps=1e-3)), (2, 3, 5)),  # (B, tokens, channels)
     ("gelu", lambda: GELU(), (4, 6)),
     ("gelu-4d", lambda: GELU(), (2, 3, 4, 5)),
+    ("token-mixing", lambda: TokenMixing(3, 4), (2, 5, 3, 4)),  # (B, C, H, W): 12 tokens
+    ("token-mixing-no-bias", lambda: TokenMixing(2, 2, bias=False), (3, 2, 2, 2)),
 ]
 
 
@@ -126,6 +128,28 @@ def test_layer_jvp_matches_torch_func(make_layer, x_shape, with_input_tangent):
     close(dy, dy_ref)
 
 
+def _scaled(method):
+    """``method`` (a layer's ``vjp`` or ``jvp``) with every derivative it returns scaled by 1.1."""
+    def scaled(self, *args, **kwargs):
+        first, second = method(self, *args, **kwargs)
+        if method.__name__ == "jvp":  # (y, dy)
+            return first, None if second is None else second * 1.1
+        return None if first is None else first * 1.1, {name: grad * 1.1 for name, grad in second.items()}
+    return scaled
+
+
+@pytest.mark.parametrize("make_layer, x_shape", [c[1:] for c in LAYER_CASES], ids=[c[0] for c in LAYER_CASES])
+def test_a_layer_pass_scaled_by_1_1_is_caught(make_layer, x_shape, monkeypatch):
+    """Each layer's VJP and JVP, scaled by 1.1, fail the checks above against autograd and ``torch.func.jvp``."""
+    cls = type(make_layer())
+    for method, check in (("vjp", lambda: test_layer_vjp_matches_autograd(make_layer, x_shape)),
+                          ("jvp", lambda: test_layer_jvp_matches_torch_func(make_layer, x_shape, True))):
+        with monkeypatch.context() as patch:
+            patch.setattr(cls, method, _scaled(getattr(cls, method)))
+            with pytest.raises(AssertionError):
+                check()
+
+
 @pytest.mark.parametrize("with_input_tangent", [True, False], ids=["dx", "no-dx"])
 def test_linear_jvp_with_outer_tangent_matches_dense(with_input_tangent):
     layer = Linear(6, 4).double()
@@ -171,6 +195,8 @@ NETWORKS = [
     ("mlp-norm", lambda: MLP(in_features=12, hidden=(9, 7), num_classes=5, norm=True).double(), (8, 12)),
     ("cnn-norm", lambda: CNN(in_channels=2, image_size=12, channels=(3, 4, 5), hidden=6, num_classes=4,
                              norm=True).double(), (6, 2, 12, 12)),
+    ("mixer", lambda: Mixer(in_channels=2, image_size=8, patch_size=2, channels=6, blocks=3, num_classes=4).double(),
+     (5, 2, 8, 8)),
 ]
 
 

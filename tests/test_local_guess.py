@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_local import autograd_local_grads
 
-from fg_lightning.engine import CNN, MLP, Conv2d, GlobalAvgPool, Linear, Network, ReLU, to_torch
+from fg_lightning.engine import CNN, MLP, Conv2d, GlobalAvgPool, Linear, Mixer, Network, ReLU, to_torch
 from fg_lightning.estimators import REGISTRY, LocalGuess
 from fg_lightning.torch_network import TorchNetwork
 
@@ -36,6 +36,9 @@ NETS = {
     "mlp_block2_groups": (lambda: MLP(in_features=8, hidden=(6, 6, 4, 4), num_classes=4, seed=3, local_losses=True,
                                       block_size=2, groups=2, norm=True), (6, 8)),
     "custom_cnn": (lambda: (torch.manual_seed(4), custom_cnn())[1], (5, 1, 9, 9)),
+    # TokenMixing's per-example gradients, 1×1 convolutions, per-token GroupNorm over groups
+    "mixer": (lambda: Mixer(image_size=8, patch_size=2, channels=4, blocks=3, num_classes=4, seed=5, local_losses=True,
+                            groups=2), (4, 1, 8, 8)),
 }
 
 
@@ -102,17 +105,17 @@ def test_one_example_is_the_batch_projection():
 def test_a_chunked_pass_gives_the_same_estimate():
     """The forward-mode pass in chunks of directions (one block's guess per pass) and the Conv2d per-example weight
     gradients in batch chunks of one example."""
-    import fg_lightning.estimators.per_example as per_example
+    import fg_lightning.engine.layers as layers
 
     net, x, labels = problem("cnn")
     whole = LocalGuess(projection="example").estimate(net, x, labels, 0).grads
     net.tangent_memory_mb = 1e-6
-    chunk = per_example.CHUNK_ELEMENTS
-    per_example.CHUNK_ELEMENTS = 1
+    chunk = layers.CHUNK_ELEMENTS
+    layers.CHUNK_ELEMENTS = 1
     try:
         chunked = LocalGuess(projection="example").estimate(net, x, labels, 0).grads
     finally:
-        per_example.CHUNK_ELEMENTS = chunk
+        layers.CHUNK_ELEMENTS = chunk
     for name, value in whole.items():
         torch.testing.assert_close(chunked[name], value, rtol=1e-12, atol=1e-14, msg=name)
 

@@ -15,7 +15,7 @@ from torch import nn
 from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside, TiedThroughAView, UserCNN
 
 from fg_lightning.cli import main as fg_cli
-from fg_lightning.engine import CNN, MLP, TangentSource, to_torch
+from fg_lightning.engine import CNN, MLP, Mixer, TangentSource, to_torch
 from fg_lightning.estimators import (
     REGISTRY, DivergenceError, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate,
 )
@@ -26,9 +26,15 @@ from fg_lightning.torch_network import TorchBackendError, TorchNetwork
 SUPPORTED = [name for name, spec in REGISTRY.items() if not spec.needs_local_losses]
 
 
+TWINS = {
+    "mlp": lambda: MLP(in_features=12, hidden=(10, 8), num_classes=4, seed=1),
+    "cnn": lambda: CNN(image_size=8, channels=(2, 3, 3), hidden=6, num_classes=4, seed=1),
+    "mixer": lambda: Mixer(image_size=8, patch_size=2, channels=8, blocks=2, num_classes=4, seed=1),
+}
+
+
 def engine_and_twin(model):
-    net = (MLP(in_features=12, hidden=(10, 8), num_classes=4, seed=1) if model == "mlp"
-           else CNN(image_size=8, channels=(2, 3, 3), hidden=6, num_classes=4, seed=1)).double()
+    net = TWINS[model]().double()
     return net, TorchNetwork(to_torch(net))
 
 
@@ -39,8 +45,12 @@ def batches(model, steps=3):
              torch.randint(0, 4, (9,), generator=generator)) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-@pytest.mark.parametrize("name", SUPPORTED)
+# The Mixer's activity estimates differ by design: the engine perturbs past each layer's per-token norm (Ren et al.'s
+# placement, Network.activity_norms), the torch backend each module's own output; both are unbiased, not the same draws.
+PAST_NORMS = {("mixer", name) for name, spec in REGISTRY.items() if spec.backward == "layer"}
+
+
+@pytest.mark.parametrize("name, model", [(n, m) for m in TWINS for n in SUPPORTED if (m, n) not in PAST_NORMS])
 def test_torch_backend_gives_the_engines_estimate_on_the_twin(name, model):
     """Same seed, same batches: every step's estimate on the torch twin equals the engine's (float64, 1e-5 relative
     as the issue asks; in fact ~1e-14), through three SGD steps (momentum: a checkpoint and two forward steps)."""

@@ -84,6 +84,17 @@ class Layer(nn.Module):
         """
         raise NotImplementedError
 
+    def example_tangent(self, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Each example's own gradient ``v_b`` of the layer's parameters, from its input ``h (B, ...)`` and output
+        gradient ``d (B, ...)``, as ``(v_b applied to h_b, (B, *output)), |v_b|² (B,))``: what per-example local
+        guesses (Fournier et al. 2023) carry. A layer that forms them overrides this."""
+        raise TypeError(f"per-example gradients of a {type(self).__name__} are not formed")
+
+    @property
+    def forms_example_grads(self) -> bool:
+        """Whether :meth:`example_tangent` is this layer's own."""
+        return type(self).example_tangent is not Layer.example_tangent
+
     def stock(self) -> nn.Module:
         """The stock ``torch.nn`` module that computes the same function, its parameters named as this layer's (the
         oracle of the tests and the baseline of the benchmarks: :func:`~fg_lightning.engine.to_torch` copies the
@@ -144,6 +155,12 @@ class Linear(Layer):
         return self.forward(x), dy
 
 
+    def example_tangent(self, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        # v_b = (d_b h_bᵀ, d_b): v_b h_b = d_b (|h_b|² + 1), |v_b|² = |d_b|² (|h_b|² + 1); the 1: the bias, if any
+        scale = h.square().sum(1).add_(float(self.bias is not None))
+        return d * scale.unsqueeze(1), d.square().sum(1).mul_(scale)
+
+
 class Conv2d(Layer):
     """2-D convolution (square kernel, stride, zero padding); initialised as ``torch.nn.Conv2d``."""
 
@@ -165,6 +182,10 @@ class Conv2d(Layer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:  # 1×1: a matmul per example, which on
+            # the CPU takes about 0.6× the time of the convolution kernel (the Mixer's channel mixing)
+            y = torch.matmul(weight.view(weight.shape[0], -1), x.flatten(2)).view(x.shape[0], -1, *x.shape[2:])
+            return y if bias is None else y.add_(bias.view(-1, 1, 1))
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
     def stock(self) -> nn.Module:
@@ -215,6 +236,30 @@ class Conv2d(Layer):
         dy = _by_rows(tangent, x.shape[0], present[0].shape[0] * out_numel, batch_dim=1) if present else None
         del dx  # before the primal output is allocated
         return _by_rows(lambda rows: self.forward(x[rows]), x.shape[0], out_numel), dy
+
+
+    def example_tangent(self, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Each example's weight gradient ``Σ_p d_{b,p} patch_{b,p}ᵀ`` (a sum over output positions) has no cheap
+        closed form, so it is materialised, ``(out, in·k²)`` per example, from the unfolded input, a batch slice at a
+        time (about ``CHUNK_ELEMENTS`` elements of temporaries); its output tangent is one batched product with the
+        patches."""
+        k, batch, out = self.kernel_size, d.shape[0], d.shape[1]
+        tangent, sq_norms = torch.empty_like(d), d.new_empty(batch)
+        patch = h.shape[1] * k * k
+        for rows in _batch_chunks(batch, out * patch + patch * d[0, 0].numel() + d[0].numel()):
+            patches = F.unfold(h[rows], k, padding=self.padding, stride=self.stride)  # (b, in·k², positions)
+            d_rows = d[rows].flatten(2)  # (b, out, positions)
+            weight = torch.bmm(d_rows, patches.transpose(1, 2))  # (b, out, in·k²): each example's weight gradient
+            sq_norms[rows] = weight.square().sum((1, 2))
+            rows_tangent = torch.bmm(weight, patches)  # each example's weight gradient convolved with its own input
+            del patches, weight
+            if self.bias is not None:
+                bias_grad = d_rows.sum(2)  # (b, out)
+                rows_tangent.add_(bias_grad.unsqueeze(2))
+                sq_norms[rows] += bias_grad.square().sum(1)
+            tangent[rows] = rows_tangent.view_as(tangent[rows])
+            del rows_tangent
+        return tangent, sq_norms
 
 
 class ReLU(Layer):
@@ -337,6 +382,95 @@ class GELU(Layer):
 
     def stock(self) -> nn.Module:
         return nn.GELU()
+
+
+class TokenMixing(Layer):
+    """An MLP-Mixer's token mixing (Tolstikhin et al. 2021; Ren et al. 2023's LocalMixer): one linear map over a
+    feature map's ``H·W`` positions (its tokens), the same for every channel: ``y[b, c] = W x[b, c] + bias`` with
+    ``x[b, c]`` the channel's ``H·W`` values flattened row-major and ``W: (H·W, H·W)``. The feature-map layout
+    ``(B, C, H, W)`` keeps the Mixer's channel mixing a 1×1 :class:`Conv2d` and its per-token normalisation a
+    :class:`GroupNorm` over 1×1 cells. Initialised as ``torch.nn.Linear(H·W, H·W)``."""
+
+    def __init__(self, height: int, width: int, bias: bool = True) -> None:
+        super().__init__()
+        if height < 1 or width < 1:
+            raise ValueError(f"TokenMixing needs positive sizes, got height={height}, width={width}")
+        self.height, self.width, self.tokens = height, width, height * width
+        self.weight = _frozen(torch.empty(self.tokens, self.tokens))
+        self.bias = _frozen(torch.empty(self.tokens)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as torch.nn.Linear.reset_parameters
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.tokens), 1 / math.sqrt(self.tokens))
+
+    def extra_repr(self) -> str:
+        return f"height={self.height}, width={self.width}, bias={self.bias is not None}"
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """``(..., C, H, W) -> (..., C, H·W)``, refusing a map of another size."""
+        if tuple(x.shape[-2:]) != (self.height, self.width):
+            raise ValueError(f"TokenMixing({self.height}, {self.width}) needs a {self.height}×{self.width} feature "
+                             f"map, got {tuple(x.shape)}")
+        return x.flatten(-2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self._tokens(x), self.weight, self.bias).view(x.shape)
+
+    def stock(self) -> nn.Module:
+        return _TokenMixing(self.height, self.width, bias=self.bias is not None)
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), x
+
+    def vjp(self, saved: Tensor, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        x, d = self._tokens(saved).reshape(-1, self.tokens), dy.reshape(-1, self.tokens)  # (B·C, T) each
+        grads = {"weight": d.t() @ x}  # Σ_{b,c} dy_bc x_bcᵀ
+        if self.bias is not None:
+            grads["bias"] = d.sum(0)
+        return ((d @ self.weight).view(dy.shape) if need_input_grad else None), grads
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        d_weight, d_bias = tangents.get("weight"), tangents.get("bias")
+        if isinstance(d_weight, OuterTangent):
+            d_weight = d_weight.dense()
+        tokens = self._tokens(x)  # (B, C, T)
+        dy = None
+        if dx is not None:  # dx Wᵀ for every direction, one (K·B·C, T) @ (T, T) matmul
+            dy = (dx.reshape(-1, self.tokens) @ self.weight.t()).view(dx.shape[0], *tokens.shape)
+            del dx
+        if d_weight is not None:  # x dW_kᵀ for every k: a batched (B·C, T) @ (T, T)
+            flat = tokens.reshape(1, -1, self.tokens).expand(d_weight.shape[0], -1, -1)
+            by_weight = torch.bmm(flat, d_weight.transpose(1, 2)).view(d_weight.shape[0], *tokens.shape)
+            dy = by_weight if dy is None else dy.add_(by_weight)
+        if d_bias is not None:
+            d_bias = d_bias.view(d_bias.shape[0], *(1,) * (tokens.dim() - 1), self.tokens)
+            dy = d_bias.expand(-1, *tokens.shape).clone() if dy is None else dy.add_(d_bias)
+        return self.forward(x), (None if dy is None else dy.view(dy.shape[0], *x.shape))
+
+    def example_tangent(self, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Example ``b``'s own gradient ``v_b = (Σ_c d_bc h_bcᵀ, Σ_c d_bc)`` applied to its input, and ``|v_b|²``
+        (per-example local guesses): ``((B, C, H, W), (B,))``."""
+        tokens, d_tokens = self._tokens(h), d.flatten(-2)  # (B, C, T)
+        weight = torch.bmm(d_tokens.transpose(1, 2), tokens)  # (B, T, T): each example's weight gradient
+        tangent = torch.bmm(tokens, weight.transpose(1, 2))
+        sq_norms = weight.square().sum((1, 2))
+        if self.bias is not None:
+            bias = d_tokens.sum(1)  # (B, T)
+            tangent.add_(bias.unsqueeze(1))
+            sq_norms += bias.square().sum(1)
+        return tangent.view(d.shape), sq_norms
+
+
+class _TokenMixing(nn.Module):
+    """:class:`TokenMixing`'s stock twin: ``torch.nn.functional.linear`` over the flattened positions."""
+
+    def __init__(self, height: int, width: int, bias: bool = True) -> None:
+        super().__init__()
+        tokens = height * width
+        self.weight = nn.Parameter(torch.empty(tokens, tokens))
+        self.bias = nn.Parameter(torch.empty(tokens)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.flatten(-2), self.weight, self.bias).view(x.shape)
 
 
 def relu_grad_(grad: Tensor, x: Tensor) -> Tensor:
@@ -506,6 +640,8 @@ class GroupNorm(Layer):
         if sum(self.bands) != height or sum(self.bands) != width:
             raise ValueError(f"GroupNorm with bands {self.bands} needs a {sum(self.bands)}×{sum(self.bands)} feature "
                              f"map, got {height}×{width}")
+        if len(self.bands) == height:  # cells of one position (a token each): the mean over the group's channels
+            return t.mean(-3, keepdim=True)
         onehot = F.one_hot(self.band, len(self.bands)).to(t.dtype)  # (H, P): position -> its band
         counts = t.shape[-3] * torch.outer(onehot.sum(0), onehot.sum(0))  # (P, P): elements per cell and group
         means = (onehot.T @ t.sum(-3) @ onehot).div_(counts)  # (..., G, P, P)

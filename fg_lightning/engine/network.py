@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from fg_lightning.engine.layers import (
-    AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU, picked,
+    AdaptiveAvgPool2d, Conv2d, Flatten, GlobalAvgPool, Grads, GroupNorm, Layer, Linear, MaxPool2d, ReLU, TokenMixing,
+    picked,
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, directions
@@ -100,6 +101,21 @@ class Head(nn.Module):
                              f"positions, got {height}×{width}")
         rows, cols = (self._slices(bands(size, self.patches)) for size in (height, width))
         return [(group, row, col) for group in self.group_slices(shape[0]) for row in rows for col in cols]
+
+    def cell_sums(self, t: Tensor, per_example: bool) -> Tensor:
+        """``t`` ``(K, B, C, ...)`` summed over each replica's cell (each group's channels, and with patches each
+        patch's positions), in :meth:`cells`' order: ``(K, B, G·P²)``, or ``(K, G·P²)`` summed over the batch too
+        unless ``per_example``; one contraction with the cells' memberships, not a sum per cell."""
+        def member(sizes: Sequence[int]) -> Tensor:  # (positions, parts): 1 where a position is in a part
+            return torch.repeat_interleave(torch.eye(len(sizes), dtype=t.dtype, device=t.device),
+                                           torch.tensor(sizes, device=t.device), dim=0)
+        groups = member([len(part) for part in torch.arange(t.shape[2]).tensor_split(self.groups)])
+        out = "kb" if per_example else "k"
+        if self.patches == 1:
+            return torch.einsum(f"kbc,cg->{out}g", t.flatten(3).sum(3) if t.dim() > 3 else t, groups)
+        self.cells(t.shape[2:])  # refuses a map smaller than the patches
+        rows, cols = (member(bands(size, self.patches)) for size in t.shape[3:])
+        return torch.einsum(f"kbchw,cg,hp,wq->{out}gpq", t, groups, rows, cols).flatten(-3)
 
     @staticmethod
     def _slices(sizes: Sequence[int]) -> list[slice]:
@@ -639,10 +655,8 @@ class _ForwardPass:
             grad_h = network._backward(layers, saved, network.logits_grad(logits, self.labels), {},
                                        need_input_grad=True)
             del saved
-            spec = "kb...,b...->kb" if self.source.per_example else "kb...,b...->k"
-            every = slice(None)
-            masked = torch.stack([torch.einsum(spec, d_h[(every, every, *cell)], grad_h[(every, *cell)])
-                                  for cell in cells], -1)
+            masked = module.cell_sums(d_h.mul_(grad_h), per_example=self.source.per_example)
+            del grad_h
         del logits
         masked = masked.view(*own.shape, len(groups), len(cells) // len(groups))
         grouped = masked.sum(-1)
@@ -884,3 +898,73 @@ class CNN(Network):
                 heads[last] = (f"relu{last}", [("fc", Linear(hidden, num_classes))])
         super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
                          heads=dict(heads[i] for i in ends), groups=groups, patches=patches)
+
+
+class Mixer(Network):
+    """Ren et al.'s LocalMixer (ICLR 2023, Sec. 4 and their code): an MLP-Mixer built for local learning, on a
+    ``(B, C, n, n)`` feature map of ``n × n`` tokens.
+
+    - Block 1 embeds each ``patch_size``² patch of the image (``embed1``, a :class:`Conv2d` with that kernel and
+      stride: one linear map per patch) and mixes its channels (``channel1``, a 1×1 convolution).
+    - Block ``i ≥ 2`` mixes the tokens (``token{i}``, :class:`TokenMixing`: one linear map over the ``n²`` positions,
+      shared by the channels; without a bias, which the norm after it would take away), then the channels twice
+      (``channel{i}a``, ``channel{i}b``, 1×1 convolutions).
+    - Every linear layer is followed by a per-token normalisation (``{layer}_norm``, a :class:`GroupNorm` over
+      ``groups`` groups of channels, each token on its own: 1×1 cells), then a ReLU (``{layer}_relu``): Ren et al.'s
+      ``post_linear_ln``, where their activity perturbation adds its noise (:meth:`Network.activity_norms`).
+    - The classifier averages the last block's tokens (``pool``) and reads them out (``fc``).
+
+    ``local_losses=True`` puts a head (``head{i}.pool``, ``head{i}.fc``: the same average and linear classifier) on
+    each block's output, ``block_size`` n on every n-th only; ``groups`` replicates each head's loss over that many
+    groups of channels (and normalises each group on its own), ``patches`` P over a P×P grid of the tokens (P = n: a
+    replica per token, Ren et al.'s ``spatial_loss``); see :class:`Network`. The last block is then ``pool, fc``
+    alone, trained on its own loss, as Ren et al. read the final classifier out of stopped features.
+
+    Where this differs from Ren et al.: their block ``i ≥ 2`` adds its input back before its last ReLU (a residual);
+    the engine's networks are a chain of layers, so there is none. Under local losses the block's input carries no
+    tangent, so the residual there is a constant shift of the last pre-activation, not a path of the gradient; for
+    backprop it is one, and the Mixer here trains without it. Their channel mixing's second map is block-diagonal
+    over the groups (a group linear), here it is a full 1×1 convolution; their head input is normalised once more
+    (``inter_ln``) where here it is the block's output as it is (normalised before its ReLU).
+
+    Defaults: 4×4 patches of a 28×28 image (7 × 7 = 49 tokens of 16 pixels), 128 channels, 3 blocks (about 0.1 M
+    parameters; a step costs about the paper's CNN's, 4.4 M multiply-adds per example against its 5.6 M).
+    """
+
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 28, patch_size: int = 4, channels: int = 128, blocks: int = 3,
+        num_classes: int = 10, seed: int | None = None, tangent_memory_mb: float | None = 256.0,
+        local_losses: bool = False, block_size: int | None = None, groups: int = 1, patches: int = 1,
+    ) -> None:
+        if min(in_channels, patch_size, channels, blocks, num_classes) < 1 or image_size % max(patch_size, 1):
+            raise ValueError(f"Mixer needs positive sizes and a patch_size dividing image_size, got "
+                             f"in_channels={in_channels}, image_size={image_size}, patch_size={patch_size}, "
+                             f"channels={channels}, blocks={blocks}, num_classes={num_classes}")
+        ends = _block_ends(blocks, block_size, local_losses, groups, default=range(1, blocks + 1))
+        side = image_size // patch_size
+        if isinstance(patches, bool) or not isinstance(patches, int) or not 1 <= patches <= side:
+            raise ValueError(f"patches must be an int from 1 to the tokens' side {side}, got patches={patches!r}")
+        if patches > 1 and not local_losses:
+            raise ValueError(f"patches={patches} replicates the local losses of the blocks' heads: it needs "
+                             "local_losses=True")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+            raise ValueError(f"groups must be a positive int dividing channels={channels}, got groups={groups!r}")
+
+        def stage(name: str, layer: Layer, width: int) -> list[tuple[str, Layer]]:
+            return [(name, layer), (f"{name}_norm", GroupNorm(groups, width, bands=(1,) * side)),
+                    (f"{name}_relu", ReLU(inplace=True))]
+        layers: list[tuple[str, Layer]] = []
+        with _seeded(seed):
+            layers += stage("embed1", Conv2d(in_channels, channels, patch_size, stride=patch_size), channels)
+            layers += stage("channel1", Conv2d(channels, channels, 1), channels)
+            for index in range(2, blocks + 1):
+                # no bias: a token's bias is the same on all its channels, which the norm over them takes away
+                layers += stage(f"token{index}", TokenMixing(side, side, bias=False), channels)
+                layers += stage(f"channel{index}a", Conv2d(channels, channels, 1), channels)
+                layers += stage(f"channel{index}b", Conv2d(channels, channels, 1), channels)
+            layers += [("pool", GlobalAvgPool()), ("fc", Linear(channels, num_classes))]
+            last = {index: f"channel{index}b_relu" if index > 1 else "channel1_relu" for index in ends}
+            # drawn after the network's own layers, so that they are initialised as without heads
+            heads = {last[index]: [("pool", GlobalAvgPool()), ("fc", Linear(channels, num_classes))] for index in ends}
+        super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
+                         heads=heads, groups=groups, patches=patches)

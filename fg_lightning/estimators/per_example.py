@@ -19,7 +19,8 @@ output positions :math:`p`) has no such cheap form (its norm and its output tang
 positions × positions Gram matrix), so it is materialised, ``(out, in·k²)`` per example, from the unfolded input, a
 batch chunk at a time (at most about ``CHUNK_ELEMENTS`` elements of temporaries: 64 MB in float32); its output
 tangent is then one batched matrix product with the patches. The bias part is :math:`\sum_p \delta_{b,p}` per
-channel.
+channel. Each layer forms its own (:meth:`~fg_lightning.engine.Layer.example_tangent`: ``Linear``, ``Conv2d``,
+``TokenMixing``); a block with another parameterised layer is refused by name.
 """
 
 from __future__ import annotations
@@ -27,17 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fg_lightning.engine import Conv2d, Linear, TangentSource
+from fg_lightning.engine import TangentSource
 from fg_lightning.estimators.base import LayeredBlocksModel
-
-GUESS_LAYERS = (Linear, Conv2d)
-"""The parameterised layers whose per-example gradients are formed here: those of the engine's MLP and CNN."""
-
-CHUNK_ELEMENTS = 1 << 24
 
 
 def _has_parameters(layer: Any) -> bool:
@@ -57,9 +51,9 @@ def unsupported(network: Any) -> str | None:
     for names, _ in network.blocks[:-1]:
         for name in names:
             layer = layers[name]
-            if _has_parameters(layer) and not isinstance(layer, GUESS_LAYERS):
-                return (f"layer {name!r} is a {type(layer).__name__}: per-example local gradients are formed for "
-                        "Linear and Conv2d layers only")
+            if _has_parameters(layer) and not getattr(layer, "forms_example_grads", False):
+                return (f"layer {name!r} is a {type(layer).__name__}, whose per-example gradients are not formed "
+                        "(the engine's Linear, Conv2d and TokenMixing form them)")
     return None
 
 
@@ -126,45 +120,13 @@ def local_backward(network: Any, x: Tensor, labels: Tensor) -> tuple[dict[str, T
     return grads, taps
 
 
-def example_tangent(layer: Any, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Example ``b``'s gradient ``v_b`` of ``layer``'s parameters, from its input ``h (B, ...)`` and output gradient
-    ``d (B, ...)``: ``(v_b applied to h_b, the output tangent (B, *output), |v_b|² (B,))``."""
-    bias = getattr(layer, "bias", None) is not None
-    if isinstance(layer, Linear):
-        # v_b = (d_b h_bᵀ, d_b): v_b h_b = d_b (|h_b|² + 1), |v_b|² = |d_b|² (|h_b|² + 1); the 1: the bias, if any
-        scale = h.square().sum(1).add_(float(bias))
-        return d * scale.unsqueeze(1), d.square().sum(1).mul_(scale)
-    if not isinstance(layer, Conv2d):
-        raise TypeError(f"per-example gradients of a {type(layer).__name__} are not formed: Linear and Conv2d only")
-    k, batch, out = layer.kernel_size, d.shape[0], d.shape[1]
-    tangent, sq_norms = torch.empty_like(d), d.new_empty(batch)
-    patch = h.shape[1] * k * k
-    per_example = out * patch + patch * d[0, 0].numel() + d[0].numel()
-    step = max(1, CHUNK_ELEMENTS // per_example)
-    for start in range(0, batch, step):
-        rows = slice(start, start + step)
-        patches = F.unfold(h[rows], k, padding=layer.padding, stride=layer.stride)  # (b, in·k², positions)
-        d_rows = d[rows].flatten(2)  # (b, out, positions)
-        weight = torch.bmm(d_rows, patches.transpose(1, 2))  # (b, out, in·k²): each example's weight gradient
-        sq_norms[rows] = weight.square().sum((1, 2))
-        rows_tangent = torch.bmm(weight, patches)  # each example's weight gradient convolved with its own input
-        del patches, weight
-        if bias:
-            bias_grad = d_rows.sum(2)  # (b, out)
-            rows_tangent.add_(bias_grad.unsqueeze(2))
-            sq_norms[rows] += bias_grad.square().sum(1)
-        tangent[rows] = rows_tangent.view_as(tangent[rows])
-        del rows_tangent
-    return tangent, sq_norms
-
-
 class ExampleGuesses(TangentSource):
     """The per-example guesses as tangents of one forward-mode pass of the network's loss: direction ``i`` is block
     ``i``'s guess, on example ``b`` that example's local gradient ``v_{i,b}``. A weight tangent is shared by the
     batch, so each is given as the output tangent it gives its own example (an activity tangent,
-    :func:`example_tangent`), formed as the pass reaches the layer; the pass's per-example derivatives are then
-    ``∇(ℓ_b / B) · v_{i,b}``. ``sq_norms`` ``(K, B)``: each ``|v_{i,b}|²``, summed over the block's layers as the
-    pass goes."""
+    :meth:`~fg_lightning.engine.Layer.example_tangent`), formed as the pass reaches the layer; the pass's
+    per-example derivatives are then ``∇(ℓ_b / B) · v_{i,b}``. ``sq_norms`` ``(K, B)``: each ``|v_{i,b}|²``, summed
+    over the block's layers as the pass goes."""
 
     perturbs_activities = True
     per_example = True
@@ -177,7 +139,7 @@ class ExampleGuesses(TangentSource):
         tap = self.taps.get(name)
         if tap is None:  # a layer of the last block: its guess is the gradient itself, taken as it is
             return None
-        tangent, sq_norms = example_tangent(tap.layer, tap.layer_input, tap.out_grad)
+        tangent, sq_norms = tap.layer.example_tangent(tap.layer_input, tap.out_grad)
         if self.sq_norms is None:
             self.sq_norms = sq_norms.new_zeros(self.num_blocks, len(sq_norms))
         self.sq_norms[tap.block] += sq_norms
