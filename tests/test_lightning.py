@@ -51,8 +51,10 @@ def test_there_is_a_config_per_network_and_registered_estimator():
     import yaml
 
     names = {os.path.basename(c)[:-5] for c in CONFIGS}
-    engine = {name for name in names if not name.startswith(("torch_", "vit_"))}  # torch.nn models (torch backend)
+    engine = {name for name in names if not name.startswith(("torch_", "vit_", "mixer_"))}  # torch.nn models (torch
+    # backend), and the Mixer's baseline and Ren et al.'s recipe on it
     assert engine == {f"{net}_{name}" for net in ("mlp", "cnn") for name in REGISTRY}
+    assert {name for name in names if name.startswith("mixer_")} == {"mixer_backprop", "mixer_local_activity"}
     assert "torch_resnet_multi_direction" in names
     for net in ("mlp", "cnn"):
         for name, spec in REGISTRY.items():

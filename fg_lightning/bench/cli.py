@@ -150,9 +150,10 @@ def parser() -> argparse.ArgumentParser:
                                               "plain CNN of --channels channels, L layers")
     depth.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     depth.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
-    depth.add_argument("--models", nargs="+", choices=DEPTH_MODELS, default=list(DEPTH_MODELS),
+    depth.add_argument("--models", nargs="+", choices=DEPTH_MODELS, default=["mlp", "cnn"],
                        help="mlp: L hidden layers of --width units; cnn: L 3x3 convolutions of --channels channels, "
-                            "same padding, no pooling, then a global average pool and a linear classifier")
+                            "same padding, no pooling, then a global average pool and a linear classifier; mixer: "
+                            "Ren et al.'s LocalMixer of L blocks (the CNN's batch size)")
     depth.add_argument("--depths", nargs="+", type=_positive, default=[2, 4, 8, 16, 32, 64], help="hidden layers L")
     depth.add_argument("--width", type=_positive, default=1024)
     depth.add_argument("--channels", type=_positive, default=32, help="the CNN's channels")

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import fg_lightning
-from fg_lightning.engine import CNN, MLP, Conv2d, GlobalAvgPool, Linear, Network, ReLU, to_torch
+from fg_lightning.engine import CNN, MLP, Conv2d, GlobalAvgPool, Linear, Mixer, Network, ReLU, to_torch
 from fg_lightning.estimators import REGISTRY, Estimate, GradientEstimator, cosine, training_step
 from fg_lightning.estimators.collective import Collective
 from fg_lightning.estimators.compiled import CompiledStep
 from fg_lightning.torch_network import TorchNetwork
 
-MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN}
+MODELS: dict[str, type[Network]] = {"mlp": MLP, "cnn": CNN, "mixer": Mixer}
 
 
 def deep_cnn(depth: int, channels: int = 32, in_channels: int = 1, image_size: int = 28, num_classes: int = 10,

@@ -28,16 +28,19 @@ COLUMNS = ["model", "depth", "batch_size", "estimator", "k", "params_mb", "peak_
            "ratio_vs_checkpointed", "growth_vs_shallowest", "ms_median", "error"]
 ESTIMATORS = ["backprop", "naive", "naive_replayed", "multi_direction", "activity", "activity_recomputed",
               "local_activity"]
-MODELS = ["mlp", "cnn"]
+MODELS = ["mlp", "cnn", "mixer"]
 MIB = 2**20
 
 
 def network_of(model: str, depth: int, width: int, channels: int) -> tuple[str, dict[str, Any], str]:
-    """``(build_network's model name, its arguments, a label)`` of ``model`` (``mlp``, ``cnn``) at ``depth``."""
+    """``(build_network's model name, its arguments, a label)`` of ``model`` (``mlp``, ``cnn``, ``mixer``) at
+    ``depth``."""
     if model == "mlp":
         return "mlp", {"hidden": (width,) * depth}, f"mlp {width}x{depth}"
     if model == "cnn":
         return "deep_cnn", {"depth": depth, "channels": channels}, f"cnn {channels}ch x{depth}"
+    if model == "mixer":  # depth in blocks of Ren et al.'s LocalMixer, its default width (128 channels, 49 tokens)
+        return "mixer", {"blocks": depth}, f"mixer x{depth}"
     raise ValueError(f"fg-bench depth: unknown model {model!r}; expected one of {MODELS}")
 
 
@@ -124,7 +127,9 @@ def report(records: list[dict[str, Any]], out: str, device: str | torch.device, 
     shapes = {"mlp": f"MLP 784-{args.width}x L-10 at batch {args.batch_size}",
               "cnn": f"CNN of L 3×3 convolutions of {args.channels} channels on 28×28 inputs (same padding, no pooling, "
                      "then a global average pool and a linear classifier) at batch "
-                     f"{args.cnn_batch_size or args.batch_size}"}
+                     f"{args.cnn_batch_size or args.batch_size}",
+              "mixer": "Mixer of L blocks (128 channels, 7×7 tokens of 4×4 patches; heads after every block for the "
+                       f"local-loss estimators) at batch {args.cnn_batch_size or args.batch_size}"}
     notes = ("; ".join(shapes[model] for model in models) + ": peak memory of one training step above the resting "
              "state (weights and batch) and the median step time. `params_mb`: the parameters' own size; "
              "`ratio_vs_backprop` / `ratio_vs_checkpointed`: against the engine's backprop / the checkpointed stock "
