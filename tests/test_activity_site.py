@@ -16,7 +16,8 @@ from fg_lightning.estimators import ActivityPerturbation, LocalActivityPerturbat
 NETS = {
     "mlp": (lambda **kw: MLP(in_features=12, hidden=(16, 12), num_classes=4, seed=1, **kw), (5, 12)),
     "cnn": (lambda **kw: CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1, **kw), (5, 1, 16, 16)),
-    "mixer": (lambda **kw: Mixer(image_size=8, patch_size=2, channels=4, blocks=3, num_classes=4, seed=1, **kw),
+    "mixer": (lambda **kw: Mixer(image_size=8, patch_size=2, channels=4, blocks=3, num_classes=4, seed=1, residual=True,
+                                 **kw),
               (5, 1, 8, 8)),
 }
 VARIANTS = {

@@ -663,6 +663,16 @@ def test_accuracy_models_take_network_switches_and_refuse_unknown_ones(tmp_path,
     assert set(board) == {("mlp", "backprop"), ("mlp", "local_activity"), ("mlp+groups=2+norm", "local_activity")}
     row = board["mlp+groups=2+norm", "local_activity"]
     assert row["gap_vs_backprop"] == pytest.approx(row["test_acc"] - board["mlp", "backprop"]["test_acc"])
+    # an architecture switch (the Mixer's residual) is the model of every estimator; the recipe's for the local ones
+    fg_bench(["accuracy", "--device", "cpu", "--dataset", "mnist", "--root", root, "--no-download", "--val-size", "32",
+              "--batch-size", "8", "--epochs", "1", "--limit-train-batches", "2", "--seeds", "1", "--grid-growth", "0",
+              "--models", "mixer+residual+groups=2", "--estimators", "backprop", "local_activity", "--lrs", "0.1",
+              "--out", out])
+    with open(os.path.join(out, "accuracy.json")) as f:
+        board = {(r["model"], r["estimator"]): r for r in json.load(f)["leaderboard"]}
+    assert set(board) == {("mixer+residual", "backprop"), ("mixer+residual+groups=2", "local_activity")}
+    row = board["mixer+residual+groups=2", "local_activity"]
+    assert row["gap_vs_backprop"] == pytest.approx(row["test_acc"] - board["mixer+residual", "backprop"]["test_acc"])
     for bad, said in (("rnn", "unknown model 'rnn'"), ("mlp+wings=3", "wings")):
         with pytest.raises(SystemExit):
             fg_bench(["accuracy", "--models", bad])

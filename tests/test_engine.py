@@ -197,6 +197,8 @@ NETWORKS = [
                              norm=True).double(), (6, 2, 12, 12)),
     ("mixer", lambda: Mixer(in_channels=2, image_size=8, patch_size=2, channels=6, blocks=3, num_classes=4).double(),
      (5, 2, 8, 8)),
+    ("mixer-residual", lambda: Mixer(image_size=8, patch_size=2, channels=6, blocks=3, num_classes=4,
+                                     residual=True).double(), (5, 1, 8, 8)),
 ]
 
 

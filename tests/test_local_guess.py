@@ -38,7 +38,7 @@ NETS = {
     "custom_cnn": (lambda: (torch.manual_seed(4), custom_cnn())[1], (5, 1, 9, 9)),
     # TokenMixing's per-example gradients, 1×1 convolutions, per-token GroupNorm over groups
     "mixer": (lambda: Mixer(image_size=8, patch_size=2, channels=4, blocks=3, num_classes=4, seed=5, local_losses=True,
-                            groups=2), (4, 1, 8, 8)),
+                            groups=2, residual=True), (4, 1, 8, 8)),
 }
 
 

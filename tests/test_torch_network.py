@@ -29,7 +29,7 @@ SUPPORTED = [name for name, spec in REGISTRY.items() if not spec.needs_local_los
 TWINS = {
     "mlp": lambda: MLP(in_features=12, hidden=(10, 8), num_classes=4, seed=1),
     "cnn": lambda: CNN(image_size=8, channels=(2, 3, 3), hidden=6, num_classes=4, seed=1),
-    "mixer": lambda: Mixer(image_size=8, patch_size=2, channels=8, blocks=2, num_classes=4, seed=1),
+    "mixer": lambda: Mixer(image_size=8, patch_size=2, channels=8, blocks=2, num_classes=4, seed=1, residual=True),
 }
 
 

@@ -20,7 +20,7 @@ import torch
 
 from fg_lightning.bench.budget import Progress, with_k
 from fg_lightning.bench.common import (
-    build_network, environment, evaluate, pyplot, real_data, train, write_report,
+    build_network, environment, evaluate, global_model, pyplot, real_data, train, write_report,
 )
 from fg_lightning.estimators import REGISTRY
 from fg_lightning.estimators.registry import BACKWARD
@@ -158,8 +158,8 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
                        test_sd=statistics.stdev(tests) if len(tests) > 1 else None,
                        wall_s=statistics.fmean(r["wall_s"] for r in group) if "wall_s" in group[0] else None)
         chosen_by_model[model] = chosen
-    for model, chosen in chosen_by_model.items():  # a model's backprop, else its base model's (--ablation)
-        reference = chosen.get("backprop") or chosen_by_model.get(model.split("+")[0], {}).get("backprop")
+    for model, chosen in chosen_by_model.items():  # a model's backprop, else that of the model without the recipe
+        reference = chosen.get("backprop") or chosen_by_model.get(global_model(model), {}).get("backprop")
         if reference is None:
             continue
         backprop = statistics.fmean(r["test_acc"] for r in reference)
@@ -215,10 +215,12 @@ def run(args: Any) -> list[dict[str, Any]]:
                 "diverged": result["diverged"], "diverged_at": result["diverged_at"], "wall_s": result["train_s"],
                 "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "curve": curve, "picked": False}
 
-    models = ABLATION if getattr(args, "ablation", False) else args.models
-    # the variants' switches are the local-loss recipe: the other estimators run on the base model only
-    pairs = [(model, name) for model in models for name in args.estimators
-             if "+" not in model or REGISTRY[name].needs_local_losses]
+    # the recipe's switches (groups, norm, ...) are for the local-loss estimators: the others run on the model
+    # without them (once, for all the variants that share it)
+    pairs = list(dict.fromkeys((model if REGISTRY[name].needs_local_losses else global_model(model), name)
+                               for model in (ABLATION if getattr(args, "ablation", False) else args.models)
+                               for name in args.estimators))
+    models = list(dict.fromkeys(model for model, _ in pairs))
     progress = Progress("accuracy", sum(len(lr_grid(name, args.lrs)) for _, name in pairs) * len(seeds))
     for model, name in pairs:
         k = args.k if REGISTRY[name].takes_k else None

@@ -66,6 +66,14 @@ def registered(name: str) -> str:
 
 # network switches that shape the local-loss blocks only
 LOCAL_SWITCHES = ("block_size", "groups", "patches", "head_pool")
+RECIPE_SWITCHES = (*LOCAL_SWITCHES, "norm")  # Ren et al.'s recipe: fg-bench accuracy's variants for local estimators
+
+
+def global_model(model: str) -> str:
+    """The model a variant's estimators without local losses train in fg-bench accuracy: its switches less the
+    recipe's (``"mixer+residual+groups=16"`` -> ``"mixer+residual"``, ``"cnn+groups=8+norm"`` -> ``"cnn"``)."""
+    base, *parts = model.split("+")
+    return "+".join([base, *(part for part in parts if part.partition("=")[0] not in RECIPE_SWITCHES)])
 
 
 def model_switches(model: str) -> tuple[str, dict[str, Any]]:

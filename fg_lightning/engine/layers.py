@@ -473,6 +473,100 @@ class _TokenMixing(nn.Module):
         return F.linear(x.flatten(-2), self.weight, self.bias).view(x.shape)
 
 
+class _Link:
+    """What a :class:`Skip` hands its :class:`AddSkip` within one pass: the saved input, its tangent, and on the way
+    back the gradient that the sum sends to it."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+        self.tangent: Tensor | None = None
+        self.grad: Tensor | None = None
+        self.stock: _Link | None = None  # the stock twins' own link
+
+
+class Skip(Layer):
+    """The start of a residual connection (He et al. 2016; Ren et al.'s LocalMixer block): the identity, which keeps
+    its input for the :class:`AddSkip` it was made with (``AddSkip(skip)``), so that a chain of layers computes
+    ``x + f(x)`` with ``f`` the layers between the two. Its VJP adds the gradient the sum sent back; its JVP keeps a
+    copy of the input tangent (the next layer may overwrite its own). Within one pass the pair holds the input (and
+    its tangent), as the chain's layers are called in order; without a tangent on the input (a local-loss block's
+    input), the sum adds a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.link = _Link()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.link.value = x
+        return x
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), None
+
+    def vjp(self, saved: Any, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        back, self.link.grad = self.link.grad, None
+        return ((dy if back is None else dy + back) if need_input_grad else None), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        self.link.tangent = None if dx is None else dx.clone()
+        return self.forward(x), dx
+
+    def stock(self) -> nn.Module:
+        return _StockSkip(self.link)
+
+
+class AddSkip(Layer):
+    """The end of a residual connection: its input plus what its :class:`Skip` kept, ``y = x + skip``."""
+
+    def __init__(self, skip: Skip) -> None:
+        super().__init__()
+        self.link = skip.link  # shared with the Skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.link.value is None or self.link.value.shape != x.shape:
+            raise RuntimeError("AddSkip runs before its Skip, or on a tensor of another shape than the Skip's input")
+        return x + self.link.value
+
+    def primal(self, x: Tensor) -> tuple[Tensor, Any]:
+        return self.forward(x), None
+
+    def vjp(self, saved: Any, dy: Tensor, need_input_grad: bool = True) -> tuple[Tensor | None, Grads]:
+        self.link.grad = dy
+        return (dy.clone() if need_input_grad else None), {}
+
+    def jvp(self, x: Tensor, dx: Tensor | None, tangents: Tangents) -> tuple[Tensor, Tensor | None]:
+        kept, self.link.tangent = self.link.tangent, None
+        dy = kept if dx is None else (dx if kept is None else dx.add_(kept))
+        return self.forward(x), dy
+
+    def stock(self) -> nn.Module:
+        return _StockAddSkip(self.link)
+
+
+class _StockSkip(nn.Module):
+    """:class:`Skip`'s stock twin (autograd differentiates through the kept input). Its link is its own, handed to
+    the :class:`AddSkip`'s twin made next (``to_torch`` makes the layers' twins in order)."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__()
+        self.link = link.stock = _Link()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.link.value = x
+        return x
+
+
+class _StockAddSkip(nn.Module):
+    """:class:`AddSkip`'s stock twin."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__()
+        self.link = link.stock
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.link.value
+
+
 def relu_grad_(grad: Tensor, x: Tensor) -> Tensor:
     """``grad`` zeroed in place where ``x ≤ 0`` (``x`` broadcast over ``grad``'s leading axes): a derivative through
     a ReLU at ``x``, or at its output. ATen's ``threshold_backward`` kernel, the one autograd's ReLU backward runs,
