@@ -84,6 +84,29 @@ def test_the_conv_heads_have_patches_and_each_conv_output_element_its_cell():
     assert joined.output_cells("conv2", (3, 6, 7, 7)) is None and joined.output_groups("conv2") is not None
 
 
+def check_replica_derivs(net, x, labels, per_example, directions=3):
+    """The engine's forward-mode pass along random tangents: each cell's and each group's replica derivative
+    (``patch_derivs``, ``group_derivs``) against ``torch.func.jvp`` of the twin's replicas, direction by direction.
+    Returns the pass's result and the tangents."""
+    gen = torch.Generator().manual_seed(3)
+    tangents = {name: torch.randn(directions, *p.shape, generator=gen, dtype=p.dtype)
+                for name, p in net.named_parameters()}
+    source = GivenTangents(tangents)
+    source.local, source.per_example = True, per_example
+    result = net.jvp(x, labels, source)
+    params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
+    cells, groups = Replicas(net, cells=True), Replicas(net)
+    for k in range(directions):
+        direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
+        for twin, derivs in ((cells, result.patch_derivs), (groups, result.group_derivs)):
+            _, expected = torch.func.jvp(lambda p: torch.func.functional_call(twin, p, (x, labels, per_example)),
+                                         (params,), (direction,))
+            assert len(expected) == len(derivs) == len(net.blocks)
+            for index, want in enumerate(expected):
+                torch.testing.assert_close(derivs[index][k], want, msg=f"block {index}, direction {k}")
+    return result, tangents
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
@@ -91,22 +114,7 @@ def test_patch_derivs_are_each_replicas_jvp(per_example, chunked, variant):
     net, x, labels = problem(variant)
     if chunked:
         net.tangent_memory_mb = 1e-6  # one direction per pass
-    gen = torch.Generator().manual_seed(3)
-    tangents = {name: torch.randn(3, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local, source.per_example = True, per_example
-    result = net.jvp(x, labels, source)
-
-    params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
-    cells, groups = Replicas(net, cells=True), Replicas(net)
-    for k in range(3):
-        direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
-        for twin, derivs in ((cells, result.patch_derivs), (groups, result.group_derivs)):
-            _, expected = torch.func.jvp(lambda p: torch.func.functional_call(twin, p, (x, labels, per_example)),
-                                         (params,), (direction,))
-            assert len(expected) == len(derivs) == 4
-            for index, want in enumerate(expected):
-                torch.testing.assert_close(derivs[index][k], want, msg=f"block {index}, direction {k}")
+    result, tangents = check_replica_derivs(net, x, labels, per_example)
     assert [tuple(d.shape[-2:]) for d in result.patch_derivs] == [
         (net.head1.groups, net.head1.patches ** 2), (net.head2.groups, net.head2.patches ** 2), (net.head3.groups, 1),
         (1, 1)]

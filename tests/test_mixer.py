@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_estimators import SEED
 from test_local_groups import Replicas, twin_local_grads, twin_name
+from test_local_patches import check_replica_derivs
 
-from fg_lightning.engine import GivenTangents, Mixer
+from fg_lightning.engine import Mixer
 from fg_lightning.estimators import REGISTRY, training_step
 from fg_lightning.estimators.collective import Collective
 
@@ -81,21 +82,7 @@ VARIANTS = {"groups": {"groups": 2}, "groups-patches": {"groups": 3, "patches": 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("per_example", [False, True], ids=["batch", "per-example"])
 def test_each_replicas_derivative_is_its_jvp(variant, per_example):
-    net, x, labels = problem(local_losses=True, **VARIANTS[variant])
-    gen = torch.Generator().manual_seed(3)
-    tangents = {name: torch.randn(2, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local, source.per_example = True, per_example
-    result = net.jvp(x, labels, source)
-    params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
-    for k in range(2):
-        direction = {twin_name(net, n): t[k] for n, t in tangents.items()}
-        for twin, derivs in ((Replicas(net, cells=True), result.patch_derivs), (Replicas(net), result.group_derivs)):
-            _, expected = torch.func.jvp(lambda p: torch.func.functional_call(twin, p, (x, labels, per_example)),
-                                         (params,), (direction,))
-            assert len(expected) == len(derivs) == 4
-            for index, want in enumerate(expected):
-                torch.testing.assert_close(derivs[index][k], want, msg=f"block {index}, direction {k}")
+    check_replica_derivs(*problem(local_losses=True, **VARIANTS[variant]), per_example, directions=2)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
