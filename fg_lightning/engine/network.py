@@ -974,13 +974,13 @@ class Mixer(Network):
             layers += stage("embed1", Conv2d(in_channels, channels, patch_size, stride=patch_size), channels)
             layers += stage("channel1", Conv2d(channels, channels, 1), channels)
             for index in range(2, blocks + 1):
-                skip = Skip()
-                layers += [(f"skip{index}", skip)] if residual else []
+                skip = Skip() if residual else None
+                layers += [(f"skip{index}", skip)] if skip is not None else []
                 # no bias: a token's bias is the same on all its channels, which the norm over them takes away
                 layers += stage(f"token{index}", TokenMixing(side, side, bias=False), channels)
                 layers += stage(f"channel{index}a", Conv2d(channels, channels, 1), channels)
                 last = stage(f"channel{index}b", Conv2d(channels, channels, 1), channels)
-                layers += last[:2] + ([(f"skip{index}_add", AddSkip(skip))] if residual else []) + last[2:]
+                layers += last[:2] + ([(f"skip{index}_add", AddSkip(skip))] if skip is not None else []) + last[2:]
             layers += [("pool", GlobalAvgPool()), ("fc", Linear(channels, num_classes))]
             last = {index: f"channel{index}b_relu" if index > 1 else "channel1_relu" for index in ends}
             # drawn after the network's own layers, so that they are initialised as without heads
