@@ -154,7 +154,6 @@ class Linear(Layer):
             dy = d_bias.expand(-1, x.shape[0], -1).clone() if dy is None else dy.add_(d_bias)
         return self.forward(x), dy
 
-
     def example_tangent(self, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         # v_b = (d_b h_bᵀ, d_b): v_b h_b = d_b (|h_b|² + 1), |v_b|² = |d_b|² (|h_b|² + 1); the 1: the bias, if any
         scale = h.square().sum(1).add_(float(self.bias is not None))
@@ -236,7 +235,6 @@ class Conv2d(Layer):
         dy = _by_rows(tangent, x.shape[0], present[0].shape[0] * out_numel, batch_dim=1) if present else None
         del dx  # before the primal output is allocated
         return _by_rows(lambda rows: self.forward(x[rows]), x.shape[0], out_numel), dy
-
 
     def example_tangent(self, h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         """Each example's weight gradient ``Σ_p d_{b,p} patch_{b,p}ᵀ`` (a sum over output positions) has no cheap
