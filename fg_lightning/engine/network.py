@@ -105,15 +105,15 @@ class Head(nn.Module):
     def cell_sums(self, t: Tensor, per_example: bool) -> Tensor:
         """``t`` ``(K, B, C, ...)`` summed over each replica's cell (each group's channels, and with patches each
         patch's positions), in :meth:`cells`' order: ``(K, B, G·P²)``, or ``(K, G·P²)`` summed over the batch too
-        unless ``per_example``; one contraction with the cells' memberships, not a sum per cell."""
+        unless ``per_example``; one contraction with the cells' memberships, not a sum per cell. The map is taken to fit
+        the patches (:meth:`cells` refuses one that does not)."""
         def member(sizes: Sequence[int]) -> Tensor:  # (positions, parts): 1 where a position is in a part
             return torch.repeat_interleave(torch.eye(len(sizes), dtype=t.dtype, device=t.device),
                                            torch.tensor(sizes, device=t.device), dim=0)
-        groups = member([len(part) for part in torch.arange(t.shape[2]).tensor_split(self.groups)])
+        groups = member([part.stop - part.start for part in self.group_slices(t.shape[2])])
         out = "kb" if per_example else "k"
         if self.patches == 1:
             return torch.einsum(f"kbc,cg->{out}g", t.flatten(3).sum(3) if t.dim() > 3 else t, groups)
-        self.cells(t.shape[2:])  # refuses a map smaller than the patches
         rows, cols = (member(bands(size, self.patches)) for size in t.shape[3:])
         return torch.einsum(f"kbchw,cg,hp,wq->{out}gpq", t, groups, rows, cols).flatten(-3)
 
