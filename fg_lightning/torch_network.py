@@ -418,6 +418,10 @@ class TorchNetwork(nn.Module):
         normalisations)."""
         return []
 
+    def activity_past(self, name: str) -> list:
+        """None: the torch backend draws each module's activity tangent at its output."""
+        return []
+
     def activity_mask(self, name: str, site: Tensor) -> Tensor:
         """Where the loss's derivative with respect to the output ``site`` of the call being perturbed can be
         non-zero, from the calls the model makes on it in this pass (:class:`_Watch`): off where ``site < 0`` when a

@@ -33,16 +33,27 @@ def recording(monkeypatch):
     calls, results = [], []
     activity = local_module._ActivityTangents.activity
 
-    def record(self, name, layer, layer_input, output, tangent=None, **kwargs):
+    def record(self, name, layer, layer_input, output, tangent=None, site=None, **kwargs):
         # the tangent the pass adds to the output's (the engine's pass hands that in to add to, where it has one),
-        # masked as the estimate masks it (the pass leaves that to the layers that follow)
+        # masked as the estimate masks it (the pass leaves that to the layers that follow); drawn past the site at a
+        # max-pool's output (network.activity_past), zero where the ReLU is off there, and the estimate taken back
+        # to the site by the pool's VJP at the site's picks
         outputs = self.network.logit_layers() if self.estimator.exact_output else set()
-        mask = self.network.activity_mask(name, output) if name not in outputs else None
+        back = lambda g_z: g_z  # noqa: E731
+        if site is not None:
+            pool, mask = self.network.activity_past(name)[-1], output > 0
+            shape, picks = pool.primal(site)[1]
+            back = lambda g_z: pool.vjp((shape, picks), g_z)[0]  # noqa: E731
+        else:
+            mask = self.network.activity_mask(name, output) if name not in outputs else None
         before = None if tangent is None else tangent.clone()
-        out = activity(self, name, layer, layer_input, output, tangent=tangent, **kwargs)
+        out = activity(self, name, layer, layer_input, output, tangent=tangent,
+                       **kwargs, **({} if site is None else {"site": site}))
         if out is not None:
             u = out.clone() if before is None else out - before
-            calls.append((name, layer, layer_input.clone(), u if mask is None else u * mask))
+            if site is not None:  # the pass's tangent past the pool is the site's: zero where the ReLU is off
+                assert not u.masked_select(~mask.expand_as(u)).any(), f"{name}: noise where the pool's output is 0"
+            calls.append((name, layer, layer_input.clone(), u if mask is None else u * mask, back))
         return out
 
     monkeypatch.setattr(local_module._ActivityTangents, "activity", record)
@@ -73,7 +84,7 @@ def test_the_estimate_is_formed_from_the_tangents_the_pass_used(model, variant, 
     (result,) = results
     block_of = local_module._block_of_layers(net) if net.has_local_losses else {}
     expected = {}
-    for name, layer, layer_input, u in calls:
+    for name, layer, layer_input, u, back in calls:
         block = block_of.get(name, 0)
         derivs = result.block_derivs[block] if net.has_local_losses else result.dir_derivs
         groups = net.output_groups(name) if net.has_local_losses else None
@@ -83,7 +94,7 @@ def test_the_estimate_is_formed_from_the_tangents_the_pass_used(model, variant, 
             group_derivs = result.group_derivs[block]
             g_z = torch.cat([torch.einsum("kb,kb...->b...", group_derivs[..., g], u[:, :, part])
                              for g, part in enumerate(groups)], 1)
-        for param, grad in net.layer_grads(name, layer, layer_input, g_z / 3).items():
+        for param, grad in net.layer_grads(name, layer, layer_input, back(g_z) / 3).items():
             expected[f"{name}.{param}"] = grad + expected.get(f"{name}.{param}", 0)
     assert expected and (variant != "local-groups" or any(net.output_groups(n) for n, *_ in calls))
     for name, grad in expected.items():
@@ -125,7 +136,8 @@ def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch
 def test_where_an_in_place_relu_follows_the_kept_call_holds_its_output_as_the_mask_not_a_mask_beside_it(monkeypatch):
     """The kept path (the default) holds what backprop holds: for a layer an in-place ReLU follows, the site, which
     the ReLU overwrites with its output, the next layer's input (one storage), and no mask; where a max-pool follows
-    too (the CNN's convolutions), its mask."""
+    too (the CNN's convolutions), the pool's output, the next layer's input, and the pool's picks (int32, a quarter of
+    the site's elements), no mask."""
     held = {}
     block_done = local_module._ActivityTangents.block_done
 
@@ -134,12 +146,14 @@ def test_where_an_in_place_relu_follows_the_kept_call_holds_its_output_as_the_ma
         for call, after in zip(calls, calls[1:]):
             if call.state is not None:
                 shared = call.site is not None and call.site.data_ptr() == after.layer_input.data_ptr()
-                held[model, call.name] = (shared, call.mask is not None)
+                picks = None if call.picks is None else call.picks[1].dtype
+                held[model, call.name] = (shared, call.mask is not None, picks)
         return block_done(self, index, *args, **kwargs)
 
     monkeypatch.setattr(local_module._ActivityTangents, "block_done", done)
     for model in NETS:
         make, shape = NETS[model]
         ActivityPerturbation(k=2).estimate(make(), torch.randn(*shape), torch.randint(0, 4, (shape[0],)), step=0)
-    assert held == {**{("mlp", f"fc{i}"): (True, False) for i in (1, 2, 3)},  # the MLP's hidden layers
-                    **{("cnn", f"conv{i}"): (False, True) for i in (1, 2, 3)}, ("cnn", "fc1"): (True, False)}
+    assert held == {**{("mlp", f"fc{i}"): (True, False, None) for i in (1, 2, 3)},  # the MLP's hidden layers
+                    **{("cnn", f"conv{i}"): (True, False, torch.int32) for i in (1, 2, 3)},
+                    ("cnn", "fc1"): (True, False, None)}

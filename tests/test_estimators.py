@@ -47,6 +47,8 @@ CASES = {name: registered(name) for name in REGISTRY} | {
     "activity_no_mask": registered("activity", relu_mask=False),
     "local_activity_no_mask": registered("local_activity", relu_mask=False),
     "activity_every_layer": registered("activity", exact_output=False),
+    "activity_gaussian": registered("activity", distribution="gaussian"),
+    "local_activity_gaussian": registered("local_activity", distribution="gaussian"),
 }
 
 

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from idx_files import needs_fashion
+from test_estimators import SEED
 
 from fg_lightning.engine import CNN, MLP, GivenTangents, TangentSource, to_torch
 from fg_lightning.estimators import (
     REGISTRY, ActivityPerturbation, Backprop, LocalActivityPerturbation, LocalBackprop, LocalGuess,
     LocalWeightPerturbation, MultiDirection, NaiveForwardGradient, cosine,
 )
+from fg_lightning.estimators.base import draw_
 
 NETS = {
     "mlp": (lambda local: MLP(in_features=12, hidden=(7, 6), num_classes=4, seed=1, local_losses=local), (5, 12)),
@@ -200,10 +202,29 @@ def test_global_estimators_refuse_a_network_with_heads(estimator):
     (lambda: LocalActivityPerturbation(relu_mask="yes"), "relu_mask='yes'"),
     (lambda: LocalWeightPerturbation(k=-1), "k=-1"),
     (lambda: ActivityPerturbation(exact_output=1), "exact_output=1"),
+    (lambda: LocalActivityPerturbation(distribution="uniform"), "distribution='uniform'"),
 ])
 def test_bad_arguments_name_the_value(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("shape, transpose", [((64, 8), False), ((3, 5, 7), False), ((40, 24), True), ((1,), False)])
+def test_rademacher_draws_are_fair_independent_signs_the_same_from_the_same_state(shape, transpose):
+    """draw_(…, "rademacher"): every entry ±1; over many draws each position is +1 half the time and the positions
+    are uncorrelated (each of a byte's 8 bits and the bytes of a 64-bit word alike: the identity covariance that makes
+    the estimate unbiased), in any shape or layout; the same generator state gives the same numbers."""
+    gen = torch.Generator().manual_seed(SEED)
+    target = torch.empty(shape[::-1]).t() if transpose else torch.empty(shape)
+    draws = torch.stack([draw_(target, "rademacher", gen).flatten().clone() for _ in range(4000)])  # (4000, n)
+    assert set(draws.unique().tolist()) == {-1.0, 1.0}
+    assert float(draws.mean(0).abs().max()) < 5.5 / 4000**0.5  # each mean ~ N(0, 1/4000): 5.5 sd over ≤ 1,000
+    covariance = draws.T @ draws / len(draws) - torch.eye(draws.shape[1])
+    assert float(covariance.abs().max()) < 6.5 / 4000**0.5  # ≤ 500,000 pairs, each ~ N(0, 1/4000)
+    state = gen.get_state()
+    first = draw_(target, "rademacher", gen).clone()
+    gen.set_state(state)
+    assert torch.equal(draw_(torch.empty(shape), "rademacher", gen), first.reshape(shape))
 
 
 

@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
         sub.add_argument("--out", default="bench_out", help="folder for the JSON, Markdown and PNG files")
-        if name == "accuracy":  # a network's switches after "+": the recipe's variants, as --ablation's
+        if name in ("accuracy", "speed"):  # a network's switches after "+": the recipe's variants, as --ablation's
             sub.add_argument("--models", nargs="+", type=_model_variant, default=["mlp", "cnn"],
                              help="mlp, cnn, or either with network switches, e.g. mlp+groups=8+norm (the local-loss "
                                   "estimators train the variant, the others its base model)")

@@ -64,9 +64,8 @@ def registered(name: str) -> str:
     return name.removeprefix(TORCH).removeprefix(COMPILED)
 
 
-# network switches that shape the local-loss blocks only
-LOCAL_SWITCHES = ("block_size", "groups", "patches", "head_pool")
-RECIPE_SWITCHES = (*LOCAL_SWITCHES, "norm")  # Ren et al.'s recipe: fg-bench accuracy's variants for local estimators
+# Ren et al.'s recipe: the network switches of the local-loss blocks and the norm, which only the local estimators take
+RECIPE_SWITCHES = ("block_size", "groups", "patches", "head_pool", "norm")
 
 
 def global_model(model: str) -> str:
@@ -91,8 +90,8 @@ def build_network(model: str, estimator: str | GradientEstimator | None = None, 
                   **kwargs: Any) -> Network:
     """``MLP`` / ``CNN`` (``model``, optionally with switches: ``"cnn+groups=8+norm"``) from ``seed``, so every case
     of a model starts from the same weights, with local loss heads (``local_losses=True``) only when ``estimator`` — a
-    registry name, an instance, or a stock baseline's name (never) — needs them; without heads the switches of the
-    local-loss blocks (``block_size``, ``groups``) are left out."""
+    registry name, an instance, or a stock baseline's name (never) — needs them; without heads the recipe's switches
+    are left out (:func:`global_model`), so that a variant's other estimators and baselines run its base model."""
     if isinstance(estimator, str):
         local = estimator not in STOCK and REGISTRY[registered(estimator)].needs_local_losses
     else:
@@ -101,7 +100,7 @@ def build_network(model: str, estimator: str | GradientEstimator | None = None, 
     if local:
         kwargs["local_losses"] = True
     else:
-        switches = {key: value for key, value in switches.items() if key not in LOCAL_SWITCHES}
+        base, switches = model_switches(global_model(model))
     return (MODELS.get(base) or DEPTH_NETWORKS[base])(seed=seed, **switches, **kwargs)
 
 

@@ -599,6 +599,11 @@ class MaxPool2d(Layer):
     def _pool_with_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return F.max_pool2d(x, self.kernel_size, self.stride, return_indices=True)
 
+    @property
+    def tiles(self) -> bool:
+        """Whether the windows tile the input (stride = kernel size): each input position is in one window at most."""
+        return self.stride == self.kernel_size
+
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         y, indices = self._pool_with_indices(x)
         return y, (x.shape, indices)

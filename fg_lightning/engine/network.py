@@ -263,10 +263,10 @@ class Network(nn.Module):
             return getattr(self, head).group_slices(width)
         return None
 
-    def output_cells(self, name: str, shape: Sequence[int]) -> Tensor | None:
+    def output_cells(self, name: str, shape: Sequence[int], after: int = 0) -> Tensor | None:
         """For the last parameterised layer of a block whose head has patches (``patches=P``), when every layer between
-        it and the head keeps the head's cells apart: the replica each element of its output (of ``shape``, ``(B, C,
-        H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on the CPU) of indices into ``JvpResult.patch_derivs``'
+        it and the head keeps the head's cells apart: the replica each element of its output (or of the output of the
+        ``after``-th layer after it; of ``shape``, ``(B, C, H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on the CPU) of indices into ``JvpResult.patch_derivs``'
         last two axes flattened (:meth:`Head.cells`), −1 for an element that reaches no loss. Patch membership is
         taken back through each layer: a ReLU keeps it, a max-pool whose windows do not overlap gives an input
         position its window's output's cell (an input row or column that no window covers, −1), and a
@@ -278,9 +278,9 @@ class Network(nn.Module):
             if head is None or name not in names:
                 continue
             module = getattr(self, head)
-            layers = [getattr(self, n) for n in names[names.index(name):]]
-            if module.patches == 1 or not isinstance(layers[0], Conv2d) or len(shape) != 4:
+            if module.patches == 1 or not isinstance(getattr(self, name), Conv2d) or len(shape) != 4:
                 return None
+            layers = [getattr(self, n) for n in names[names.index(name) + after:]]
             shapes = [tuple(shape[1:])]  # each layer's output, per example
             for layer in layers[1:]:
                 if isinstance(layer, MaxPool2d):
@@ -355,6 +355,19 @@ class Network(nn.Module):
         tangent to their output, where the ReLU that follows masks it, and takes its estimate back through their VJP
         (Ren et al. 2023 perturb after the normalisation, and their code differentiates through it)."""
         return self._after(name)[0]
+
+    def activity_past(self, name: str) -> list[Layer]:
+        """The ReLUs and the max-pool right after layer ``name``'s normalisations when the pool's windows tile its input
+        (:attr:`MaxPool2d.tiles`), else none: activity perturbation with the mask may draw its tangent past them, at the
+        pool's output, where it is what the tangent drawn at the site comes out as there (one independent draw per
+        window, at the position the window picks, zero where the ReLU is off), for a quarter of the draws of a 2×2
+        pool and no tangent through the ReLU's and the pool's JVPs. Its estimate goes back by
+        :meth:`MaxPool2d.spread` and the site's mask."""
+        masking = self._after(name)[1]
+        if (masking and isinstance(masking[-1], MaxPool2d) and masking[-1].tiles
+                and all(isinstance(layer, ReLU) for layer in masking[:-1])):
+            return masking
+        return []
 
     def activity_mask(self, name: str, site: Tensor) -> Tensor | None:
         """Where the loss's derivative with respect to ``site`` (layer ``name``'s output, past its normalisations:
@@ -581,34 +594,44 @@ class _ForwardPass:
         layer holds them (see the ownership note in engine.layers). A parameterised layer's activity tangent is added
         to its output, or, for a source with ``activity_after_norms``, past the normalisations that follow it."""
         pending = None  # (name, layer, its input, its output, whether to ask): its activity tangent is still to come
-        norms_left = 0
+        left = norms = 0  # layers to its activity site, to its normalisations' output
+        site = saved = None  # the normalisations' output, where the site is past it; the last layer's primal state
         for name, layer in layers:
             if not layer.has_parameters:
-                carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
-                norms_left -= 1
+                if left == 1 and norms < 1 and carry[1] is None and pending is not None and pending[-1]:
+                    carry[0], saved = layer.primal(carry[0])  # the site's layer past the norms: what its VJP needs
+                else:
+                    carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
+                left, norms = left - 1, norms - 1
             else:
                 chosen = self.layer_tangents(name, layer, carry[0])
                 ask = self.source.perturbs_activities and self.start == 0
                 layer_input = carry[0] if ask else None
                 carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
-                norms_left = len(self.network.activity_norms(name)) if self.source.activity_after_norms else 0
-                pending = (name, layer, layer_input, carry[0] if ask and norms_left else None, ask)
+                left = self.source.activity_site(name)
+                norms = len(self.network.activity_norms(name)) if left else 0
+                pending = (name, layer, layer_input, carry[0] if ask and norms else None, ask)
                 layer_input = None
-            if pending is not None and norms_left <= 0:
-                self.add_activity(carry, *pending)
-                pending = None
+            if pending is not None and norms == 0 and left > 0 and pending[-1]:
+                site = carry[0]
+            if pending is not None and left <= 0:
+                self.add_activity(carry, *pending, site=site, saved=saved)
+                pending = site = saved = None
         if pending is not None:
             raise RuntimeError(f"the layers given end inside {pending[0]!r}'s normalisations")
         return carry
 
     def add_activity(self, carry: list, name: str, layer: Layer, layer_input: Tensor | None,
-                     layer_output: Tensor | None, ask: bool) -> None:
+                     layer_output: Tensor | None, ask: bool, site: Tensor | None = None, saved: Any = None) -> None:
         """Adds layer ``name``'s activity tangent (asked of the source in the first pass, kept for later chunks) to
         ``carry``'s tangent; ``carry``'s primal is where it goes (the layer's output, or past its normalisations,
-        whose input ``layer_output`` then is)."""
+        whose input ``layer_output`` then is, or past the layers after them, the normalisations' output ``site``, the
+        last of those layers' primal state ``saved`` where no tangent went through it)."""
         activity = None
         if ask:
             extra = {} if layer_output is None else {"layer_output": layer_output}
+            if site is not None:
+                extra.update(site=site, saved=saved)
             # a source that adds its tangent into the output's own takes it, where one pass carries every direction
             adds = self.source.adds_activity and carry[1] is not None and self.chunk >= self.num_dirs
             if adds:

@@ -82,9 +82,10 @@ class TangentSource:
       Ren et al. 2023), for a ``(K, *output.shape)`` tangent added to that call's output tangent, or ``None``. It may
       keep references (the input, the output) for the estimator's step after the pass; it must not call back into
       the network while the pass runs. ``output`` may be changed in place by the next layer (an in-place ReLU).
-      With ``activity_after_norms`` (the engine's pass; the torch backend has no such layers), a layer followed by
-      per-example normalisations (``network.activity_norms(name)``) is asked after them: ``output`` is the last one's
-      output, where the tangent is added, and the layer's own output comes as ``layer_output``. With
+      The engine's pass asks it :meth:`activity_site` layers after the layer (the torch backend: at the layer's
+      output): a layer followed by per-example normalisations (``network.activity_norms(name)``) is asked after them,
+      its own output then coming as ``layer_output``; asked past the layers after those (``network.activity_past``),
+      the normalisations' output comes as ``site``. ``output`` is where the tangent is added. With
       ``adds_activity`` (the engine's pass), where one pass carries every direction, the output's tangent so far
       comes as ``tangent`` (where it has one): the source adds its own into it in place and returns it, so that no
       whole activity tangent lies beside it; given none, it returns a new tensor that it does not keep (the torch
@@ -102,7 +103,6 @@ class TangentSource:
     """
 
     perturbs_activities: bool = False
-    activity_after_norms: bool = False
     adds_activity: bool = False
     per_example: bool = False
     local: bool = False
@@ -113,6 +113,10 @@ class TangentSource:
 
     def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Optional[Tensor]:
         return None
+
+    def activity_site(self, name: str) -> int:
+        """How many layers after layer ``name`` the engine's pass asks for its activity tangent (0: at its output)."""
+        return 0
 
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor,
                    patch_derivs: Optional[Tensor] = None) -> None:

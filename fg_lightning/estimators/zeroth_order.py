@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fg_lightning.estimators.base import (
     Estimate, ForwardModel, GradientEstimator, ReplayedGrads, Rewind, UpdateAsFormed, batch_size,
-    check_positive_int, weights_finite,
+    check_distribution, check_positive_int, draw_, weights_finite,
 )
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
@@ -30,10 +30,7 @@ class _Queries:
 
     def sample(self, generator: torch.Generator, param: Tensor) -> Tensor:
         """A draw of ``z``'s part for ``param`` (its shape, dtype, device) from ``generator``."""
-        if self.distribution == "gaussian":
-            return torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
-        signs = torch.randint(0, 2, param.shape, generator=generator, device=param.device, dtype=param.dtype)
-        return signs.mul_(2).sub_(1)  # ±1 with probability 1/2 each
+        return draw_(torch.empty_like(param, memory_format=torch.contiguous_format), self.distribution, generator)
 
     @torch.compiler.disable  # a generator's state cannot be in a graph: eager, one graph for every parameter
     def draw(self, query: int, name: str, param: Tensor) -> Tensor:
@@ -128,9 +125,7 @@ class ZerothOrder(GradientEstimator):
         self.k = check_positive_int("k", k)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got eps={eps!r}")
-        if distribution not in ("gaussian", "rademacher"):
-            raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got distribution={distribution!r}")
-        self.eps, self.distribution = float(eps), distribution
+        self.eps, self.distribution = float(eps), check_distribution(distribution)
 
     def validate(self, network: ForwardModel) -> None:
         super().validate(network)
