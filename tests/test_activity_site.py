@@ -12,6 +12,8 @@ from test_local_groups import sample_mean_and_variance
 
 from fg_lightning.engine import CNN, MLP, Mixer
 from fg_lightning.estimators import ActivityPerturbation, LocalActivityPerturbation
+from fg_lightning.estimators import local as local_module
+from fg_lightning.estimators.collective import ONE_PROCESS
 
 NETS = {
     "mlp": (lambda **kw: MLP(in_features=12, hidden=(16, 12), num_classes=4, seed=1, **kw), (5, 12)),
@@ -88,6 +90,28 @@ def test_layers_followed_by_a_norm_are_perturbed_past_it():
     assert net.activity_norms("fc1") == [net.norm4] and net.activity_norms("fc2") == []
     plain = CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1)
     assert plain.activity_norms("conv1") == [] and plain.activity_mask("fc2", torch.ones(2, 4)) is None
+
+
+def test_with_the_mask_a_conv_is_drawn_past_its_relu_and_a_tiling_max_pool_only():
+    """``activity_past``: the CNN's convolutions (ReLU, then a 2×2 pool of stride 2), past their norm too; no layer
+    where no pool follows (the MLP, the Mixer, the CNN's fc1), or where the pool's windows overlap (a position in two
+    windows would take two draws); and the estimator draws there only with the mask."""
+    for net in (CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1),
+                CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1, norm=True)):
+        assert [type(layer).__name__ for layer in net.activity_past("conv2")] == ["ReLU", "MaxPool2d"]
+        assert net.activity_past("fc1") == [] and net.activity_past("fc2") == []
+        x, labels = torch.randn(2, 1, 16, 16), torch.randint(0, 4, (2,))
+        norms = len(net.activity_norms("conv2"))
+        for relu_mask, site in ((True, norms + 2), (False, norms)):
+            source = local_module._ActivityTangents(ActivityPerturbation(relu_mask=relu_mask), net, labels,
+                                                    ONE_PROCESS)
+            assert source.activity_site("conv2") == site
+    overlapping = CNN(channels=(4, 6, 4), image_size=16, hidden=6, num_classes=4, seed=1)
+    overlapping.pool2.kernel_size = 3  # windows of 3, stride 2
+    assert not overlapping.pool2.tiles and overlapping.activity_past("conv2") == []
+    for make, _ in (NETS["mlp"], NETS["mixer"]):
+        net = make()
+        assert all(net.activity_past(name) == [] for name, layer in net.named_layers() if layer.has_parameters)
 
 
 @pytest.mark.parametrize("model, variant", [(m, v) for m, v in CASES if v != "plain"])

@@ -71,6 +71,19 @@ def test_speed(tmp_path, capsys):
     assert_plot(out, "speed")
 
 
+def test_speed_times_a_recipe_variant_against_its_base_models_backprop(tmp_path):
+    """``--models cnn+groups=2+norm+head_pool=2``: the local estimators on the variant, backprop and the stock
+    baselines on the plain CNN, as fg-bench accuracy trains them."""
+    out = str(tmp_path)
+    fg_bench(["speed", "--device", "cpu", "--out", out, "--models", "cnn+groups=2+norm+head_pool=2", "--batch-sizes",
+              "4", "--estimators", "backprop", "local_activity", "--directions", "2", "--warmup", "1", "--repeats", "2",
+              "--no-compile", "--no-torch-backend"])
+    records = {r["estimator"]: r for r in load(out, "speed")}
+    assert {"stock_autograd", "backprop", "local_activity"} <= set(records)
+    assert {r["model"] for r in records.values()} == {"cnn+groups=2+norm+head_pool=2"}
+    assert records["local_activity"]["ratio_vs_autograd"] > 0
+
+
 def test_speed_quick_preset(tmp_path):
     """--quick: the MLP at batch 256, one and four directions, 5 repeats, whatever --models / --batch-sizes said."""
     out = str(tmp_path)
@@ -622,16 +635,18 @@ def test_comm_reports_bytes_per_step_beside_the_gradient(tmp_path, capsys):
     assert "| mlp | naive |" in capsys.readouterr().out
 
 
-def test_model_switches_build_the_variant_and_leave_the_block_switches_to_local_estimators():
+def test_model_switches_build_the_variant_and_leave_the_recipe_switches_to_local_estimators():
     from fg_lightning.bench.common import build_network, model_switches
 
     assert model_switches("cnn+block_size=1+groups=8+norm") == ("cnn", {"block_size": 1, "groups": 8, "norm": True})
     assert model_switches("mlp") == ("mlp", {})
     local = build_network("cnn+groups=2+norm", "local_activity")
-    plain = build_network("cnn+groups=2+norm", "backprop")  # no heads: groups left out, norm kept
+    plain = build_network("cnn+groups=2+norm", "backprop")  # no heads: the recipe's switches left out, norm too
     assert local.has_local_losses and not plain.has_local_losses
-    assert any("norm" in name for name, _ in plain.named_layers())
-    assert [n for n, _ in build_network("cnn", "backprop").named_layers()] != [n for n, _ in plain.named_layers()]
+    assert any("norm" in name for name, _ in local.named_layers())
+    assert [n for n, _ in build_network("cnn", "backprop").named_layers()] == [n for n, _ in plain.named_layers()]
+    residual = build_network("mixer+residual+groups=2", "backprop")  # a switch of the model itself stays
+    assert any(name.startswith("skip") for name, _ in residual.named_layers())
 
 
 def test_accuracy_ablation_trains_the_recipe_variants_against_the_plain_cnns_backprop(tmp_path):

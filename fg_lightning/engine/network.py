@@ -266,8 +266,9 @@ class Network(nn.Module):
     def output_cells(self, name: str, shape: Sequence[int], after: int = 0) -> Tensor | None:
         """For the last parameterised layer of a block whose head has patches (``patches=P``), when every layer between
         it and the head keeps the head's cells apart: the replica each element of its output (or of the output of the
-        ``after``-th layer after it; of ``shape``, ``(B, C, H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on the CPU) of indices into ``JvpResult.patch_derivs``'
-        last two axes flattened (:meth:`Head.cells`), −1 for an element that reaches no loss. Patch membership is
+        ``after``-th layer after it; of ``shape``, ``(B, C, H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on
+        the CPU) of indices into ``JvpResult.patch_derivs``' last two axes flattened (:meth:`Head.cells`), −1 for an
+        element that reaches no loss. Patch membership is
         taken back through each layer: a ReLU keeps it, a max-pool whose windows do not overlap gives an input
         position its window's output's cell (an input row or column that no window covers, −1), and a
         :class:`GroupNorm` gives every element of a group (within a cell of its ``bands``) the one cell its outputs

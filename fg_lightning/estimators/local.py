@@ -124,11 +124,12 @@ def _through_norms(norms: list[Layer], output: Tensor) -> tuple[Tensor, list]:
 
 
 class _ActivityTangents(TangentSource):
-    """Activity perturbation's tangents: ``k`` tangents per example (``estimator.distribution``) on the output of each call of every
-    parameterised layer but the output layers (with ``exact_output``), past the normalisations that follow it,
-    zero where the loss's derivative there is known to be zero (with ``relu_mask``: a following ReLU off, a
-    following max-pool's unpicked positions, ``network.activity_mask``); and the one-layer weight steps that turn them
-    into the estimate (:meth:`block_done`).
+    """Activity perturbation's tangents: ``k`` tangents per example (``estimator.distribution``) on the output of
+    each call of every parameterised layer but the output layers (with ``exact_output``), past the normalisations
+    that follow it, zero where the loss's derivative there is known to be zero (with ``relu_mask``: a following ReLU
+    off, a following max-pool's unpicked positions, ``network.activity_mask``; drawn past a ReLU and a tiling max-pool
+    where they follow, ``network.activity_past``); and the one-layer weight steps that turn them into the estimate
+    (:meth:`block_done`).
 
     No tangent is kept: the pass adds it to the layer's output tangent a chunk of examples at a time (``draws``)
     and drops it, and :meth:`block_done` draws it again, one direction at a time, from the generator state recorded
@@ -346,7 +347,8 @@ class _ActivityTangents(TangentSource):
 class ActivityPerturbation(_ActivityPerturbation):
     r"""Forward gradient with activity perturbation on the network's own loss (Ren et al. 2023, "FG-A").
 
-    Every parameterised layer's output gets ``k`` independent tangents per example, all in one forward-mode pass; the directional derivatives come back per example, :math:`d_{kb} = \sum_\ell \partial L/\partial z_{\ell b}
+    Every parameterised layer's output gets ``k`` independent tangents per example, all in one forward-mode pass;
+    the directional derivatives come back per example, :math:`d_{kb} = \sum_\ell \partial L/\partial z_{\ell b}
     \cdot u_{\ell kb}`, and each layer's output estimate is :math:`\hat g_{z_\ell} = \frac1k\sum_k d_k u_{\ell k}`,
     unbiased since the draws are independent with identity covariance. Its variance per output coordinate is about
     :math:`\frac1k(\sum_\ell |\partial L/\partial z_{\ell b}|^2 + \dots)`: it grows with the number of perturbed
@@ -354,7 +356,11 @@ class ActivityPerturbation(_ActivityPerturbation):
     (1.9M). ``relu_mask`` zeroes :math:`\hat g_z` (as if :math:`u`: :math:`d` does not see :math:`u` there) wherever
     :math:`\partial L/\partial z = 0` is known from the layers that follow (``network.activity_mask``): where the
     following ReLU is off, and, where a max-pool follows it, at every position its window does not pick (three in four
-    on the paper's CNN): the mean is unchanged, the variance lower.
+    on the paper's CNN): the mean is unchanged, the variance lower. With the mask, where a ReLU and a max-pool whose
+    windows tile follow a layer (the CNN's convolutions, ``network.activity_past``), the engine draws the tangent at
+    the pool's output instead, one draw per window, zeroed where the ReLU is off at its pick: what the site's tangent
+    comes out of the ReLU and the pool as, the same law for a quarter of the draws and no tangent through the ReLU's
+    and the pool's JVPs; the estimate goes back to the site by the pool's VJP.
     A layer followed by a normalisation (``norm=True``: ``GroupNorm`` between it and its ReLU) is perturbed past it,
     :math:`\hat z = \mathrm{norm}(z)`, as in Ren et al.'s code, where the ReLU mask applies, and its estimate taken back
     to :math:`z` by the normalisation's VJP (per example, no parameters) before the layer's own: perturbed before it,
