@@ -157,3 +157,19 @@ def test_where_an_in_place_relu_follows_the_kept_call_holds_its_output_as_the_ma
     assert held == {**{("mlp", f"fc{i}"): (True, False, None) for i in (1, 2, 3)},  # the MLP's hidden layers
                     **{("cnn", f"conv{i}"): (True, False, torch.int32) for i in (1, 2, 3)},
                     ("cnn", "fc1"): (True, False, None)}
+
+
+@pytest.mark.parametrize("model", NETS)
+def test_a_last_pass_with_fewer_directions_than_a_chunk_gives_the_one_pass_estimate(model):
+    """K = 3 directions two to a pass (the second pass carries one), with group-wise local losses: the estimate is the
+    one-pass estimate's (the same draws), the heads' derivatives sized to each pass's directions."""
+    make, shape = NETS[model]
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(*shape, generator=gen, dtype=torch.float64), torch.randint(0, 4, (shape[0],), generator=gen)
+    whole = make(local_losses=True, block_size=1, groups=2).double()
+    per_direction = shape[0] * whole.widest_activation(shape[1:]) * 8
+    chunked = make(local_losses=True, block_size=1, groups=2, tangent_memory_mb=2.5 * per_direction / 2**20).double()
+    assert chunked.directions_per_pass(x, 3) == 2
+    one, two = (LocalActivityPerturbation(k=3, seed=4).estimate(net, x, labels, 0).grads for net in (whole, chunked))
+    for name, grad in one.items():
+        torch.testing.assert_close(two[name], grad, msg=name)

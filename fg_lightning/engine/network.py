@@ -651,8 +651,9 @@ class _ForwardPass:
 
     def loss_jvp(self, logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
         per_example = self.source.per_example
-        if d_logits is None:
-            shape = (self.chunk, *logits.shape[:1]) if per_example else (self.chunk,)
+        if d_logits is None:  # this pass's directions: the last pass of several may have fewer than a chunk
+            dirs = self.chunk if self.num_dirs is None else min(self.chunk, self.num_dirs - self.start)
+            shape = (dirs, *logits.shape[:1]) if per_example else (dirs,)
             return cross_entropy(logits, self.labels), logits.new_zeros(shape)
         return cross_entropy_jvp(logits, self.labels, d_logits, per_example=per_example)
 
