@@ -77,11 +77,22 @@ def test_speed_times_a_recipe_variant_against_its_base_models_backprop(tmp_path)
     out = str(tmp_path)
     fg_bench(["speed", "--device", "cpu", "--out", out, "--models", "cnn+groups=2+norm+head_pool=2", "--batch-sizes",
               "4", "--estimators", "backprop", "local_activity", "--directions", "2", "--warmup", "1", "--repeats", "2",
-              "--no-compile", "--no-torch-backend"])
+              "--no-compile", "--no-torch-backend", "--interleave"])
     records = {r["estimator"]: r for r in load(out, "speed")}
     assert {"stock_autograd", "backprop", "local_activity"} <= set(records)
     assert {r["model"] for r in records.values()} == {"cnn+groups=2+norm+head_pool=2"}
     assert records["local_activity"]["ratio_vs_autograd"] > 0
+    assert json.load(open(os.path.join(out, "speed.json")))["meta"]["interleave"] is True
+
+
+def test_interleaved_timing_takes_one_step_of_each_case_in_turn():
+    from fg_lightning.bench.speed import time_in_turn
+
+    calls = []
+    steps = [lambda x, labels, index, name=name: calls.append((name, index)) for name in "ab"]
+    times = time_in_turn(steps, torch.zeros(1), torch.zeros(1), warmup=1, repeats=2, device=torch.device("cpu"))
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert [len(t) for t in times] == [2, 2] and all(ms >= 0 and exact is False for t in times for ms, exact in t)
 
 
 def test_speed_quick_preset(tmp_path):

@@ -140,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--warmup", type=_positive, default=5)
     speed.add_argument("--repeats", type=_positive, default=30)
     speed.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")
+    speed.add_argument("--interleave", action="store_true",
+                       help="time the cases of a model and batch size one step each in turn (a shared machine's "
+                            "changing load on every case alike; their networks alive at once)")
     memory = add("memory", "peak memory of one step above rest (Fig. 14)", [256, 1024, 4096, 16384], all_estimators)
     memory.add_argument("--directions", nargs="+", type=_positive, default=[1, 16])
     memory.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile'd baseline")

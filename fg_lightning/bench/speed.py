@@ -19,10 +19,12 @@ COLUMNS = ["model", "batch_size", "estimator", "k", "ms_median", "ms_min", "ms_m
 
 def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequence[int], estimators: Sequence[str],
             directions: Sequence[int], warmup: int, repeats: int, compile_at: Sequence[int] = (),
-            budget: Budget | None = None, torch_backend: bool = True) -> list[dict[str, Any]]:
+            budget: Budget | None = None, torch_backend: bool = True, interleave: bool = False) -> list[dict[str, Any]]:
     """One row per model, batch size and case: the stock baselines, then every estimator, once per ``k`` in
     ``directions`` for those that take one; at the batch sizes in ``compile_at`` also ``stock_compiled`` and the
-    engine's compiled step (``compiled:<name>``) for the estimators of ``COMPILED_ESTIMATORS``."""
+    engine's compiled step (``compiled:<name>``) for the estimators of ``COMPILED_ESTIMATORS``. ``interleave``: the
+    cases of a model and batch size take their steps in turn, one step each a round, so that a shared machine's
+    changing load falls on every case alike (all of their networks alive at once)."""
     device = torch.device(device)
     budget = budget or Budget()
     stock = {b: [s for s in STOCK if s != "stock_compiled" or b in compile_at] for b in batch_sizes}
@@ -36,17 +38,23 @@ def measure(device: str | torch.device, models: Sequence[str], batch_sizes: Sequ
             x, labels = make_batch(base, batch_size, device)
             primal_flops, tangent_flops_per_dir = tangent_flops(base, batch_size)
             rows: list[dict[str, Any]] = []
+            timed_cases: dict[tuple[str, int | None], Any] = {}
             for name, k in [(s, None) for s in stock[batch_size]] + engine[batch_size]:
-                def case() -> list[tuple[float, bool]]:
+                def case() -> Any:
                     network = build_network(model_name, name).to(device)  # the same weights as base
                     step = estimator_step(network, name, k)
-                    return time_steps(step, x, labels, warmup, repeats, device)
+                    return step if interleave else time_steps(step, x, labels, warmup, repeats, device)
 
                 timed, error = budget.run(case_label(model_name, batch_size, name, k), case, device,
                                           tangent_bytes(base, batch_size, k or 1))
                 if error is not None:
                     rows.append({"estimator": name, "k": k, "error": error})
-                    continue
+                else:
+                    timed_cases[name, k] = timed
+            if interleave:
+                timed_cases = dict(zip(timed_cases, time_in_turn(list(timed_cases.values()), x, labels, warmup,
+                                                                 repeats, device)))
+            for (name, k), timed in timed_cases.items():
                 exact = [ms for ms, is_exact in timed if is_exact]
                 if exact and len(exact) < len(timed):  # Table I: momentum's checkpoint steps (backprop too) apart
                     rows.append({"estimator": name, "k": k, **summary([ms for ms, is_exact in timed if not is_exact])})
@@ -95,10 +103,12 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
     plt.close(fig)
 
 
-def report(records: list[dict[str, Any]], out: str, device: str | torch.device, warmup: int, repeats: int) -> None:
+def report(records: list[dict[str, Any]], out: str, device: str | torch.device, warmup: int, repeats: int,
+           interleave: bool = False) -> None:
     """``<out>/speed.json``, ``.md`` and ``.png``; prints the table."""
-    meta = {**environment(torch.device(device)), "warmup": warmup, "repeats": repeats}
-    notes = ("Median of `repeats` synchronised training steps after `warmup` steps: for the engine's estimators the "
+    meta = {**environment(torch.device(device)), "warmup": warmup, "repeats": repeats, "interleave": interleave}
+    notes = ("Median of `repeats` synchronised training steps after `warmup` steps (`interleave`: the cases of a "
+             "model and batch size one step each in turn): for the engine's estimators the "
              "step ForwardGradientModule takes (estimate, finite check, SGD update), for the stock baselines loss, "
              "backward and SGD update (no finite check); `compiled:<name>` is the engine's step with its estimate "
              "under torch.compile (`ForwardGradientModule(compile=True)`, CUDA graphs on a GPU; the warm-up steps "
@@ -109,8 +119,22 @@ def report(records: list[dict[str, Any]], out: str, device: str | torch.device, 
     plot([r for r in records if "error" not in r], out)
 
 
+def time_in_turn(steps: Sequence[Any], x: torch.Tensor, labels: torch.Tensor, warmup: int, repeats: int,
+                 device: torch.device) -> list[list[tuple[float, bool]]]:
+    """:func:`~fg_lightning.bench.common.time_steps` of every step in ``steps``, one step of each in turn."""
+    times: list[list[tuple[float, bool]]] = [[] for _ in steps]
+    for index in range(warmup + repeats):
+        for step, timed in zip(steps, times):
+            if index < warmup:
+                step(x, labels, index)
+            else:
+                timed += time_steps(step, x, labels, 0, 1, device, first_index=index)
+    return times
+
+
 def run(args: Any) -> list[dict[str, Any]]:
     records = measure(args.device, args.models, args.batch_sizes, args.estimators, args.directions, args.warmup,
-                      args.repeats, args.batch_sizes if args.compile else [], torch_backend=args.torch_backend)
-    report(records, args.out, args.device, args.warmup, args.repeats)
+                      args.repeats, args.batch_sizes if args.compile else [], torch_backend=args.torch_backend,
+                      interleave=args.interleave)
+    report(records, args.out, args.device, args.warmup, args.repeats, args.interleave)
     return records
