@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from fg_lightning.allocator import keep_freed_memory
 from fg_lightning.callbacks import PredictionWriter
 from fg_lightning.data import DataError, DatasetNotFoundError, MNISTDataModule
 from fg_lightning.distributed import ForwardGradientDDPStrategy, PeerLostError, auto_strategy, check_strategy
@@ -232,6 +233,7 @@ def main(args: Any = None) -> None:
     """``fg-cli``: a user's error ends in one line on stderr and exit code 1 (``FG_CLI_TRACEBACK=1``: the traceback),
     Ctrl-C with 130, SIGTERM with 143; other errors keep their traceback."""
     show_traceback = os.environ.get("FG_CLI_TRACEBACK", "") not in ("", "0")
+    keep_freed_memory()  # a step's large tensors again without page faults (fg_lightning.allocator)
     sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from the first Ctrl-C on and never restores it
     try:
         with quiet():

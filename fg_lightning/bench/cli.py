@@ -257,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(list(sys.argv[1:] if argv is None else argv))
     import importlib
 
+    from fg_lightning.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as fg-cli: every case's step without the page faults of its large tensors
+
     from fg_lightning.data import DatasetNotFoundError
 
     try:
