@@ -34,7 +34,7 @@ def test_a_large_tensor_comes_from_the_heap_once_freed_memory_is_kept():
 
 def test_fg_cli_and_fg_bench_keep_freed_memory(monkeypatch):
     import fg_lightning.bench.cli as bench_cli
-    import fg_lightning.cli as cli
+    from fg_lightning import cli
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("fg-cli") or True)

@@ -272,13 +272,12 @@ class Network(nn.Module):
         it and the head keeps the head's cells apart: the replica each element of its output (or of the output of the
         ``after``-th layer after it; of ``shape``, ``(B, C, H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on
         the CPU) of indices into ``JvpResult.patch_derivs``' last two axes flattened (:meth:`Head.cells`), −1 for an
-        element that reaches no loss. Patch membership is
-        taken back through each layer: a ReLU keeps it, a max-pool whose windows do not overlap gives an input
-        position its window's output's cell (an input row or column that no window covers, −1), and a
-        :class:`GroupNorm` gives every element of a group (within a cell of its ``bands``) the one cell its outputs
-        reach (its statistics join them). ``None`` when an element would reach two replicas (say a GroupNorm over a
-        whole map, whose mean mixes the patches: then the block's layers take the group's or the block's
-        derivative, :meth:`output_groups`), and for any other layer."""
+        element that reaches no loss. Patch membership is taken back through each layer: a ReLU keeps it, a max-pool
+        whose windows do not overlap gives an input position its window's output's cell (an input row or column that
+        no window covers, −1), and a :class:`GroupNorm` gives every element of a group (within a cell of its
+        ``bands``) the one cell its outputs reach (its statistics join them). ``None`` when an element would reach two
+        replicas (say a GroupNorm over a whole map, whose mean mixes the patches: then the block's layers take the
+        group's or the block's derivative, :meth:`output_groups`), and for any other layer."""
         for names, head in self._blocks:
             if head is None or name not in names:
                 continue
@@ -366,8 +365,8 @@ class Network(nn.Module):
         (:attr:`MaxPool2d.tiles`), else none: activity perturbation with the mask may draw its tangent past them, at the
         pool's output, where it is what the tangent drawn at the site comes out as there (one independent draw per
         window, at the position the window picks, zero where the ReLU is off), for a quarter of the draws of a 2×2
-        pool and no tangent through the ReLU's and the pool's JVPs. Its estimate goes back by
-        :meth:`MaxPool2d.spread` and the site's mask."""
+        pool and no tangent through the ReLU's and the pool's JVPs. Its estimate goes back by the pool's VJP at the
+        pass's picks."""
         masking = self._after(name)[1]
         if (masking and isinstance(masking[-1], MaxPool2d) and masking[-1].tiles
                 and all(isinstance(layer, ReLU) for layer in masking[:-1])):
@@ -597,7 +596,8 @@ class _ForwardPass:
     def through(self, layers: Sequence[tuple[str, Layer]], carry: list) -> list:
         """``carry = [primal, tangent]`` through ``layers``. Both are popped before each layer's JVP so that only the
         layer holds them (see the ownership note in engine.layers). A parameterised layer's activity tangent is added
-        to its output, or, for a source with ``activity_after_norms``, past the normalisations that follow it."""
+        to its output, or as many layers past it as the source's ``activity_site(name)`` says (past the
+        normalisations that follow it, and the ReLU and max-pool after those)."""
         pending = None  # (name, layer, its input, its output, whether to ask): its activity tangent is still to come
         left = norms = 0  # layers to its activity site, to its normalisations' output
         site = saved = None  # the normalisations' output, where the site is past it; the last layer's primal state
