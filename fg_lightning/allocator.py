@@ -6,8 +6,8 @@ step allocates the same large tensors every step, so on the CPU each step pays t
 touch of every 4 KiB page of an activation, and of the ten-direction tangents of activity perturbation, ten times an
 activation. :func:`keep_freed_memory` raises both thresholds, so that the process keeps what it freed for the next
 step (its resident memory stays at its peak, as a GPU's caching allocator keeps it). Measured on the recipe CNN
-(batch 256, one thread, the cases in turn): backprop's step 195 → 156 ms, local_activity's (k = 10) 342 → 220 ms
-(``results/cpu/speed-recipe``). A GPU's memory is not malloc's, and torch's own thresholds are not touched."""
+(batch 256, one thread, the cases in turn, a training run beside them): backprop's step 170 → 155 ms,
+local_activity's (k = 10) 336 → 216 ms (``results/cpu/speed-recipe``'s README). A GPU's memory is not malloc's, and torch's own thresholds are not touched."""
 
 from __future__ import annotations
 
