@@ -288,10 +288,17 @@ def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
     (rerun,) = load(again, "accuracy")
     assert [p["test_acc"] for p in rerun["curve"]] == [p["test_acc"] for p in mlp_backprop["curve"]]
     assert [p["train_loss"] for p in rerun["curve"]] == [p["train_loss"] for p in mlp_backprop["curve"]]
+    # a fraction of an epoch (the time-fit run of an equal-time comparison): the run and its schedule end within one
+    fg_bench(["accuracy", *data, "--epochs", "0.5", "--models", "mlp", "--estimators", "backprop", "--lrs", "0.1",
+              "--out", again])
+    (half,) = load(again, "accuracy")
+    assert half["steps"] == 2 and [p["epoch"] for p in half["curve"]] == [0.25, 0.5] and half["epochs"] == 0.5
+    assert half["curve"][0]["train_loss"] == mlp_backprop["curve"][0]["train_loss"]  # the same first step
+    assert "epoch 0.5/0.5: val acc" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad, named", [(["--epochs", "0"], "--epochs: must be >= 1, got 0"),
-                                        (["--epochs", "-2"], "--epochs: must be >= 1, got -2"),
+@pytest.mark.parametrize("bad, named", [(["--epochs", "0"], "--epochs: must be a finite number > 0, got 0"),
+                                        (["--epochs", "-2"], "--epochs: must be a finite number > 0, got -2"),
                                         (["--lrs", "1e-3", "0"], "--lrs: must be a finite number > 0, got 0"),
                                         (["--lrs", "-0.001"], "--lrs: must be a finite number > 0, got -0.001"),
                                         (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
@@ -545,6 +552,12 @@ def test_train_epochs_scheduler_and_hook():
     assert [step for _, step in ends] == [1, 2, 3, 4, 5, 6]
     assert [epochs for epochs, _ in ends] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
     assert seconds == sorted(seconds) and seconds[0] > 0
+    # a run that ends within an epoch (fg-bench accuracy --epochs 1.67) ends with a point, once
+    for per_epoch, steps in ((1, [3, 5]), (3, [1, 2, 3, 4, 5])):
+        ends.clear()
+        train(network, REGISTRY["backprop"].make(), 0.1, batches, 5, torch.device("cpu"), epoch_steps=3,
+              points_per_epoch=per_epoch, on_point=lambda epochs, step, spent: ends.append((epochs, step)))
+        assert [step for _, step in ends] == steps and ends[-1][0] == pytest.approx(5 / 3)
 
 
 def test_build_network_adds_local_losses_only_when_the_estimator_needs_them(monkeypatch):

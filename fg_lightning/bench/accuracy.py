@@ -181,7 +181,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     loaders = {seed: seed_loader(data, seed) for seed in seeds}
     batches = len(loaders[0])
     epoch_steps = min(batches, args.limit_train_batches or batches)
-    total = args.epochs * epoch_steps
+    total = max(1, round(args.epochs * epoch_steps))  # --epochs 2.8: the schedule ends with the run, within an epoch
     schedule = None if args.schedule == "constant" else (
         lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total))
     records: list[dict[str, Any]] = []
@@ -196,8 +196,8 @@ def run(args: Any) -> list[dict[str, Any]]:
             test_loss, test_acc = evaluate(network, data.test_set, device)
             curve.append({"epoch": round(epochs, 6), "step": step, "wall_s": seconds, "val_loss": val_loss,
                           "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc})
-            if step % epoch_steps == 0:
-                print(f"fg-bench accuracy: {model} {name} lr={lr:g} seed {seed} epoch {round(epochs)}/{args.epochs}: "
+            if step % epoch_steps == 0 or step == total:
+                print(f"fg-bench accuracy: {model} {name} lr={lr:g} seed {seed} epoch {epochs:g}/{args.epochs:g}: "
                       f"val acc {val_acc:.4f}, test acc {test_acc:.4f} ({seconds:.1f} s)")
 
         result = train(network, REGISTRY[name].make(k, seed=seed), lr, loaders[seed], total, device,
@@ -254,7 +254,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     grown = "; ".join(f"{model} {name} {', '.join(f'{lr:g}' for lr in grid if lr not in added)}"
                       + (f" + {', '.join(f'{lr:g}' for lr in added)}" if added else "")
                       for (model, name), (grid, added) in grids.items())
-    notes = (f"{limited}Plain SGD, batch {args.batch_size}, {args.epochs} epochs of {epoch_steps} steps, "
+    notes = (f"{limited}Plain SGD, batch {args.batch_size}, {args.epochs:g} epochs of {epoch_steps} steps, "
              f"{args.schedule} learning rate, every rate run with {args.seeds} seed(s) (seed s: the initial weights, "
              "the estimator's seed and the order of the batches); the rate with the best mean validation accuracy "
              "over the seeds at the end (`val_acc`, on the held-out part of the training set) is picked (a rate at "

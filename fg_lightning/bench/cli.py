@@ -208,7 +208,9 @@ def parser() -> argparse.ArgumentParser:
                                   "on the plain CNN)")
             sub.add_argument("--batch-size", "--batch-sizes", dest="batch_size", type=_positive, default=256,
                              help="one training batch size")
-            sub.add_argument("--epochs", type=_positive, default=10, help="epochs per run, for every model")
+            sub.add_argument("--epochs", type=_positive_float, default=10,
+                             help="epochs per run, for every model; a fraction (2.8) ends the run, and its schedule, "
+                                  "within an epoch: the time-fit run of an equal-time comparison")
             sub.add_argument("--lrs", nargs="+", type=_positive_float, default=None,
                              help="learning rates for every estimator (default: each one's grid, its registry record's)")
             sub.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",

@@ -443,6 +443,9 @@ def train(network: Network, estimator: GradientEstimator, lr: float, loader, ste
             if on_point is not None:
                 point(epoch + 1)
         if index == steps or diverged_at is not None:
+            if on_point is not None and epoch_steps and diverged_at is None and 0 < index - taken < epoch_steps \
+                    and index - taken not in points:  # a run that ends within an epoch ends with a point too
+                point(epoch + (index - taken) / epoch_steps)
             break
     sync(device)
     seconds += time.perf_counter() - start
