@@ -295,6 +295,19 @@ def test_accuracy_leaderboard_on_learnable_idx_files(tmp_path, capsys):
     assert half["steps"] == 2 and [p["epoch"] for p in half["curve"]] == [0.25, 0.5] and half["epochs"] == 0.5
     assert half["curve"][0]["train_loss"] == mlp_backprop["curve"][0]["train_loss"]  # the same first step
     assert "epoch 0.5/0.5: val acc" in capsys.readouterr().out
+    # the equal-time comparison in two runs: naive for half an epoch against the 2-epoch backprop runs above (`out`)
+    apart = str(tmp_path / "apart")
+    fg_bench(["accuracy", *data, "--epochs", "0.5", "--models", "mlp", "--estimators", "naive", "--lrs", "1e-4",
+              "--out", apart, "--backprop-from", out])
+    with open(os.path.join(apart, "accuracy.json")) as f:
+        report = json.load(f)
+    (row,), (naive,) = report["leaderboard"], report["records"]
+    assert report["meta"]["backprop_from"] == out and naive["estimator"] == "naive" and naive["steps"] == 2
+    assert row["gap_vs_backprop"] == pytest.approx(naive["test_acc"] - mlp_backprop["test_acc"])  # the picked 0.1
+    assert row["test_acc_at_backprop_time"] == accuracy_at_time(naive["curve"], mlp_backprop["wall_s"])
+    with pytest.raises(SystemExit, match="--backprop-from .*none: no fg-bench accuracy report there"):
+        fg_bench(["accuracy", *data, "--models", "mlp", "--estimators", "naive", "--out", apart,
+                  "--backprop-from", str(tmp_path / "none")])
 
 
 @pytest.mark.parametrize("bad, named", [(["--epochs", "0"], "--epochs: must be a finite number > 0, got 0"),

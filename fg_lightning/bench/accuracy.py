@@ -13,6 +13,8 @@ training. Every run with a given seed starts from the same weights and sees the 
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 from typing import Any, Callable
 
@@ -127,12 +129,15 @@ def diverged_label(lr: float, group: list[dict[str, Any]]) -> str:
     return f"{lr:g} (step {min(r['diverged_at'] for r in diverged)}{seeds})"
 
 
-def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]) -> list[dict[str, Any]]:
+def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str],
+         baseline: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Marks each estimator's runs (every seed) at the rate :func:`choose` picks as ``picked``; returns the
     leaderboard rows, by model, then by backward computation (none, layer, block, global), then by mean test
     accuracy. A row gives the picked rate, its seeds' mean validation and test accuracy, the test accuracy's sd
     (``test_sd``, from two seeds on), the mean steps and wall time, ``at_grid_edge``, ``gap_vs_backprop`` (to
-    backprop's mean), ``test_acc_at_backprop_time`` (:func:`at_backprop_time`) and ``diverged_lrs``."""
+    backprop's mean), ``test_acc_at_backprop_time`` (:func:`at_backprop_time`) and ``diverged_lrs``. Backprop is
+    the model's own, else that of the model without the recipe's switches, else the picked backprop runs of that
+    model in ``baseline`` (another report's records: ``--backprop-from``)."""
     rows, chosen_by_model = [], {}
     for model in models:
         chosen: dict[str, list[dict[str, Any]]] = {}
@@ -159,8 +164,9 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
                        wall_s=statistics.fmean(r["wall_s"] for r in group) if "wall_s" in group[0] else None)
         chosen_by_model[model] = chosen
     for model, chosen in chosen_by_model.items():  # a model's backprop, else that of the model without the recipe
-        reference = chosen.get("backprop") or chosen_by_model.get(global_model(model), {}).get("backprop")
-        if reference is None:
+        reference = chosen.get("backprop") or chosen_by_model.get(global_model(model), {}).get("backprop") or [
+            r for r in baseline if r["estimator"] == "backprop" and r["picked"] and r["model"] == global_model(model)]
+        if not reference:
             continue
         backprop = statistics.fmean(r["test_acc"] for r in reference)
         for row in rows:
@@ -171,10 +177,28 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
                                        -(r.get("test_acc") or 0)))
 
 
+def load_baseline(folder: str | None) -> list[dict[str, Any]]:
+    """The backprop runs of the fg-bench accuracy report in ``folder`` (``--backprop-from``); none without one."""
+    if folder is None:
+        return []
+    try:
+        with open(os.path.join(folder, "accuracy.json")) as f:
+            records = json.load(f)["records"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"fg-bench accuracy: --backprop-from {folder}: no fg-bench accuracy report there "
+                         f"({error})") from None
+    baseline = [r for r in records if r.get("estimator") == "backprop" and "curve" in r]
+    if not any(r.get("picked") for r in baseline):
+        raise SystemExit(f"fg-bench accuracy: --backprop-from {folder}: its report trained no backprop")
+    return baseline
+
+
 def run(args: Any) -> list[dict[str, Any]]:
     if args.val_size < 1:
         raise SystemExit(f"fg-bench accuracy: --val-size must be >= 1 (the rate is picked by validation accuracy), "
                          f"got {args.val_size}")
+    backprop_from = getattr(args, "backprop_from", None)
+    baseline = load_baseline(backprop_from)  # before any training
     device = torch.device(args.device)
     seeds = list(range(args.seeds))
     data = real_data(args, args.batch_size)
@@ -238,13 +262,13 @@ def run(args: Any) -> list[dict[str, Any]]:
             r.update(grid=grid, grown=r["lr"] in added)
         records += runs
         grids[model, name] = grid, added
-    leaderboard = pick(records, models, args.estimators)
+    leaderboard = pick(records, models, args.estimators, baseline)
     meta = {**environment(device), "dataset": args.dataset, "train_size": len(data.train_set),
             "val_size": len(data.val_set), "test_size": len(data.test_set), "batch_size": args.batch_size,
             "epochs": args.epochs, "steps_per_epoch": epoch_steps, "points_per_epoch": args.points_per_epoch,
             "schedule": args.schedule, "seeds": args.seeds,
             "grid_growth": args.grid_growth, "ablation": getattr(args, "ablation", False),
-            "limit_train_batches": args.limit_train_batches,
+            "limit_train_batches": args.limit_train_batches, "backprop_from": backprop_from,
             "command": args.command_line}
     limited = "" if args.limit_train_batches is None else (
         f"**Each epoch was cut to {epoch_steps} of {batches} batches (`--limit-train-batches "
@@ -268,7 +292,11 @@ def run(args: Any) -> list[dict[str, Any]]:
              "the same network; `test_acc_at_backprop_time` is the test accuracy (mean over seeds) at the last point "
              "of its curve reached within the training time of backprop's run with the same seed, on the same "
              f"network and device (test accuracy measured {args.points_per_epoch} times an epoch: that is its "
-             "resolution), blank when not even the first point was reached (or backprop was not run); `wall_s` is "
+             "resolution), blank when not even the first point was reached (or backprop was not run)"
+             + ("" if backprop_from is None else
+                f"; backprop's runs are those of the report in {backprop_from} (`--backprop-from`), which ran "
+                "apart: its time is comparable only where both ran under the same load")
+             + "; `wall_s` is "
              "the mean training time only (evaluation excluded); `diverged_lrs` lists the "
              "rates at which a seed diverged (the first step). Grids as run (+ the rates added): " + grown
              + ". Every run (each rate and seed) and its per-epoch curve are in accuracy.json, beside the leaderboard.\n")

@@ -223,6 +223,11 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--points-per-epoch", type=_positive, default=10,
                              help="test accuracy this many times an epoch (evenly spaced, the last at its end): the "
                                   "curves' and test_acc_at_backprop_time's resolution (evaluation time excluded)")
+            sub.add_argument("--backprop-from", metavar="DIR", default=None,
+                             help="a folder of an earlier fg-bench accuracy report whose picked backprop runs are the "
+                                  "reference (gap_vs_backprop, test_acc_at_backprop_time) of the models this run "
+                                  "trains no backprop on: the time-fit run of an equal-time comparison (--epochs 2.8), "
+                                  "run beside backprop's so that both see the same load")
             sub.add_argument("--grid-growth", type=_nonnegative, default=3,
                              help="rates at most added per estimator beyond the grid's edge (/3, x3) while the pick "
                                   "sits on it; 0: the grid as given")
