@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover
     _math_attention = contextlib.nullcontext
 
 from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source, full_name
+from fg_lightning.engine.tangents import check_objective
 from fg_lightning.estimators.base import Inputs, Rewind, batch_size, rng_state, set_rng_state
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -251,31 +252,34 @@ class TorchNetwork(nn.Module):
                 layers[module] = (name, own)
         return layers
 
-    def jvp(self, x: Inputs, labels: Tensor, tangents: TangentSource | Callable[..., Any]) -> JvpResult:
+    def jvp(self, x: Inputs, labels: Tensor, tangents: TangentSource | Callable[..., Any], objective: str = "loss",
+            reduction: str = "batch") -> JvpResult:
         """The loss and its directional derivative along each of the K directions of ``tangents`` (a
         :class:`~fg_lightning.engine.tangents.TangentSource` or a ``tangent_fn``), one forward-mode pass per
         direction (see the module docstring). The source's ``weights(name, module, module_input)`` is asked once per
         module that owns trained parameters, at its first call (a ``replayable`` source at every call of every pass,
         only that direction's tangents kept, for that call: the result then carries no ``tangents``); with
         ``perturbs_activities``, its ``activity(name, module, module_input, output)`` once per *call* of such a module
-        (a module called twice gets two independent tangents). ``source.per_example``: ``dir_derivs[k, b]`` is example
-        ``b``'s term, ``∂L/∂logits_b · ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
+        (a module called twice gets two independent tangents). ``reduction="example"``: ``dir_derivs[k, b]`` is
+        example ``b``'s term, ``∂L/∂logits_b · ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
+        ``objective`` is the network's loss: the local losses (``"local"``) are the engine's.
 
         Every use of a trained parameter gets its tangent or the pass raises :class:`TorchBackendError` naming the
         parameter and the use (:class:`_ParameterUses`); the first call of each kind (weight tangents, activity
         tangents) also compares forward mode with autograd on this batch (:meth:`check_forward_mode`)."""
-        source = as_source(tangents)
-        if source.local:
-            raise ValueError("the torch backend has no local-loss heads: a local tangent source needs the engine's "
+        check_objective(objective, reduction)
+        if objective == "local":
+            raise ValueError("the torch backend has no local-loss heads: objective='local' needs the engine's "
                              "networks")
+        source = as_source(tangents)
         kind = (source.perturbs_activities, tuple(m.training for m in self.module.modules()))
         with _refusing(type(self.module).__name__):
             if kind not in self._checked:
                 self.check_forward_mode(x, labels, source.perturbs_activities)
                 self._checked.add(kind)
-            return self._jvp(x, labels, source)
+            return self._jvp(x, labels, source, reduction == "example")
 
-    def _jvp(self, x: Inputs, labels: Tensor, source: TangentSource) -> JvpResult:
+    def _jvp(self, x: Inputs, labels: Tensor, source: TangentSource, per_example: bool = False) -> JvpResult:
         tangents = _Tangents(self, source, labels.device)
         rewind = Rewind(self.module, labels.device)
         derivs: list[Tensor] = []
@@ -293,8 +297,8 @@ class TorchNetwork(nn.Module):
                         if tangents.direction == 0:
                             loss, logits = primal, logits_primal
                             tangents.check_first_pass()
-                            logits_grad = self.logits_grad(logits, labels) if source.per_example else None
-                        if source.per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
+                            logits_grad = self.logits_grad(logits, labels) if per_example else None
+                        if per_example:  # each example's term: ∂L/∂logits_b · ∂logits_b
                             derivs.append(torch.zeros(len(logits), dtype=logits.dtype, device=logits.device)
                                           if logits_tangent is None
                                           else (logits_grad * logits_tangent).flatten(1).sum(1))

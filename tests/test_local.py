@@ -85,9 +85,7 @@ def test_local_jvp_gives_each_blocks_local_derivatives(model, chunked):
         net.tangent_memory_mb = 1e-6  # one direction per pass
     gen = torch.Generator().manual_seed(3)
     tangents = {name: torch.randn(3, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local = True  # the tangent stops at each block boundary
-    result = net.jvp(x, labels, source)
+    result = net.jvp(x, labels, GivenTangents(tangents), "local")  # the tangent stops at each block boundary
     grads = net.local_loss_and_grad(x, labels)[2]
     for names, derivs in zip(net.block_parameters(), result.block_derivs):
         expected = sum(torch.einsum("k...,...->k", tangents[n], grads[n]) for n in names)
@@ -103,15 +101,13 @@ def recorded_activities(net, x, labels, k, local=False):
     activities = {}
 
     class Activities(TangentSource):
-        perturbs_activities = per_example = True
+        perturbs_activities = True
 
         def activity(self, name, layer, layer_input, output):
             activities[name] = torch.randn(k, *output.shape, generator=gen, dtype=output.dtype)
             return activities[name]
 
-    source = Activities()
-    source.local = local
-    return net.jvp(x, labels, source), activities
+    return net.jvp(x, labels, Activities(), "local" if local else "loss", "example"), activities
 
 
 def autograd_output_grads(net, x, labels):
@@ -137,13 +133,27 @@ def test_activity_derivatives_are_per_example_and_match_autograd(model):
     torch.testing.assert_close(result.dir_derivs, expected)
 
 
+@pytest.mark.parametrize("asked, refusal", [
+    (dict(objective="global"), "objective must be 'loss' or 'local', got objective='global'"),
+    (dict(reduction="sum"), "reduction must be 'batch' or 'example', got reduction='sum'"),
+    (dict(objective="local", network="plain"), "objective='local' .* needs a network with local-loss heads"),
+    (dict(objective="local", network="torch"), "the torch backend has no local-loss heads"),
+])
+def test_a_pass_asked_for_what_it_cannot_differentiate_is_refused_in_one_line(asked, refusal):
+    from fg_lightning.torch_network import TorchNetwork
+
+    net, x, labels = problem("mlp", local=asked.pop("network", "local") == "local")
+    net = TorchNetwork(to_torch(net)) if refusal.startswith("the torch") else net
+    tangents = {name: torch.zeros(1, *p.shape, dtype=p.dtype) for name, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=refusal):
+        net.jvp(x, labels, GivenTangents(tangents), **asked)
+
+
 def test_per_example_derivatives_sum_to_the_batch_derivatives():
     net, x, labels = problem("cnn", local=False)
     gen = torch.Generator().manual_seed(2)
     tangents = {name: torch.randn(2, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
-    per_example = GivenTangents(tangents)
-    per_example.per_example = True
-    torch.testing.assert_close(net.jvp(x, labels, per_example).dir_derivs.sum(1),
+    torch.testing.assert_close(net.jvp(x, labels, GivenTangents(tangents), reduction="example").dir_derivs.sum(1),
                                net.jvp(x, labels, GivenTangents(tangents)).dir_derivs)
 
 

@@ -139,9 +139,7 @@ def check_group_derivs(net, x, labels, per_example, directions):
     gen = torch.Generator().manual_seed(3)
     tangents = {name: torch.randn(directions, *p.shape, generator=gen, dtype=p.dtype)
                 for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local, source.per_example = True, per_example
-    result = net.jvp(x, labels, source)
+    result = net.jvp(x, labels, GivenTangents(tangents), "local", "example" if per_example else "batch")
     replicas = Replicas(net)
     params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
     for k in range(directions):

@@ -91,9 +91,7 @@ def check_replica_derivs(net, x, labels, per_example, directions=3):
     gen = torch.Generator().manual_seed(3)
     tangents = {name: torch.randn(directions, *p.shape, generator=gen, dtype=p.dtype)
                 for name, p in net.named_parameters()}
-    source = GivenTangents(tangents)
-    source.local, source.per_example = True, per_example
-    result = net.jvp(x, labels, source)
+    result = net.jvp(x, labels, GivenTangents(tangents), "local", "example" if per_example else "batch")
     params = {twin_name(net, n): p.detach() for n, p in net.named_parameters()}
     cells, groups = Replicas(net, cells=True), Replicas(net)
     for k in range(directions):
@@ -217,9 +215,7 @@ def test_two_ranks_mean_the_patch_derivatives_over_the_union_batch():
     tangents = {name: torch.randn(2, *p.shape, generator=gen, dtype=p.dtype) for name, p in net.named_parameters()}
 
     def jvp(rows, comm=None):
-        source = GivenTangents(tangents)
-        source.local = True
-        result = net.jvp(x[rows], labels[rows], source)
+        result = net.jvp(x[rows], labels[rows], GivenTangents(tangents), "local")
         return result if comm is None else comm.mean_derivatives(len(x[rows]), result)
 
     rank0, rank1 = in_threads(lambda comm: jvp(slice(2 * comm.rank, 2 * comm.rank + 2), comm))

@@ -16,7 +16,7 @@ from fg_lightning.engine.layers import (
     TokenMixing, picked,
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
-from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, directions
+from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, check_objective, directions
 
 TangentFn = Callable[[str, Layer, Tensor], Mapping[str, Tangent]]
 """``tangent_fn(name, layer, layer_input) -> {param: tangent (K, *param.shape)}`` for one parameterised layer: the
@@ -527,15 +527,18 @@ class Network(nn.Module):
         per_direction = x.shape[0] * self.widest_activation(x.shape[1:]) * x.element_size()
         return max(1, min(num_dirs, int(self.tangent_memory_mb * 2**20 // per_direction)))
 
-    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource | TangentFn) -> JvpResult:
+    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource | TangentFn, objective: str = "loss",
+            reduction: str = "batch") -> JvpResult:
         """Forward mode, the one primitive: the loss and its K directional derivatives along what ``tangents`` (a
         :class:`~fg_lightning.engine.tangents.TangentSource`, or a ``tangent_fn(name, layer, layer_input)``) gives.
 
         The source is asked for each parameterised layer's weight tangents once, in order, as the pass reaches it
-        (and, for activity perturbation, for a tangent on each such layer's output); ``source.per_example`` keeps the
-        batch axis of the derivatives (``(K, B)``, each example's term of the mean loss); ``source.local`` (a network
-        with heads) stops the tangent at each block boundary and evaluates each block's head with its own tangents:
-        ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss. Without it the heads take no part.
+        (and, for activity perturbation, for a tangent on each such layer's output). What the pass differentiates is
+        asked of it, not of the source: ``objective="loss"``, the network's loss (the heads take no part), or
+        ``"local"`` (a network with heads), the local losses: the tangent stops at each block boundary and each
+        block's head is evaluated with its own tangents, ``block_derivs[i]`` holding the derivatives of block ``i``'s
+        local loss; ``reduction="batch"``, the derivatives ``(K,)`` of the mean loss, or ``"example"``, ``(K, B)``:
+        each example's term of it.
 
         Only the current layer's primal and tangent are alive at any time (besides the input ``x``, which the caller
         holds anyway and later chunks reuse). All K directions go through one primal pass, unless their widest
@@ -544,19 +547,21 @@ class Network(nn.Module):
         a single pass).
         """
         self._check_input(x, labels)
-        source = as_source(tangents)
-        if source.local and not self.has_local_losses:
-            raise ValueError("a local tangent source (the tangent stops at block boundaries) needs a network with "
+        check_objective(objective, reduction)
+        if objective == "local" and not self.has_local_losses:
+            raise ValueError("objective='local' (the tangent stops at block boundaries) needs a network with "
                              "local-loss heads")
-        return _ForwardPass(self, x, labels, source).run()
+        return _ForwardPass(self, x, labels, as_source(tangents), objective == "local", reduction == "example").run()
 
 
 class _ForwardPass:
     """One :meth:`Network.jvp`: the source's tangents, asked in the first pass and kept for later chunks of
     directions, and one primal pass per chunk (usually one)."""
 
-    def __init__(self, network: Network, x: Tensor, labels: Tensor, source: TangentSource) -> None:
+    def __init__(self, network: Network, x: Tensor, labels: Tensor, source: TangentSource, local: bool,
+                 per_example: bool) -> None:
         self.network, self.x, self.labels, self.source = network, x, labels, source
+        self.local, self.per_example = local, per_example  # the objective and the reduction asked of the pass
         self.tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
         self.activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents, when in chunks
         self.num_dirs: int | None = None
@@ -654,7 +659,7 @@ class _ForwardPass:
             carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
 
     def loss_jvp(self, logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
-        per_example = self.source.per_example
+        per_example = self.per_example
         if d_logits is None:  # this pass's directions: the last pass of several may have fewer than a chunk
             dirs = self.chunk if self.num_dirs is None else min(self.chunk, self.num_dirs - self.start)
             shape = (dirs, *logits.shape[:1]) if per_example else (dirs,)
@@ -688,7 +693,7 @@ class _ForwardPass:
             grad_h = network._backward(layers, saved, network.logits_grad(logits, self.labels), {},
                                        need_input_grad=True)
             del saved
-            masked = module.cell_sums(d_h.mul_(grad_h), per_example=self.source.per_example)
+            masked = module.cell_sums(d_h.mul_(grad_h), per_example=self.per_example)
             del grad_h
         del logits
         masked = masked.view(*own.shape, len(groups), len(cells) // len(groups))
@@ -701,7 +706,7 @@ class _ForwardPass:
         derivatives are appended to ``block_derivs``, its groups' to ``group_derivs``, its cells' to
         ``patch_derivs``."""
         network = self.network
-        blocks = network._blocks if self.source.local else [(network._layer_names, None)]
+        blocks = network._blocks if self.local else [(network._layer_names, None)]
         carry: list = [self.x, None]  # (primal, tangent), held only here so a layer can release them early
         for index, (names, head) in enumerate(blocks):
             carry = self.through([(name, getattr(network, name)) for name in names], carry)
@@ -742,7 +747,7 @@ class _ForwardPass:
             self.start += self.chunk
             if self.start >= self.num_dirs:
                 break
-        local = self.source.local
+        local = self.local
         return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=self.tangents,
                          block_derivs=[torch.cat(d) for d in block_derivs] if local else None,
                          group_derivs=[torch.cat(d) for d in group_derivs] if local else None,

@@ -91,21 +91,19 @@ class TangentSource:
       whole activity tangent lies beside it; given none, it returns a new tensor that it does not keep (the torch
       backend, one direction per pass, gives none and adds the output's tangent into that tensor in place; a source
       without the flag gets a copy instead, its tensor left as it returned it).
-    - ``per_example``: the pass returns ``dir_derivs`` of shape ``(K, B)``, each example's term of the mean loss.
-    - ``local``: the tangent stops at each block boundary of a network with local-loss heads, and the result's
-      ``block_derivs[i]`` holds the derivatives of block ``i``'s local loss.
     - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (drawn again from a
       recorded generator state, as MeZO's seed replay): the engine's pass then keeps none of them (one layer's
       tangents alive at a time, asked again in a later chunk of directions), its result carries no ``tangents``, and
       the estimator asks again to form its estimate. (The torch backend, one pass per direction, asks again at every
       call of a layer and keeps that direction's tangents for that call alone: flat in K.)
-    - :meth:`block_done` (a local source): a block's derivatives, as soon as they are known.
+    - :meth:`block_done` (a pass of the local losses): a block's derivatives, as soon as they are known.
+
+    What the pass differentiates (the network's loss or its local losses) and how it reduces over the batch are
+    asked of the pass (``jvp(..., objective=, reduction=)``, :func:`check_objective`), not of the source.
     """
 
     perturbs_activities: bool = False
     adds_activity: bool = False
-    per_example: bool = False
-    local: bool = False
     replayable: bool = False
 
     def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
@@ -120,11 +118,23 @@ class TangentSource:
 
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor,
                    patch_derivs: Optional[Tensor] = None) -> None:
-        """Called by the engine's pass of a ``local`` source as soon as block ``index``'s local-loss derivatives are
-        known (``(K, ...)``, and its groups' ``(K, ..., G)``; its groups and patches' ``(K, ..., G, P²)``, passed only
-        where its head has patches), when one pass carries every direction: the block's
+        """Called by the engine's pass of the local losses (``objective="local"``) as soon as block ``index``'s
+        local-loss derivatives are known (``(K, ...)``, and its groups' ``(K, ..., G)``; its groups and patches' ``(K,
+        ..., G, P²)``, passed only where its head has patches), when one pass carries every direction: the block's
         update can be formed now and what it keeps released (activity perturbation's weight steps). It may run the
         layers' own VJPs (``layer_grads``), not a pass of the network. The result carries the same derivatives."""
+
+
+OBJECTIVES = ("loss", "local")  # what a forward-mode pass differentiates: the network's loss, its local losses
+REDUCTIONS = ("batch", "example")  # its derivatives: of the batch's mean loss (K,), or each example's term (K, B)
+
+
+def check_objective(objective: str, reduction: str) -> None:
+    """A forward-mode pass's ``objective`` and ``reduction``, refused in one line naming the bad value."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be 'loss' or 'local', got objective={objective!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'batch' or 'example', got reduction={reduction!r}")
 
 
 class WeightTangents(TangentSource):

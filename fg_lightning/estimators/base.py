@@ -29,8 +29,10 @@ class ForwardModel(Protocol):
       estimator's update covers), by full name; ``buffers()``: the state a forward may change (batch-norm
       statistics), which zeroth order puts back between its queries;
     - ``loss_and_grad(x, labels) -> (loss, logits, grads)``: the exact gradient, a tensor per parameter name;
-    - ``jvp(x, labels, tangents) -> JvpResult``: forward mode, the one primitive: the loss and its directional
-      derivatives along a :class:`~fg_lightning.engine.tangents.TangentSource`'s tangents;
+    - ``jvp(x, labels, tangents, objective="loss", reduction="batch") -> JvpResult``: forward mode, the one
+      primitive: the loss and its directional derivatives along a
+      :class:`~fg_lightning.engine.tangents.TangentSource`'s tangents (``reduction="example"``: each example's
+      term; ``objective="local"``: the local losses' too, the engine's networks with heads);
     - ``fully_connected(layer)``: whether input-generated directions (Section III-D) apply to a layer's weight;
     - ``network(x)``: the logits (zeroth order's queries); ``has_local_losses``, ``num_classes``,
       ``logits_loss(logits, labels)``.
@@ -52,7 +54,8 @@ class ForwardModel(Protocol):
 
     def loss_and_grad(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]: ...
 
-    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource) -> JvpResult: ...
+    def jvp(self, x: Tensor, labels: Tensor, tangents: TangentSource, objective: str = "loss",
+            reduction: str = "batch") -> JvpResult: ...
 
     def fully_connected(self, layer: Any) -> bool: ...
 
@@ -579,10 +582,10 @@ def _members(protocol: type, *without: type) -> list[str]:
 
 class GaussianTangents(TangentSource):
     """``k`` independent standard normal directions over every trained parameter, drawn from ``estimator``'s
-    generator as the pass reaches each layer. ``local``: the tangent stops at each block boundary (local losses)."""
+    generator as the pass reaches each layer."""
 
-    def __init__(self, estimator: GradientEstimator, k: int, local: bool = False) -> None:
-        self.estimator, self.k, self.local = estimator, k, local
+    def __init__(self, estimator: GradientEstimator, k: int) -> None:
+        self.estimator, self.k = estimator, k
 
     def weights(self, name: str, layer: Any, layer_input: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
         return {param: self.estimator.randn(self.k, *p.shape, like=p) for param, p in params.items()}

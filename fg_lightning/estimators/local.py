@@ -58,7 +58,7 @@ class _ActivityPerturbation(GradientEstimator):
                  comm: Collective = ONE_PROCESS, update: UpdateAsFormed | None = None) -> Estimate:
         recompute = self.recompute and isinstance(network, RecomputableModel)
         source = _ActivityTangents(self, network, labels, comm, update, x if recompute else None)
-        result = network.jvp(x, labels, source)
+        result = network.jvp(x, labels, source, "local" if self.needs_local_losses else "loss", "example")
         if source.exact and not any(_unchanged(kept, result.logits) for kept in source.exact.values()):
             raise ValueError(f"{type(self).__name__}(exact_output=True) took {sorted(source.exact)} for the output "
                              "layer, but the network changes its output before the loss: use exact_output=False")
@@ -144,7 +144,6 @@ class _ActivityTangents(TangentSource):
 
     perturbs_activities = True
     adds_activity = True
-    per_example = True
     # elements of noise drawn at a time: 1 MiB of float32 on the CPU, 16 MiB elsewhere (a GPU, where each chunk
     # costs two kernel launches)
     DRAW_ELEMENTS = {"cpu": 1 << 18}
@@ -155,9 +154,9 @@ class _ActivityTangents(TangentSource):
         self.estimator, self.network, self.labels, self.comm, self.update = estimator, network, labels, comm, update
         self.offset, self.total = comm.batch_rows(len(labels))  # this rank's rows of the union batch
         self.inputs = inputs  # the batch, when the layers' inputs are recomputed (network.primal_calls), not kept
-        self.local = estimator.needs_local_losses
+        self.local_losses = estimator.needs_local_losses
         self._outputs: set[str] | None = None if estimator.exact_output else set()
-        self.block_of = _block_of_layers(network) if self.local else {}
+        self.block_of = _block_of_layers(network) if self.local_losses else {}
         self.pending: dict[int, list[_Call]] = {}  # per block, its calls in order
         self.exact: dict[str, tuple[Tensor, int]] = {}  # output layer -> its output (the logits of a loss), version
         self.grads: dict[str, Tensor] = {}  # the estimate, summed over each layer's calls (those not yet applied)
@@ -311,7 +310,7 @@ class _ActivityTangents(TangentSource):
         group and patch are known (``network.output_cells``) that cell's replica's, ``patch_derivs[..., g, p]`` (0
         for an element that reaches no loss)."""
         cells = None if patch_derivs is None else self.network.output_cells(call.name, call.shape, call.past)
-        groups = self.network.output_groups(call.name) if self.local and cells is None else None
+        groups = self.network.output_groups(call.name) if self.local_losses and cells is None else None
         if cells is not None:  # per direction (B, C, H, W): each element with its cell's derivative, or 0
             flat = torch.cat([patch_derivs.flatten(-2), patch_derivs.new_zeros(*patch_derivs.shape[:-2], 1)], -1)
             cells = cells.masked_fill(cells < 0, flat.shape[-1] - 1).to(flat.device)
@@ -436,7 +435,7 @@ class LocalWeightPerturbation(GradientEstimator):
     def estimate(self, network: LocalLossModel, x: Tensor, labels: Tensor, step: int,
                  comm: Collective = ONE_PROCESS) -> Estimate:
         result = comm.mean_derivatives(batch_size(x),
-                                       network.jvp(x, labels, GaussianTangents(self, self.k, local=True)))
+                                       network.jvp(x, labels, GaussianTangents(self, self.k), "local"))
         grads = {}
         for names, derivs, groups in zip(network.block_parameters(), result.block_derivs, result.group_derivs):
             for name in names:
@@ -540,7 +539,7 @@ class LocalGuess(GradientEstimator):
         """``projection="example"``: each example's gradient projected on its own guess, averaged."""
         grads, taps = local_backward(network, x, labels)  # the heads and the last block keep their local gradient
         source = ExampleGuesses(taps, len(network.block_parameters()) - 1)
-        result = network.jvp(x, labels, source)  # (K, B): ∇(ℓ_b / B) · v_{i,b}
+        result = network.jvp(x, labels, source, reduction="example")  # (K, B): ∇(ℓ_b / B) · v_{i,b}
         sq_norms = source.sq_norms
         scale = torch.where(sq_norms > 0, result.dir_derivs / sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny),
                             torch.zeros_like(sq_norms))  # c_b: with the output gradients' 1/B, Σ_b c_b v_b is the mean

@@ -129,7 +129,6 @@ class ExampleGuesses(TangentSource):
     over the block's layers as the pass goes."""
 
     perturbs_activities = True
-    per_example = True
 
     def __init__(self, taps: dict[str, Tap], num_blocks: int) -> None:
         self.taps, self.num_blocks = taps, num_blocks
