@@ -47,8 +47,10 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover
     _math_attention = contextlib.nullcontext
 
-from fg_lightning.engine import GivenTangents, JvpResult, OuterTangent, TangentSource, as_source, full_name
-from fg_lightning.engine.tangents import check_objective
+from fg_lightning.engine import (
+    ActivitySource, GivenTangents, JvpResult, OuterTangent, ReplayedSource, TangentSource, as_source, check_objective,
+    full_name,
+)
 from fg_lightning.estimators.base import Inputs, Rewind, batch_size, rng_state, set_rng_state
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -257,9 +259,9 @@ class TorchNetwork(nn.Module):
         """The loss and its directional derivative along each of the K directions of ``tangents`` (a
         :class:`~fg_lightning.engine.tangents.TangentSource` or a ``tangent_fn``), one forward-mode pass per
         direction (see the module docstring). The source's ``weights(name, module, module_input)`` is asked once per
-        module that owns trained parameters, at its first call (a ``replayable`` source at every call of every pass,
-        only that direction's tangents kept, for that call: the result then carries no ``tangents``); with
-        ``perturbs_activities``, its ``activity(name, module, module_input, output)`` once per *call* of such a module
+        module that owns trained parameters, at its first call (a :class:`ReplayedSource` at every call of every pass,
+        only that direction's tangents kept, for that call: the result then carries no ``tangents``); an
+        :class:`ActivitySource`'s ``activity(name, module, module_input, output)`` once per *call* of such a module
         (a module called twice gets two independent tangents). ``reduction="example"``: ``dir_derivs[k, b]`` is
         example ``b``'s term, ``∂L/∂logits_b · ∂logits_b``, so that ``dir_derivs.sum(1)`` is the ``(K,)`` result.
         ``objective`` is the network's loss: the local losses (``"local"``) are the engine's.
@@ -272,10 +274,11 @@ class TorchNetwork(nn.Module):
             raise ValueError("the torch backend has no local-loss heads: objective='local' needs the engine's "
                              "networks")
         source = as_source(tangents)
-        kind = (source.perturbs_activities, tuple(m.training for m in self.module.modules()))
+        activities = isinstance(source, ActivitySource)
+        kind = (activities, tuple(m.training for m in self.module.modules()))
         with _refusing(type(self.module).__name__):
             if kind not in self._checked:
-                self.check_forward_mode(x, labels, source.perturbs_activities)
+                self.check_forward_mode(x, labels, activities)
                 self._checked.add(kind)
             return self._jvp(x, labels, source, reduction == "example")
 
@@ -355,7 +358,10 @@ class TorchNetwork(nn.Module):
         rewind()
         generator = torch.Generator(labels.device).manual_seed(0)
         draws = [torch.randn((directions, *t.shape), generator=generator, device=t.device, dtype=t.dtype) for t in wrt]
-        result = self._jvp(x, labels, _Draws(dict(zip(params, draws)), draws[len(params):]))
+        activity_draws = draws[len(params):]
+        weight_draws = dict(zip(params, draws))
+        result = self._jvp(x, labels, _ActivityDraws(weight_draws, activity_draws) if activity_draws
+                           else GivenTangents(weight_draws))
         rewind()
         expected = sum((g.double().unsqueeze(0) * d.double()).reshape(directions, -1).sum(1)
                        for g, d in zip(grads, draws))
@@ -853,7 +859,7 @@ class _Tangents:
     use of a parameter and of each perturbed output (:class:`_Watch`).
 
     A source's tangents are kept, all K directions of every parameter (``given``: the result's ``tangents``), through
-    the K passes. A ``replayable`` source (one that gives the same tangents whenever asked again: MeZO's seed replay)
+    the K passes. A :class:`ReplayedSource` (one that gives the same tangents whenever asked again: MeZO's seed replay)
     is asked again at every call of a module instead, and only this direction's slice of what it gives is kept, for
     that call alone: one module's K tangents alive while it is asked, one direction's while it runs, none between
     (memory flat in K, for K - 1 more draws of every tangent), and the result carries no ``tangents``, as the
@@ -864,7 +870,8 @@ class _Tangents:
         self.model = type(network.module).__name__
         self.layers = network._layers()
         self.uses = _Watch(self.model, dict(network.named_parameters()), self.layers)
-        self.replay = source.replayable  # asked again at each call, nothing kept between calls
+        self.replay = isinstance(source, ReplayedSource)  # asked again at each call, nothing kept between calls
+        self.activity_source = source if isinstance(source, ActivitySource) else None
         self.given: dict[str, Any] = {}  # full parameter name -> as the source gave it (not kept when replayed)
         self.dense: dict[str, Tensor] = {}  # full parameter name -> (K, *shape) (not kept when replayed)
         self.outer: set[str] = set()  # full parameter names whose tangent the source gave as an OuterTangent
@@ -911,7 +918,7 @@ class _Tangents:
                     f"drawn from the input of its first call (input_qr, input_approx), which does not span the "
                     f"gradient of its other calls: use an estimator with Gaussian directions (naive, "
                     f"multi_direction, ...)")
-            # this call's tangents, this direction's, by full name: asked again (replayable) and held by the dual
+            # this call's tangents, this direction's, by full name: asked again (replayed) and held by the dual
             # tensors below for this call only; or views of all K, kept from the first call of the first pass
             if self.replay:
                 mine = self.ask(name, module, own, args, kwargs)
@@ -920,7 +927,7 @@ class _Tangents:
                     self.ask(name, module, own, args, kwargs)
                 mine = {full: self.dense[full][self.direction] for full in (full_name(name, p) for p in own)
                         if full in self.dense}
-            if self.direction == 0 and self.source.perturbs_activities:
+            if self.direction == 0 and self.activity_source is not None:
                 self.recorded.setdefault(module, []).append(RecordedCall.of(module, args, kwargs, self.device, own))
             for param in own:  # a plain (dual) tensor in each parameter's place, for this forward only
                 holder_name, _, leaf = param.rpartition(".")
@@ -963,7 +970,7 @@ class _Tangents:
             holder._parameters.update(params)
         del self.swapped[-own:]
         self.uses.running.pop()
-        if not self.source.perturbs_activities:
+        if self.activity_source is None:
             return None
         name = self.layers[module][0]
         key = (name, self.calls[name])
@@ -979,7 +986,7 @@ class _Tangents:
                 recorded = self.recorded[module].pop()
                 recorded.sums = _sums(primal)
                 self.current = key
-                activity = self.source.activity(name, module, recorded, primal)
+                activity = self.activity_source.activity(name, module, recorded, primal)
                 self.current = None
                 if activity is None:
                     return None
@@ -990,15 +997,10 @@ class _Tangents:
                 return None
             if self.direction == len(activity) - 1:  # the last pass that needs it
                 del self.activities[key]
-            # The output's tangent plus this direction's. A source that keeps no reference to its tensor
-            # (adds_activity) has it added into in place (each direction's slice is read by its own pass only); for
-            # any other source a new buffer, so that an in-place op after the module leaves the source's tensor as it
-            # was.
+            # The output's tangent plus this direction's, added into the source's tensor in place: the pass owns it,
+            # and each direction's slice is read by its own pass only.
             tangent, mine = fwAD.unpack_dual(output).tangent, activity[self.direction]
-            if tangent is None:
-                added = mine if self.source.adds_activity else mine.clone()
-            else:
-                added = mine.add_(tangent) if self.source.adds_activity else tangent + mine
+            added = mine if tangent is None else mine.add_(tangent)
             del output, tangent, activity, mine
             perturbed = fwAD.make_dual(primal, added)
         if self.direction == 0:
@@ -1023,24 +1025,22 @@ class _Tangents:
             raise ValueError("the tangent source gave no tangent: nothing to differentiate along")
 
 
-class _Draws(GivenTangents):
-    """The check's source: weight tangents by parameter name, and activity tangents in call order."""
+class _ActivityDraws(GivenTangents, ActivitySource):
+    """The check's source with activities: weight tangents by parameter name, and activity tangents in call order
+    (copies: the check reads its draws after the pass)."""
 
     def __init__(self, weights: dict[str, Tensor], activities: list[Tensor]) -> None:
         super().__init__(weights)
         self.activities = iter(activities)
-        self.perturbs_activities = bool(activities)
 
     def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Tensor:
-        return next(self.activities)
+        return next(self.activities).clone()
 
 
-class _SomeExamples(TangentSource):
+class _SomeExamples(ActivitySource):
     """:meth:`TorchNetwork.check_examples_apart`'s source: one direction, a tangent on the examples ``rows`` (a
     boolean mask of the batch) of every perturbed output (a private generator: the run's random state is not
     touched)."""
-
-    perturbs_activities = True
 
     def __init__(self, model: str, rows: Tensor) -> None:
         self.model, self.rows = model, rows

@@ -31,7 +31,7 @@ def recording(monkeypatch):
     """Records every perturbed call's tangents as the pass draws them ((name, layer input, u)) and the pass's
     result."""
     calls, results = [], []
-    activity = local_module._ActivityTangents.activity
+    add_activity = local_module._ActivityTangents.add_activity  # activity() too, which asks it with no tangent
 
     def record(self, name, layer, layer_input, output, tangent=None, site=None, **kwargs):
         # the tangent the pass adds to the output's (the engine's pass hands that in to add to, where it has one),
@@ -47,16 +47,16 @@ def recording(monkeypatch):
         else:
             mask = self.network.activity_mask(name, output) if name not in outputs else None
         before = None if tangent is None else tangent.clone()
-        out = activity(self, name, layer, layer_input, output, tangent=tangent,
-                       **kwargs, **({} if site is None else {"site": site}))
-        if out is not None:
+        out = add_activity(self, name, layer, layer_input, output, tangent,
+                           **kwargs, **({} if site is None else {"site": site}))
+        if out is not None and name not in outputs:  # an output layer: no noise, the tangent as it came
             u = out.clone() if before is None else out - before
             if site is not None:  # the pass's tangent past the pool is the site's: zero where the ReLU is off
                 assert not u.masked_select(~mask.expand_as(u)).any(), f"{name}: noise where the pool's output is 0"
             calls.append((name, layer, layer_input.clone(), u if mask is None else u * mask, back))
         return out
 
-    monkeypatch.setattr(local_module._ActivityTangents, "activity", record)
+    monkeypatch.setattr(local_module._ActivityTangents, "add_activity", record)
     return calls, results
 
 

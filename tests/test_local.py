@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from idx_files import needs_fashion
 from test_estimators import SEED
 
-from fg_lightning.engine import CNN, MLP, GivenTangents, TangentSource, to_torch
+from fg_lightning.engine import CNN, MLP, ActivitySource, GivenTangents, to_torch
 from fg_lightning.estimators import (
     REGISTRY, ActivityPerturbation, Backprop, LocalActivityPerturbation, LocalBackprop, LocalGuess,
     LocalWeightPerturbation, MultiDirection, NaiveForwardGradient, cosine,
@@ -100,12 +100,10 @@ def recorded_activities(net, x, labels, k, local=False):
     gen = torch.Generator().manual_seed(4)
     activities = {}
 
-    class Activities(TangentSource):
-        perturbs_activities = True
-
+    class Activities(ActivitySource):
         def activity(self, name, layer, layer_input, output):
             activities[name] = torch.randn(k, *output.shape, generator=gen, dtype=output.dtype)
-            return activities[name]
+            return activities[name].clone()  # the pass owns what it is given
 
     return net.jvp(x, labels, Activities(), "local" if local else "loss", "example"), activities
 

@@ -15,7 +15,7 @@ from torch import nn
 from user_models import CalledTwice, OutputLayerTwice, Recurrent, ReusedOutside, TiedThroughAView, UserCNN
 
 from fg_lightning.cli import main as fg_cli
-from fg_lightning.engine import CNN, MLP, Mixer, TangentSource, to_torch
+from fg_lightning.engine import CNN, MLP, ActivitySource, Mixer, to_torch
 from fg_lightning.estimators import (
     REGISTRY, DivergenceError, ForwardModel, MultiDirection, NaiveForwardGradient, apply_estimate,
 )
@@ -478,18 +478,18 @@ class _DoubledInPlace(nn.Module):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_an_in_place_op_after_a_layer_leaves_the_sources_activity_tangent_as_drawn(k):
-    """The activity tangent added to a module's output goes into a new buffer: an in-place op after the module (here
-    ``mul_(2)``, which doubles the tangent in place too) leaves the tensor the source gave as it was (a source may
-    keep it), and the derivative is autograd's Σ_c ∂L/∂z_c · u_c. The first layer's output has no tangent of its
-    own (no weight tangents): the source's tangent is the whole of it."""
-    from fg_lightning.torch_network import _Draws
+    """The pass owns the activity tangent a source returns (the check's source returns copies of its draws): an
+    in-place op after the module (here ``mul_(2)``, which doubles the tangent in place too) changes the pass's
+    tensor, not the draws the source keeps, and the derivative is autograd's Σ_c ∂L/∂z_c · u_c. The first layer's
+    output has no tangent of its own (no weight tangents): the source's tangent is the whole of it."""
+    from fg_lightning.torch_network import _ActivityDraws
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), _DoubledInPlace(), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
     x, labels = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
     draws = [torch.randn(k, 7, 5, dtype=torch.float64), torch.randn(k, 7, 3, dtype=torch.float64)]
     drawn = [u.clone() for u in draws]
-    result = TorchNetwork(model).jvp(x, labels, _Draws({}, list(draws)))
+    result = TorchNetwork(model).jvp(x, labels, _ActivityDraws({}, list(draws)))
     for u, before in zip(draws, drawn):
         assert torch.equal(u, before)
     zeros = [torch.zeros(7, n, dtype=torch.float64, requires_grad=True) for n in (5, 3)]
@@ -549,10 +549,8 @@ def test_a_layers_own_vjp_leaves_other_modules_to_autograd():
         assert _layer_vjp(layer, x, torch.randn_like(layer(x))) is None
 
 
-class _Masks(TangentSource):
+class _Masks(ActivitySource):
     """An activity source that keeps what ``network.activity_mask`` gives for each perturbed call."""
-
-    perturbs_activities = True
 
     def __init__(self, network):
         self.network, self.masks, self.sites = network, {}, {}

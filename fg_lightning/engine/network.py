@@ -16,7 +16,9 @@ from fg_lightning.engine.layers import (
     TokenMixing, picked,
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
-from fg_lightning.engine.tangents import Tangent, TangentSource, as_source, check_objective, directions
+from fg_lightning.engine.tangents import (
+    ActivitySource, ReplayedSource, Tangent, TangentSource, as_source, check_objective, directions,
+)
 
 TangentFn = Callable[[str, Layer, Tensor], Mapping[str, Tangent]]
 """``tangent_fn(name, layer, layer_input) -> {param: tangent (K, *param.shape)}`` for one parameterised layer: the
@@ -562,6 +564,7 @@ class _ForwardPass:
                  per_example: bool) -> None:
         self.network, self.x, self.labels, self.source = network, x, labels, source
         self.local, self.per_example = local, per_example  # the objective and the reduction asked of the pass
+        self.activity_source = source if isinstance(source, ActivitySource) else None  # perturbs the outputs too
         self.tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
         self.activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents, when in chunks
         self.num_dirs: int | None = None
@@ -581,10 +584,10 @@ class _ForwardPass:
 
     def layer_tangents(self, name: str, layer: Layer, layer_input: Tensor) -> dict[str, Tangent]:
         """This pass's directions of the layer's tangents. The source is asked once per layer, in the first pass, and
-        its tangents kept for later chunks and the result; a ``replayable`` source is asked in every pass and nothing
+        its tangents kept for later chunks and the result; a :class:`ReplayedSource` is asked in every pass and nothing
         is kept, so only this layer's tangents are alive."""
         params = dict(layer.named_parameters(recurse=False))
-        replay = self.source.replayable
+        replay = isinstance(self.source, ReplayedSource)
         given: dict[str, Tangent] = {}
         if self.start == 0 or replay:
             for param, tangent in self.source.weights(name, layer, layer_input, params).items():
@@ -615,10 +618,10 @@ class _ForwardPass:
                 left, norms = left - 1, norms - 1
             else:
                 chosen = self.layer_tangents(name, layer, carry[0])
-                ask = self.source.perturbs_activities and self.start == 0
+                ask = self.activity_source is not None and self.start == 0
                 layer_input = carry[0] if ask else None
                 carry = list(layer.jvp(carry.pop(0), carry.pop(0), chosen))
-                left = self.source.activity_site(name)
+                left = self.activity_source.activity_site(name) if self.activity_source is not None else 0
                 norms = len(self.network.activity_norms(name)) if left else 0
                 pending = (name, layer, layer_input, carry[0] if ask and norms else None, ask)
                 layer_input = None
@@ -637,21 +640,21 @@ class _ForwardPass:
         ``carry``'s tangent; ``carry``'s primal is where it goes (the layer's output, or past its normalisations,
         whose input ``layer_output`` then is, or past the layers after them, the normalisations' output ``site``, the
         last of those layers' primal state ``saved`` where no tangent went through it)."""
-        activity = None
+        activity, source = None, self.activity_source
         if ask:
             extra = {} if layer_output is None else {"layer_output": layer_output}
             if site is not None:
                 extra.update(site=site, saved=saved)
-            # a source that adds its tangent into the output's own takes it, where one pass carries every direction
-            adds = self.source.adds_activity and carry[1] is not None and self.chunk >= self.num_dirs
-            if adds:
-                extra["tangent"] = carry[1]
-            activity = self.source.activity(name, layer, layer_input, carry[0], **extra)
+            if carry[1] is not None and self.chunk >= self.num_dirs:  # one pass carries every direction: the
+                # source adds its own into the output's tangent
+                carry[1] = source.add_activity(name, layer, layer_input, carry[0], carry[1], **extra)
+                return
+            activity = source.activity(name, layer, layer_input, carry[0], **extra)
             if activity is not None:
                 self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
                 if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
                     self.activities[name] = activity
-                elif self.source.adds_activity:  # the output's tangent now, or a new one the source does not keep
+                else:  # the output's tangent now: the pass owns what the source returns
                     carry[1] = activity
                     return
         activity = self.part(self.activities[name]) if name in self.activities else activity

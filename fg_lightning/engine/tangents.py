@@ -72,49 +72,22 @@ def directions(tangent: Tangent, start: int, stop: int) -> Tangent:
 class TangentSource:
     """What a forward-mode pass (``Network.jvp``, ``TorchNetwork.jvp``: the one primitive both backends implement)
     asks as it reaches each layer that owns parameters. A source is a small object with explicit state; estimators
-    compose it instead of passing flags.
+    compose it instead of passing flags, and what it can do beyond weight tangents is its type:
+    :class:`ReplayedSource` (the same tangents whenever asked again) and :class:`ActivitySource` (tangents on the
+    layers' outputs).
 
     - :meth:`weights` is asked once per such layer, with the layer's input (so a direction may depend on it, Section
       III-D) and its own trained parameters by name (``params``: the ones ``network.named_parameters()`` lists, the
       same meaning in both backends), for their tangents, each ``(K, *param.shape)`` or an :class:`OuterTangent`; a
       parameter left out has a zero tangent.
-    - :meth:`activity` is asked after each call of such a layer when ``perturbs_activities`` (activity perturbation,
-      Ren et al. 2023), for a ``(K, *output.shape)`` tangent added to that call's output tangent, or ``None``. It may
-      keep references (the input, the output) for the estimator's step after the pass; it must not call back into
-      the network while the pass runs. ``output`` may be changed in place by the next layer (an in-place ReLU).
-      The engine's pass asks it :meth:`activity_site` layers after the layer (the torch backend: at the layer's
-      output): a layer followed by per-example normalisations (``network.activity_norms(name)``) is asked after them,
-      its own output then coming as ``layer_output``; asked past the layers after those (``network.activity_past``),
-      the normalisations' output comes as ``site``. ``output`` is where the tangent is added. With
-      ``adds_activity`` (the engine's pass), where one pass carries every direction, the output's tangent so far
-      comes as ``tangent`` (where it has one): the source adds its own into it in place and returns it, so that no
-      whole activity tangent lies beside it; given none, it returns a new tensor that it does not keep (the torch
-      backend, one direction per pass, gives none and adds the output's tangent into that tensor in place; a source
-      without the flag gets a copy instead, its tensor left as it returned it).
-    - ``replayable``: the source gives the same tangents whenever it is asked again for a layer (drawn again from a
-      recorded generator state, as MeZO's seed replay): the engine's pass then keeps none of them (one layer's
-      tangents alive at a time, asked again in a later chunk of directions), its result carries no ``tangents``, and
-      the estimator asks again to form its estimate. (The torch backend, one pass per direction, asks again at every
-      call of a layer and keeps that direction's tangents for that call alone: flat in K.)
     - :meth:`block_done` (a pass of the local losses): a block's derivatives, as soon as they are known.
 
     What the pass differentiates (the network's loss or its local losses) and how it reduces over the batch are
     asked of the pass (``jvp(..., objective=, reduction=)``, :func:`check_objective`), not of the source.
     """
 
-    perturbs_activities: bool = False
-    adds_activity: bool = False
-    replayable: bool = False
-
     def weights(self, name: str, layer: Any, layer_input: Tensor, params: Mapping[str, Tensor]) -> Mapping[str, Tangent]:
         return {}
-
-    def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Optional[Tensor]:
-        return None
-
-    def activity_site(self, name: str) -> int:
-        """How many layers after layer ``name`` the engine's pass asks for its activity tangent (0: at its output)."""
-        return 0
 
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor,
                    patch_derivs: Optional[Tensor] = None) -> None:
@@ -123,6 +96,51 @@ class TangentSource:
         ..., G, P²)``, passed only where its head has patches), when one pass carries every direction: the block's
         update can be formed now and what it keeps released (activity perturbation's weight steps). It may run the
         layers' own VJPs (``layer_grads``), not a pass of the network. The result carries the same derivatives."""
+
+
+class ReplayedSource(TangentSource):
+    """A source that gives the same tangents whenever it is asked again for a layer (drawn again from a recorded
+    generator state, as MeZO's seed replay): the engine's pass then keeps none of them (one layer's tangents alive
+    at a time, asked again in a later chunk of directions), its result carries no ``tangents``, and the estimator
+    asks again to form its estimate. (The torch backend, one pass per direction, asks again at every call of a layer
+    and keeps that direction's tangents for that call alone: flat in K.)"""
+
+
+class ActivitySource(TangentSource):
+    """A source that also perturbs the layers' outputs (activity perturbation, Ren et al. 2023).
+
+    - :meth:`activity` is asked after each call of a layer that owns parameters, for a ``(K, *output.shape)`` tangent
+      added to that call's output tangent, or ``None``. The pass owns what it returns (it may change it in place): a
+      source that needs its tangent later keeps a copy or draws it again. It may keep references (the input, the
+      output) for the estimator's step after the pass; it must not call back into the network while the pass runs.
+      ``output`` may be changed in place by the next layer (an in-place ReLU).
+    - The engine's pass asks it :meth:`activity_site` layers after the layer (the torch backend: at the layer's
+      output): a layer followed by per-example normalisations (``network.activity_norms(name)``) is asked after them,
+      its own output then coming as ``layer_output``; asked past the layers after those (``network.activity_past``),
+      the normalisations' output comes as ``site``, the last of those layers' primal state as ``saved``. ``output``
+      is where the tangent is added.
+    - :meth:`add_activity`: where the output already has a tangent and one engine pass carries every direction, the
+      pass asks for that tangent with the source's own added, in place: a source that can draw into it (the activity
+      noise) overrides it, so that no whole activity tangent lies beside the output's.
+    """
+
+    def activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor) -> Optional[Tensor]:
+        return None
+
+    def activity_site(self, name: str) -> int:
+        """How many layers after layer ``name`` the engine's pass asks for its activity tangent (0: at its output)."""
+        return 0
+
+    def add_activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor, tangent: Tensor,
+                     **extra: Any) -> Tensor:
+        """``tangent`` (the output's, ``(K, *output.shape)``) with this source's activity tangent added, in place."""
+        mine = self.activity(name, layer, layer_input, output, **extra)
+        if mine is None:
+            return tangent
+        if mine.shape != tangent.shape:
+            raise ValueError(f"activity tangent of {name!r} has shape {tuple(mine.shape)}, expected "
+                             f"{tuple(tangent.shape)}")
+        return tangent.add_(mine)
 
 
 OBJECTIVES = ("loss", "local")  # what a forward-mode pass differentiates: the network's loss, its local losses

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequenc
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import JvpResult, TangentSource, weighted_sum
+from fg_lightning.engine import JvpResult, ReplayedSource, TangentSource, weighted_sum
 from fg_lightning.estimators.collective import ONE_PROCESS, Collective
 
 
@@ -591,15 +591,13 @@ class GaussianTangents(TangentSource):
         return {param: self.estimator.randn(self.k, *p.shape, like=p) for param, p in params.items()}
 
 
-class ReplayedGaussianTangents(TangentSource):
+class ReplayedGaussianTangents(ReplayedSource):
     """:class:`GaussianTangents`' directions, the very same numbers, drawn again instead of kept (the seed replay of
     MeZO, Malladi et al. 2023, with the estimator's own generator): as the pass reaches a parameter its ``(k,
     *shape)`` directions are drawn from the estimator's generator after its state is recorded, and drawn again from
     that state whenever asked (:meth:`draw`). The engine's pass holds one layer's tangents at a time and the estimate
     is formed by drawing each parameter's again. The estimator's generator advances as the stored path's does, so
     the same seed gives the same estimates, resume and data-parallel draws as ``tangents="stored"``."""
-
-    replayable = True
 
     def __init__(self, estimator: GradientEstimator, k: int) -> None:
         self.estimator, self.k = estimator, k

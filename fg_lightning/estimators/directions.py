@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import TangentSource, full_name, weighted_sum
+from fg_lightning.engine import ReplayedSource, full_name, weighted_sum
 from fg_lightning.estimators.base import (
     Estimate, ForwardModel, GaussianTangents, GradientEstimator, ReplayedGaussianTangents, ReplayedGrads,
     UpdateAsFormed, batch_size, check_positive_int, num_parameters, parameter_layout, weights_finite,
@@ -174,13 +174,11 @@ class Partition(GradientEstimator):
         return Estimate(result.loss, result.logits, grads)
 
 
-class _PartTangents(TangentSource):
+class _PartTangents(ReplayedSource):
     """Partition's ``k`` directions: row ``j`` of a parameter's tangent holds the flat source vector ``v`` on the
-    coordinates of part ``j`` and zeros elsewhere, built as the pass reaches the parameter's layer. ``replayable``: built
+    coordinates of part ``j`` and zeros elsewhere, built as the pass reaches the parameter's layer. Replayed: built
     again from ``v`` whenever asked, so the engine's pass keeps none of them (one layer's ``k`` padded tangents alive
     at a time, not ``k`` parameter-sized ones); the estimate needs only ``v`` and the derivatives."""
-
-    replayable = True
 
     def __init__(self, k: int, layout: dict[str, tuple[torch.Size, int]], part_ids: Tensor, source: Tensor) -> None:
         self.k, self.layout, self.part_ids, self.source = k, layout, part_ids, source

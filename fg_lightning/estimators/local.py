@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import GivenTangents, Layer, TangentSource, full_name, weighted_sum
+from fg_lightning.engine import ActivitySource, GivenTangents, Layer, full_name, weighted_sum
 from fg_lightning.engine.layers import relu_grad_
 from fg_lightning.estimators.base import (
     ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, RecomputableModel, UpdateAsFormed,
@@ -123,7 +123,7 @@ def _through_norms(norms: list[Layer], output: Tensor) -> tuple[Tensor, list]:
     return output, saved
 
 
-class _ActivityTangents(TangentSource):
+class _ActivityTangents(ActivitySource):
     """Activity perturbation's tangents: ``k`` tangents per example (``estimator.distribution``) on the output of
     each call of every parameterised layer but the output layers (with ``exact_output``), past the normalisations
     that follow it, zero where the loss's derivative there is known to be zero (with ``relu_mask``: a following ReLU
@@ -142,8 +142,6 @@ class _ActivityTangents(TangentSource):
     time. Given ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied
     and dropped as soon as it is whole."""
 
-    perturbs_activities = True
-    adds_activity = True
     # elements of noise drawn at a time: 1 MiB of float32 on the CPU, 16 MiB elsewhere (a GPU, where each chunk
     # costs two kernel launches)
     DRAW_ELEMENTS = {"cpu": 1 << 18}
@@ -167,20 +165,26 @@ class _ActivityTangents(TangentSource):
         past = self.network.activity_past(name) if self.estimator.relu_mask else []
         return len(self.network.activity_norms(name)) + len(past)
 
-    def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor,
-                 layer_output: Tensor | None = None, tangent: Tensor | None = None,
-                 site: Tensor | None = None, saved: tuple[torch.Size, Tensor] | None = None) -> Tensor | None:
+    def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor, **extra: Any) -> Tensor | None:
+        """The call's own tangent, a new tensor that the source does not keep (the noise is drawn again)."""
+        return self.add_activity(name, layer, layer_input, output, None, **extra)
+
+    def add_activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor, tangent: Tensor | None,
+                     layer_output: Tensor | None = None, site: Tensor | None = None,
+                     saved: tuple[torch.Size, Tensor] | None = None) -> Tensor | None:
+        """The noise drawn into ``tangent`` (the output's, all directions) a chunk of examples at a time, or into a
+        new tensor without one (:meth:`activity`)."""
         calls = self.pending.setdefault(self.block_of.get(name, 0), [])
         if self._outputs is None:  # asked as the pass starts: the torch backend's check has seen the model's calls
             self._outputs = self.network.logit_layers()
-        if name in self._outputs:
+        if name in self._outputs:  # the loss's derivative is exact there: no noise
             if name in self.exact:
                 raise ValueError(f"{type(self.estimator).__name__}(exact_output=True): the output layer {name!r} is "
                                  "called more than once in one forward, so its output is not only the logits: use "
                                  "exact_output=False")
             self.exact[name] = (output, output._version)
             calls.append(_Call(name, layer, layer_input if self.inputs is None else None, output))
-            return None
+            return tangent
         generator = self.estimator.generator(output.device)
         kept = self.inputs is None  # else recomputed, mask included, when the weight steps run
         # Drawn past the site, at a tiling max-pool's output (``network.activity_past``): the output, the next layer's

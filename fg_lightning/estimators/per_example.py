@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from fg_lightning.engine import TangentSource
+from fg_lightning.engine import ActivitySource
 from fg_lightning.estimators.base import LayeredBlocksModel
 
 
@@ -120,15 +120,13 @@ def local_backward(network: Any, x: Tensor, labels: Tensor) -> tuple[dict[str, T
     return grads, taps
 
 
-class ExampleGuesses(TangentSource):
+class ExampleGuesses(ActivitySource):
     """The per-example guesses as tangents of one forward-mode pass of the network's loss: direction ``i`` is block
     ``i``'s guess, on example ``b`` that example's local gradient ``v_{i,b}``. A weight tangent is shared by the
     batch, so each is given as the output tangent it gives its own example (an activity tangent,
     :meth:`~fg_lightning.engine.Layer.example_tangent`), formed as the pass reaches the layer; the pass's
     per-example derivatives are then ``∇(ℓ_b / B) · v_{i,b}``. ``sq_norms`` ``(K, B)``: each ``|v_{i,b}|²``, summed
     over the block's layers as the pass goes."""
-
-    perturbs_activities = True
 
     def __init__(self, taps: dict[str, Tap], num_blocks: int) -> None:
         self.taps, self.num_blocks = taps, num_blocks
