@@ -7,7 +7,8 @@ touch of every 4 KiB page of an activation, and of the ten-direction tangents of
 activation. :func:`keep_freed_memory` raises both thresholds, so that the process keeps what it freed for the next
 step (its resident memory stays at its peak, as a GPU's caching allocator keeps it). Measured on the recipe CNN
 (batch 256, one thread, the cases in turn, a training run beside them): backprop's step 170 → 155 ms,
-local_activity's (k = 10) 336 → 216 ms (``results/cpu/speed-recipe``'s README). A GPU's memory is not malloc's, and torch's own thresholds are not touched."""
+local_activity's (k = 10) 336 → 216 ms (``results/cpu/speed-recipe``'s README). A GPU's memory is not malloc's, and
+torch's own thresholds are not touched."""
 
 from __future__ import annotations
 

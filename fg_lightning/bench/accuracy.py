@@ -137,7 +137,7 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
     (``test_sd``, from two seeds on), the mean steps and wall time, ``at_grid_edge``, ``gap_vs_backprop`` (to
     backprop's mean), ``test_acc_at_backprop_time`` (:func:`at_backprop_time`) and ``diverged_lrs``. Backprop is
     the model's own, else that of the model without the recipe's switches, else the picked backprop runs of that
-    model in ``baseline`` (another report's records: ``--backprop-from``)."""
+    model in ``baseline`` (another report's backprop runs: :func:`load_baseline`)."""
     rows, chosen_by_model = [], {}
     for model in models:
         chosen: dict[str, list[dict[str, Any]]] = {}
@@ -165,7 +165,7 @@ def pick(records: list[dict[str, Any]], models: list[str], estimators: list[str]
         chosen_by_model[model] = chosen
     for model, chosen in chosen_by_model.items():  # a model's backprop, else that of the model without the recipe
         reference = chosen.get("backprop") or chosen_by_model.get(global_model(model), {}).get("backprop") or [
-            r for r in baseline if r["estimator"] == "backprop" and r["picked"] and r["model"] == global_model(model)]
+            r for r in baseline if r["picked"] and r["model"] == global_model(model)]
         if not reference:
             continue
         backprop = statistics.fmean(r["test_acc"] for r in reference)
@@ -197,7 +197,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     if args.val_size < 1:
         raise SystemExit(f"fg-bench accuracy: --val-size must be >= 1 (the rate is picked by validation accuracy), "
                          f"got {args.val_size}")
-    backprop_from = getattr(args, "backprop_from", None)
+    backprop_from = args.backprop_from
     baseline = load_baseline(backprop_from)  # before any training
     device = torch.device(args.device)
     seeds = list(range(args.seeds))
