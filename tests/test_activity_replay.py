@@ -28,36 +28,52 @@ VARIANTS = {
 
 
 def recording(monkeypatch):
-    """Records every perturbed call's tangents as the pass draws them ((name, layer input, u)) and the pass's
-    result."""
-    calls, results = [], []
-    add_activity = local_module._ActivityTangents.add_activity  # activity() too, which asks it with no tangent
+    """Records every perturbed call's tangents as the pass uses them ((name, layer, layer input, u, back)): drawn whole,
+    added to the output's tangent, or streamed into the head's cell sums, whose result is checked against the sums of
+    the recorded u (drawn whole from the same generator state, then the state put back)."""
+    calls = []
+    noise_class = local_module._Noise
 
-    def record(self, name, layer, layer_input, output, tangent=None, site=None, **kwargs):
-        # the tangent the pass adds to the output's (the engine's pass hands that in to add to, where it has one),
-        # masked as the estimate masks it (the pass leaves that to the layers that follow); drawn past the site at a
-        # max-pool's output (network.activity_past), zero where the ReLU is off there, and the estimate taken back
-        # to the site by the pool's VJP at the site's picks
-        outputs = self.network.logit_layers() if self.estimator.exact_output else set()
+    def record(noise, u):
+        call = noise.call
         back = lambda g_z: g_z  # noqa: E731
-        if site is not None:
-            pool, mask = self.network.activity_past(name)[-1], output > 0
-            shape, picks = pool.primal(site)[1]
-            back = lambda g_z: pool.vjp((shape, picks), g_z)[0]  # noqa: E731
-        else:
-            mask = self.network.activity_mask(name, output) if name not in outputs else None
-        before = None if tangent is None else tangent.clone()
-        out = add_activity(self, name, layer, layer_input, output, tangent,
-                           **kwargs, **({} if site is None else {"site": site}))
-        if out is not None and name not in outputs:  # an output layer: no noise, the tangent as it came
-            u = out.clone() if before is None else out - before
-            if site is not None:  # the pass's tangent past the pool is the site's: zero where the ReLU is off
-                assert not u.masked_select(~mask.expand_as(u)).any(), f"{name}: noise where the pool's output is 0"
-            calls.append((name, layer, layer_input.clone(), u if mask is None else u * mask, back))
+        if call.past:  # drawn past the site at a max-pool's output (network.activity_past): zero where the ReLU is off
+            # there, and the estimate taken back to the site by the pool's VJP at the site's picks
+            pool, (shape, picks) = noise.source.network.activity_past(call.name)[-1], call.picks
+            assert not u.masked_select(noise.output.expand_as(u) <= 0).any(), f"{call.name}: noise where the pool's " \
+                                                                             "output is 0"
+            back = lambda g_z: pool.vjp((shape, picks.long()), g_z)[0]  # noqa: E731
+            mask = None
+        else:  # masked as the estimate masks it (the pass leaves that to the layers that follow)
+            mask = noise.source.network.activity_mask(call.name, noise.output)
+        calls.append((call.name, call.layer, call.layer_input.clone(), u if mask is None else u * mask, back))
+
+    def dense(noise):
+        u = dense_(noise)
+        record(noise, u.clone())
+        return u
+
+    def add_to(noise, tangent):
+        before = tangent.clone()
+        out = add_to_(noise, tangent)
+        record(noise, out - before)
         return out
 
-    monkeypatch.setattr(local_module._ActivityTangents, "add_activity", record)
-    return calls, results
+    def cell_dots(noise, weights, cell_sums):
+        state = noise.generator.get_state()
+        u = dense_(noise)
+        noise.generator.set_state(state)
+        expected = cell_sums(u * weights)
+        dots = cell_dots_(noise, weights, cell_sums)
+        torch.testing.assert_close(dots, expected)
+        record(noise, u)
+        return dots
+
+    dense_, add_to_, cell_dots_ = noise_class.dense, noise_class.add_to, noise_class.cell_dots
+    monkeypatch.setattr(noise_class, "dense", dense)
+    monkeypatch.setattr(noise_class, "add_to", add_to)
+    monkeypatch.setattr(noise_class, "cell_dots", cell_dots)
+    return calls, []
 
 
 @pytest.mark.parametrize("draws", ["whole", "by-rows"])
@@ -107,7 +123,7 @@ def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch
     net = MLP(in_features=12, hidden=(8, 8, 8, 8), num_classes=4, seed=1, local_losses=True)
     x, labels = torch.randn(16, 12), torch.randint(0, 4, (16,))
     inputs: dict[int, list] = {}
-    activity, block_done = local_module._ActivityTangents.activity, local_module._ActivityTangents.block_done
+    stream, block_done = local_module._ActivityTangents.stream_activity, local_module._ActivityTangents.block_done
     alive_after: dict[int, int] = {}
     drawn_later: dict[int, list[int]] = {}
 
@@ -115,7 +131,7 @@ def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch
         if layer_input is not x and not name.startswith("head"):  # the caller holds the batch; a head's input is
             # the block's output, the next block's input
             inputs.setdefault(self.block_of[name], []).append(weakref.ref(layer_input))
-        return activity(self, name, layer, layer_input, output, **kwargs)
+        return stream(self, name, layer, layer_input, output, **kwargs)
 
     def done(self, index, derivs, group_derivs):
         if index not in alive_after:  # its first call: the pass has not reached a later block yet
@@ -124,7 +140,7 @@ def test_each_blocks_inputs_are_released_before_the_next_blocks_head(monkeypatch
         gc.collect()
         alive_after.setdefault(index, sum(ref() is not None for ref in inputs.get(index, [])))
 
-    monkeypatch.setattr(local_module._ActivityTangents, "activity", watch)
+    monkeypatch.setattr(local_module._ActivityTangents, "stream_activity", watch)
     monkeypatch.setattr(local_module._ActivityTangents, "block_done", done)
     LocalActivityPerturbation(k=2).estimate(net, x, labels, step=0)
     hidden_blocks = range(len(net.blocks) - 1)
@@ -173,3 +189,46 @@ def test_a_last_pass_with_fewer_directions_than_a_chunk_gives_the_one_pass_estim
     one, two = (LocalActivityPerturbation(k=3, seed=4).estimate(net, x, labels, 0).grads for net in (whole, chunked))
     for name, grad in one.items():
         torch.testing.assert_close(two[name], grad, msg=name)
+
+
+TWO_STAGES = (lambda **kw: CNN(channels=(4, 6), image_size=14, hidden=6, num_classes=4, seed=1, **kw), (5, 1, 14, 14))
+STREAMED = {
+    "mlp-local": (NETS["mlp"], {"local_losses": True}, {}),
+    "mlp-groups-norm": (NETS["mlp"], {"local_losses": True, "groups": 2, "norm": True}, {}),
+    "mlp-no-mask": (NETS["mlp"], {"local_losses": True, "groups": 2, "norm": True}, {"relu_mask": False}),
+    "mlp-noisy-heads": (NETS["mlp"], {"local_losses": True, "groups": 2}, {"exact_output": False}),
+    "cnn-groups-norm-grid": (TWO_STAGES, {"local_losses": True, "groups": 2, "norm": True, "head_pool": 2}, {}),
+    "cnn-patches": (TWO_STAGES, {"local_losses": True, "groups": 2, "norm": True, "patches": 2}, {}),
+    "cnn-block-size-1": (NETS["cnn"], {"local_losses": True, "block_size": 1, "groups": 2}, {}),
+}
+
+
+@pytest.mark.parametrize("case", STREAMED)
+def test_a_tangent_streamed_into_its_head_gives_what_the_drawn_tangent_gives(case, monkeypatch):
+    """Where a block's activity tangent is all its head sees, one pass draws it a chunk at a time against the head's
+    derivative back at the site (``_Noise.cell_dots``) and never whole: its blocks' derivatives, each group's and
+    cell's, and the estimate are those of the pass that draws it whole and carries it through the layers (directions
+    in chunks, where nothing streams), from the same draws."""
+    (make, shape), switches, options = STREAMED[case]
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(*shape, generator=gen, dtype=torch.float64), torch.randint(0, 4, (shape[0],), generator=gen)
+    used = {"cell_dots": 0, "dense": 0}
+    for method in used:
+        original = getattr(local_module._Noise, method)
+        monkeypatch.setattr(local_module._Noise, method, lambda self, *a, _f=original, _m=method: (
+            used.__setitem__(_m, used[_m] + 1), _f(self, *a))[1])
+    runs = []
+    for memory in (None, 1e-6):  # one pass (streams); one direction per pass (draws whole)
+        net = make(**switches, tangent_memory_mb=memory).double()
+        jvp, results = net.jvp, []
+        monkeypatch.setattr(net, "jvp", lambda *args, _jvp=jvp, _r=results: _r.append(_jvp(*args)) or _r[-1])
+        grads = LocalActivityPerturbation(k=3, seed=2, **options).estimate(net, x, labels, 0).grads
+        runs.append((results[0], grads, dict(used)))
+        used.update(cell_dots=0, dense=0)
+    (streamed, streamed_grads, streamed_used), (drawn, drawn_grads, drawn_used) = runs
+    heads = sum(head is not None for _, head in net.blocks)
+    assert streamed_used["cell_dots"] == heads and drawn_used["cell_dots"] == 0 and drawn_used["dense"] >= heads
+    for field in ("block_derivs", "group_derivs", "patch_derivs"):
+        for ours, theirs in zip(getattr(streamed, field), getattr(drawn, field)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14, msg=field)
+    torch.testing.assert_close(streamed_grads, drawn_grads, rtol=1e-12, atol=1e-14)

@@ -8,14 +8,15 @@ from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cros
 from fg_lightning.engine.network import CNN, MLP, Head, JvpResult, Mixer, Network, TangentFn
 from fg_lightning.engine.reference import to_torch
 from fg_lightning.engine.tangents import (
-    ActivitySource, GivenTangents, OuterTangent, ReplayedSource, Tangent, TangentSource, WeightTangents, as_source,
-    check_objective, full_name, weighted_sum,
+    ActivitySource, GivenTangents, OuterTangent, ReplayedSource, StreamedSource, StreamedTangent, Tangent,
+    TangentSource, WeightTangents, as_source, check_objective, full_name, weighted_sum,
 )
 
 __all__ = [
     "ActivitySource", "AdaptiveAvgPool2d", "AddSkip", "as_source", "check_objective", "CNN", "Conv2d",
     "cross_entropy", "cross_entropy_and_grad", "cross_entropy_jvp", "Flatten", "full_name", "GELU", "GivenTangents",
     "GlobalAvgPool", "GroupNorm", "Head", "JvpResult", "Layer", "LayerNorm", "Linear", "MaxPool2d", "Mixer", "MLP",
-    "Network", "OuterTangent", "ReLU", "ReplayedSource", "Skip", "Tangent", "TangentFn", "TangentSource", "to_torch",
+    "Network", "OuterTangent", "ReLU", "ReplayedSource", "Skip", "StreamedSource",
+    "StreamedTangent", "Tangent", "TangentFn", "TangentSource", "to_torch",
     "TokenMixing", "weighted_sum", "WeightTangents",
 ]

@@ -61,6 +61,11 @@ def _by_rows(compute: Callable[[slice], Tensor], batch: int, per_sample: int, ba
 class Layer(nn.Module):
     """One differentiable tensor function with its three passes."""
 
+    # Each output element a function of its own input element alone, no parameters: its Jacobian is diagonal, so its
+    # VJP is its JVP (what a tangent comes out as, a derivative goes back as), and a head's cells are the same
+    # elements before it and after it (the engine's pass streams an activity tangent past such layers).
+    elementwise: bool = False
+
     @property
     def has_parameters(self) -> bool:
         return any(True for _ in self.parameters(recurse=False))
@@ -266,6 +271,8 @@ class ReLU(Layer):
     The factories use ``inplace=True``: every ReLU there follows a layer whose output nobody else holds.
     """
 
+    elementwise = True
+
     def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.inplace = inplace
@@ -360,6 +367,8 @@ class GELU(Layer):
     MLP-Mixer's activation. Elementwise, so both passes scale the incoming derivative by ``Φ(x) + x φ(x)`` (ATen's
     ``gelu_backward`` kernel, the one autograd runs), in place: the VJP its cotangent, the JVP each direction's
     tangent, ``x`` broadcast over the K directions."""
+
+    elementwise = True
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(x)

@@ -17,7 +17,8 @@ from fg_lightning.engine.layers import (
 )
 from fg_lightning.engine.loss import cross_entropy, cross_entropy_and_grad, cross_entropy_jvp
 from fg_lightning.engine.tangents import (
-    ActivitySource, ReplayedSource, Tangent, TangentSource, as_source, check_objective, directions,
+    ActivitySource, ReplayedSource, StreamedSource, StreamedTangent, Tangent, TangentSource, as_source,
+    check_objective, directions,
 )
 
 TangentFn = Callable[[str, Layer, Tensor], Mapping[str, Tangent]]
@@ -570,6 +571,8 @@ class _ForwardPass:
         self.num_dirs: int | None = None
         self.chunk = 1  # directions per pass, decided once K is known
         self.start = 0  # the first direction of this pass
+        self.stream_layer: str | None = None  # the block's layer whose activity tangent may stream into its head
+        self.streamed: StreamedTangent | None = None  # that tangent, once the source gave it
 
     def check_dirs(self, what: str, shape: tuple[int, ...], expected_rest: tuple[int, ...]) -> None:
         if shape[1:] != expected_rest or (self.num_dirs is not None and shape[0] != self.num_dirs):
@@ -634,12 +637,29 @@ class _ForwardPass:
             raise RuntimeError(f"the layers given end inside {pending[0]!r}'s normalisations")
         return carry
 
+    def stream_cut(self, layers: Sequence[tuple[str, Layer]]) -> int | None:
+        """Where a headed block's ``layers`` are cut when the activity tangent of its last parameterised layer may
+        stream into the head (:class:`StreamedSource`): after that layer's activity site, where only elementwise
+        layers follow; ``None`` where it may not."""
+        if not isinstance(self.source, StreamedSource) or self.start:
+            return None
+        last = max((i for i, (_, layer) in enumerate(layers) if layer.has_parameters), default=None)
+        if last is None:
+            return None
+        cut = last + 1 + self.source.activity_site(layers[last][0])
+        if cut > len(layers) or not all(layer.elementwise for _, layer in layers[cut:]):
+            return None
+        self.stream_layer = layers[last][0]
+        return cut
+
     def add_activity(self, carry: list, name: str, layer: Layer, layer_input: Tensor | None,
                      layer_output: Tensor | None, ask: bool, site: Tensor | None = None, saved: Any = None) -> None:
         """Adds layer ``name``'s activity tangent (asked of the source in the first pass, kept for later chunks) to
         ``carry``'s tangent; ``carry``'s primal is where it goes (the layer's output, or past its normalisations,
         whose input ``layer_output`` then is, or past the layers after them, the normalisations' output ``site``, the
-        last of those layers' primal state ``saved`` where no tangent went through it)."""
+        last of those layers' primal state ``saved`` where no tangent went through it). Where it is all the tangent
+        the block's head will see and one pass carries every direction, it is kept undrawn for the head
+        (``self.streamed``)."""
         activity, source = None, self.activity_source
         if ask:
             extra = {} if layer_output is None else {"layer_output": layer_output}
@@ -649,7 +669,17 @@ class _ForwardPass:
                 # source adds its own into the output's tangent
                 carry[1] = source.add_activity(name, layer, layer_input, carry[0], carry[1], **extra)
                 return
-            activity = source.activity(name, layer, layer_input, carry[0], **extra)
+            if carry[1] is None and name == self.stream_layer:
+                streamed = source.stream_activity(name, layer, layer_input, carry[0], **extra)
+                if streamed is not None:
+                    self.check_dirs(f"activity tangent of {name!r}", (streamed.num_dirs, *carry[0].shape),
+                                    tuple(carry[0].shape))
+                    if self.chunk >= self.num_dirs:
+                        self.streamed = streamed
+                        return
+                    activity = streamed.dense()
+            else:
+                activity = source.activity(name, layer, layer_input, carry[0], **extra)
             if activity is not None:
                 self.check_dirs(f"activity tangent of {name!r}", tuple(activity.shape), tuple(carry[0].shape))
                 if self.chunk < self.num_dirs:  # kept for the later chunks' passes only
@@ -669,7 +699,9 @@ class _ForwardPass:
             return cross_entropy(logits, self.labels), logits.new_zeros(shape)
         return cross_entropy_jvp(logits, self.labels, d_logits, per_example=per_example)
 
-    def head_jvp(self, head: str, h: Tensor, d_h: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def head_jvp(self, head: str, h: Tensor, d_h: Tensor | None,
+                 streamed: tuple[StreamedTangent, Sequence[tuple[str, Layer]], list] | None = None,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
         """A block's local loss, the tangent stopping at its output ``h``: ``(derivatives of the loss, those of each
         group's replica (..., G), those of each group and patch's replica (..., G, P²))``. Replica ``g`` sees the
         head's own parameter tangents (asked of the source here) and the tangent ``d_h`` on group ``g``'s channels
@@ -677,31 +709,49 @@ class _ForwardPass:
 
         The part of ``d_h`` is ``∂L/∂h · d_h`` summed over each cell, ``∂L/∂h`` (each example's, ``(B, C, ...)``)
         from the head's VJP: one step back through the small head instead of G·P² forward passes through it of a
-        tangent as large as the block's output."""
+        tangent as large as the block's output. ``streamed``: ``d_h`` undrawn, ``(tangent, the elementwise layers from
+        its site to h, their primal states)``: ``∂L/∂h`` goes back through those layers to the site, where the tangent
+        forms the cell sums a chunk at a time (exact: their Jacobian is diagonal)."""
         network = self.network
         layers = network.head_layers(head)
         module = getattr(network, head)
         groups = module.group_slices(h.shape[1])
         cells = module.cells(h.shape[1:]) if module.patches > 1 else [(part,) for part in groups]
-        if len(cells) == 1:  # one replica, the loss itself: one JVP through the head carries d_h and its own tangents
+        if len(cells) == 1 and streamed is None:  # one replica, the loss itself: one JVP through the head carries
+            # d_h and its own tangents
             derivs = self.loss_jvp(*self.through(layers, [h, d_h]))[1]
             return derivs, derivs[..., None], derivs[..., None, None]
+        # a streamed tangent is drawn before the head's own tangents, as a tangent through the layers would be
+        masked = None if streamed is None else self.streamed_cells(head, h, *streamed)
         logits, d_own = self.through(layers, [h, None])  # the head's primal and its parameters' tangents
         own = self.loss_jvp(logits, d_own)[1]
         del d_own
-        if d_h is None:
+        if masked is None and d_h is None:
             masked = own.new_zeros(*own.shape, len(cells))
-        else:
-            _, saved = network._primal(layers, h)
-            grad_h = network._backward(layers, saved, network.logits_grad(logits, self.labels), {},
-                                       need_input_grad=True)
-            del saved
-            masked = module.cell_sums(d_h.mul_(grad_h), per_example=self.per_example)
-            del grad_h
+        elif masked is None:
+            masked = module.cell_sums(d_h.mul_(self.head_grad(layers, h, logits)), per_example=self.per_example)
         del logits
         masked = masked.view(*own.shape, len(groups), len(cells) // len(groups))
         grouped = masked.sum(-1)
         return own + grouped.sum(-1), grouped.add_(own[..., None]), masked.add_(own[..., None, None])
+
+    def head_grad(self, layers: Sequence[tuple[str, Layer]], h: Tensor, logits: Tensor | None = None) -> Tensor:
+        """``∂L/∂h`` of a head's loss (each example's), by the head's VJP."""
+        network = self.network
+        logits, saved = network._primal(layers, h) if logits is None else (logits, network._primal(layers, h)[1])
+        return network._backward(layers, saved, network.logits_grad(logits, self.labels), {}, need_input_grad=True)
+
+    def streamed_cells(self, head: str, h: Tensor, tangent: StreamedTangent, rest: Sequence[tuple[str, Layer]],
+                       rest_saved: list) -> Tensor:
+        """The cell sums of ``∂L/∂h · d_h`` for an undrawn ``d_h``: ``∂L/∂h`` back through the elementwise layers
+        ``rest`` (from the tangent's site to ``h``; their primal states ``rest_saved``) to the site, where the tangent
+        forms them a chunk at a time."""
+        module = getattr(self.network, head)
+        grad_h = self.head_grad(self.network.head_layers(head), h)
+        grad_site = self.network._backward(rest, rest_saved, grad_h, {}, need_input_grad=True)
+        del grad_h, rest_saved
+        masked = tangent.cell_dots(grad_site, lambda t: module.cell_sums(t, per_example=True))
+        return masked if self.per_example else masked.sum(1)
 
     def one_pass(self, block_derivs: list[list[Tensor]], group_derivs: list[list[Tensor]],
                  patch_derivs: list[list[Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -712,10 +762,20 @@ class _ForwardPass:
         blocks = network._blocks if self.local else [(network._layer_names, None)]
         carry: list = [self.x, None]  # (primal, tangent), held only here so a layer can release them early
         for index, (names, head) in enumerate(blocks):
-            carry = self.through([(name, getattr(network, name)) for name in names], carry)
+            layers = [(name, getattr(network, name)) for name in names]
+            cut = (None if head is None else self.stream_cut(layers)) or len(layers)
+            carry = self.through(layers[:cut], carry)
+            streamed, self.streamed, self.stream_layer = self.streamed, None, None
+            if streamed is None:
+                carry = self.through(layers[cut:], carry)
+            else:  # the site's tangent undrawn: the elementwise layers after it run their primal for the head
+                carry[0], rest_saved = network._primal(layers[cut:], carry[0])
+                streamed = (streamed, layers[cut:], rest_saved)
+                del rest_saved
             if head is not None:  # the block's local loss; the tangent stops here
-                derivs, groups, cells = self.head_jvp(head, carry[0], carry.pop(1))
+                derivs, groups, cells = self.head_jvp(head, carry[0], carry.pop(1), streamed)
                 carry.append(None)
+                streamed = None
                 if self.chunk >= self.num_dirs:  # every direction in this pass: the block's derivatives are known
                     # (the cells' only where the head has patches: a source written before them is called as before)
                     self.source.block_done(index, derivs, groups, **({"patch_derivs": cells} if cells.shape[-1] > 1

@@ -143,6 +143,38 @@ class ActivitySource(TangentSource):
         return tangent.add_(mine)
 
 
+class StreamedTangent:
+    """K activity tangents ``(K, *shape)`` that are never whole in memory, drawn a chunk at a time where they are used.
+    A local loss's head needs of the tangent on its input only its products with the loss's derivative there summed
+    over each of the head's cells (:meth:`cell_dots`); where the tangent goes on through layers, :meth:`dense` draws
+    it whole. One of the two is asked, once."""
+
+    num_dirs: int
+
+    def cell_dots(self, weights: Tensor, cell_sums: Callable[[Tensor], Tensor]) -> Tensor:
+        """``cell_sums(tangent * weights)``, ``(K, B, cells)``: ``weights`` ``(B, *shape[1:])`` (the pass's, which the
+        tangent may change in place), ``cell_sums`` mapping any ``(K', b, *shape[1:])`` to ``(K', b, cells)``."""
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        """The ``(K, *shape)`` tensor this stands for, a new one the pass owns."""
+        raise NotImplementedError
+
+
+class StreamedSource(ActivitySource):
+    """An activity source whose tangents can stay undrawn until used (:class:`StreamedTangent`). Where a layer's
+    activity tangent is all the tangent its block's head sees (the block's last parameterised layer, no tangent yet
+    in the block, only elementwise layers (``Layer.elementwise``) between its site and the head), the engine's pass of
+    the local losses asks :meth:`stream_activity` instead of :meth:`activity`, and no ``(K, B, ...)`` tangent exists
+    in that block: memory and time of the tangent's elementwise work go, the head's cell sums are formed a cache-sized
+    chunk at a time."""
+
+    def stream_activity(self, name: str, layer: Any, layer_input: Tensor, output: Tensor,
+                        **extra: Any) -> Optional[StreamedTangent]:
+        """What :meth:`activity` gives, as a :class:`StreamedTangent` (asked with the same arguments), or ``None``."""
+        raise NotImplementedError
+
+
 OBJECTIVES = ("loss", "local")  # what a forward-mode pass differentiates: the network's loss, its local losses
 REDUCTIONS = ("batch", "example")  # its derivatives: of the batch's mean loss (K,), or each example's term (K, B)
 

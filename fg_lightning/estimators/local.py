@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
 
-from fg_lightning.engine import ActivitySource, GivenTangents, Layer, full_name, weighted_sum
+from fg_lightning.engine import (
+    GivenTangents, Layer, StreamedSource, StreamedTangent, full_name, weighted_sum,
+)
 from fg_lightning.engine.layers import relu_grad_
 from fg_lightning.estimators.base import (
     ActivityModel, Estimate, GaussianTangents, GradientEstimator, LocalLossModel, RecomputableModel, UpdateAsFormed,
@@ -123,7 +125,46 @@ def _through_norms(norms: list[Layer], output: Tensor) -> tuple[Tensor, list]:
     return output, saved
 
 
-class _ActivityTangents(ActivitySource):
+class _Noise(StreamedTangent):
+    """One call's ``k`` tangents, drawn from ``generator`` (where the call's recorded state leaves it) when the pass
+    uses them: whole (:meth:`dense`), into the output's tangent (:meth:`add_to`) or a chunk at a time against the
+    head's derivative (:meth:`cell_dots`). Drawn past the site (at a tiling max-pool's output), the tangent is zero
+    where the ReLU is off at the window's pick (``output ≤ 0``), as the site's tangent comes out of the ReLU and the
+    pool (past the site no layer masks it)."""
+
+    def __init__(self, source: _ActivityTangents, call: _Call, generator: torch.Generator, output: Tensor) -> None:
+        self.source, self.call, self.generator, self.output = source, call, generator, output
+        self.num_dirs = source.estimator.k
+
+    def dense(self) -> Tensor:
+        tangent = self.output.new_empty((self.num_dirs, *self.call.shape))
+        for direction, chunks in zip(tangent, self.source.draws(self.call, self.generator, into=tangent)):
+            for rows, part in chunks:
+                if part.data_ptr() != direction[rows].data_ptr():
+                    direction[rows].copy_(part)
+        return relu_grad_(tangent, self.output) if self.call.past else tangent
+
+    def add_to(self, tangent: Tensor) -> Tensor:
+        """``tangent`` (the output's, all directions) with the noise added, in place."""
+        for direction, chunks in zip(tangent, self.source.draws(self.call, self.generator)):
+            for rows, part in chunks:
+                direction[rows].add_(part)
+        return relu_grad_(tangent, self.output) if self.call.past else tangent
+
+    def cell_dots(self, weights: Tensor, cell_sums: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.call.past:
+            relu_grad_(weights, self.output)
+        dots = None
+        for j, chunks in enumerate(self.source.draws(self.call, self.generator)):
+            for rows, part in chunks:
+                sums = cell_sums(part.mul_(weights[rows])[None])[0]
+                if dots is None:
+                    dots = sums.new_empty(self.num_dirs, len(weights), sums.shape[-1])
+                dots[j, rows] = sums
+        return dots
+
+
+class _ActivityTangents(StreamedSource):
     """Activity perturbation's tangents: ``k`` tangents per example (``estimator.distribution``) on the output of
     each call of every parameterised layer but the output layers (with ``exact_output``), past the normalisations
     that follow it, zero where the loss's derivative there is known to be zero (with ``relu_mask``: a following ReLU
@@ -167,13 +208,19 @@ class _ActivityTangents(ActivitySource):
 
     def activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor, **extra: Any) -> Tensor | None:
         """The call's own tangent, a new tensor that the source does not keep (the noise is drawn again)."""
-        return self.add_activity(name, layer, layer_input, output, None, **extra)
+        noise = self.stream_activity(name, layer, layer_input, output, **extra)
+        return None if noise is None else noise.dense()
 
-    def add_activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor, tangent: Tensor | None,
-                     layer_output: Tensor | None = None, site: Tensor | None = None,
-                     saved: tuple[torch.Size, Tensor] | None = None) -> Tensor | None:
-        """The noise drawn into ``tangent`` (the output's, all directions) a chunk of examples at a time, or into a
-        new tensor without one (:meth:`activity`)."""
+    def add_activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor, tangent: Tensor,
+                     **extra: Any) -> Tensor:
+        """The noise drawn into ``tangent`` (the output's, all directions) a chunk of examples at a time."""
+        noise = self.stream_activity(name, layer, layer_input, output, **extra)
+        return tangent if noise is None else noise.add_to(tangent)
+
+    def stream_activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor,
+                        layer_output: Tensor | None = None, site: Tensor | None = None,
+                        saved: tuple[torch.Size, Tensor] | None = None) -> _Noise | None:
+        """The call's noise, recorded (:class:`_Call`) and not yet drawn; ``None`` for an output layer's call."""
         calls = self.pending.setdefault(self.block_of.get(name, 0), [])
         if self._outputs is None:  # asked as the pass starts: the torch backend's check has seen the model's calls
             self._outputs = self.network.logit_layers()
@@ -184,7 +231,7 @@ class _ActivityTangents(ActivitySource):
                                  "exact_output=False")
             self.exact[name] = (output, output._version)
             calls.append(_Call(name, layer, layer_input if self.inputs is None else None, output))
-            return tangent
+            return None
         generator = self.estimator.generator(output.device)
         kept = self.inputs is None  # else recomputed, mask included, when the weight steps run
         # Drawn past the site, at a tiling max-pool's output (``network.activity_past``): the output, the next layer's
@@ -205,19 +252,7 @@ class _ActivityTangents(ActivitySource):
                      generator.get_state(), output.shape, output.new_empty(0), output if in_site and kept else None,
                      past, picks)
         calls.append(call)
-        if tangent is None:  # the site's own tangent, drawn in place where it can be
-            tangent = output.new_empty((self.estimator.k, *output.shape))
-            for direction, chunks in zip(tangent, self.draws(call, generator, into=tangent)):
-                for rows, part in chunks:
-                    if part.data_ptr() != direction[rows].data_ptr():
-                        direction[rows].copy_(part)
-        else:
-            for direction, chunks in zip(tangent, self.draws(call, generator)):  # added to the output's tangent
-                for rows, part in chunks:
-                    direction[rows].add_(part)
-        # past the site no layer masks it: zero where the ReLU is off at the window's pick, as the site's tangent
-        # would come out of the ReLU and the pool (the tangent that came through them is zero there already)
-        return relu_grad_(tangent, output) if past else tangent
+        return _Noise(self, call, generator, output)
 
     def draws(self, call: _Call, generator: torch.Generator,
               into: Tensor | None = None) -> Iterator[Iterator[tuple[slice, Tensor]]]:
