@@ -354,16 +354,20 @@ class _ActivityTangents(StreamedSource):
             flat = torch.cat([patch_derivs.flatten(-2), patch_derivs.new_zeros(*patch_derivs.shape[:-2], 1)], -1)
             cells = cells.masked_fill(cells < 0, flat.shape[-1] - 1).to(flat.device)
             derivs = (d[:, cells] for d in flat)
-        if groups is not None:  # (K, B, C): each channel with its group's derivative
+        split = None  # equal groups: the channels seen as (G, C/G), each group's derivative broadcast over its own
+        if groups is not None and len({part.stop - part.start for part in groups}) == 1:
+            split, derivs = (len(groups), groups[0].stop - groups[0].start), group_derivs
+        elif groups is not None:  # (K, B, C): each channel with its group's derivative
             derivs = torch.cat([group_derivs[..., g, None].expand(-1, -1, part.stop - part.start)
                                 for g, part in enumerate(groups)], -1)
         generator = torch.Generator(device=call.like.device)
         generator.set_state(call.state)
         g_z = call.like.new_zeros(call.shape)
+        target = g_z if split is None else g_z.unflatten(1, split)
         for d, chunks in zip(derivs, self.draws(call, generator)):
-            d = d.view(*d.shape, *[1] * (len(call.shape) - d.dim()))
+            d = d.view(*d.shape, *[1] * (target.dim() - d.dim()))
             for rows, part in chunks:
-                g_z[rows].addcmul_(d[rows], part)
+                target[rows].addcmul_(d[rows], part if split is None else part.unflatten(1, split))
             del d
         if call.site is not None:  # the ReLU's output now (the next layer's input): zero where it is, then let go
             relu_grad_(g_z, call.site)
