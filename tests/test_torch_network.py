@@ -347,13 +347,14 @@ def test_a_module_called_twice_gets_its_tangent_at_every_call(monkeypatch):
     basis = (10**0.5 * torch.eye(10, dtype=torch.float64)).unsqueeze(1).expand(10, 6, 10)
     order: list = []  # the calls as the pass meets them: fc1's first, its second (fc2, the output, is exact)
 
-    def draws(self, call, generator, into=None):  # the same tangents in the pass and again in the weight step
+    def draws(noise, into=None):  # the same tangents in the pass and again in the weight step
+        call = noise.call
         if not any(seen is call for seen in order):
             order.append(call)
         return iter([[(slice(None), u)] for u in (basis[..., :5] if order[0] is call else basis[..., 5:])])
 
     with monkeypatch.context() as patched:
-        patched.setattr(local_module._ActivityTangents, "draws", draws)
+        patched.setattr(local_module._Noise, "draws", draws)
         grads = REGISTRY["activity"].make(k=10).estimate(net, x, labels, 0).grads
     for name, grad in exact.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)

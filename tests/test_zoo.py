@@ -431,8 +431,8 @@ def activity_oracle(problem: Problem, monkeypatch, exact_output: bool) -> dict[s
     """The expectation of ``ActivityPerturbation(exact_output=...)``'s estimate, exactly."""
     basis = BasisDraws()
     with monkeypatch.context() as patched:
-        patched.setattr(local_module._ActivityTangents, "draws",
-                        lambda source, call, generator, into=None: basis.draws(source, call, generator, into))
+        patched.setattr(local_module._Noise, "draws",
+                        lambda noise, into=None: basis.draws(noise.source, noise.call, noise.generator, into))
         problem.rewind()
         ActivityPerturbation(k=1, exact_output=exact_output, seed=0).estimate(
             problem.network, problem.x, problem.labels, 0)

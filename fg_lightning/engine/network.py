@@ -557,14 +557,13 @@ class Network(nn.Module):
         return _ForwardPass(self, x, labels, as_source(tangents), objective == "local", reduction == "example").run()
 
 
-class _ForwardPass:
-    """One :meth:`Network.jvp`: the source's tangents, asked in the first pass and kept for later chunks of
-    directions, and one primal pass per chunk (usually one)."""
+class _TangentFlow:
+    """The tangents of one :meth:`Network.jvp` through the layers: the source's, asked in the first pass and kept for
+    later chunks of directions (one primal pass per chunk, usually one), and the activity tangents added where the
+    source says."""
 
-    def __init__(self, network: Network, x: Tensor, labels: Tensor, source: TangentSource, local: bool,
-                 per_example: bool) -> None:
-        self.network, self.x, self.labels, self.source = network, x, labels, source
-        self.local, self.per_example = local, per_example  # the objective and the reduction asked of the pass
+    def __init__(self, network: Network, x: Tensor, source: TangentSource) -> None:
+        self.network, self.x, self.source = network, x, source
         self.activity_source = source if isinstance(source, ActivitySource) else None  # perturbs the outputs too
         self.tangents: dict[str, Tangent] = {}  # full parameter name -> all K directions
         self.activities: dict[str, Tensor] = {}  # full layer name -> all K activity tangents, when in chunks
@@ -637,20 +636,27 @@ class _ForwardPass:
             raise RuntimeError(f"the layers given end inside {pending[0]!r}'s normalisations")
         return carry
 
-    def stream_cut(self, layers: Sequence[tuple[str, Layer]]) -> int | None:
-        """Where a headed block's ``layers`` are cut when the activity tangent of its last parameterised layer may
-        stream into the head (:class:`StreamedSource`): after that layer's activity site, where only elementwise
-        layers follow; ``None`` where it may not."""
-        if not isinstance(self.source, StreamedSource) or self.start:
-            return None
+    def block(self, layers: Sequence[tuple[str, Layer]], carry: list, headed: bool,
+              ) -> tuple[list, tuple[StreamedTangent, Sequence[tuple[str, Layer]], list] | None]:
+        """``carry`` through a block's ``layers``, and the activity tangent left undrawn for the block's head, if any:
+        ``(tangent, the elementwise layers from its site to the block's output, their primal states)``. It is the
+        block's last parameterised layer's, where the block has a head, the source streams (:class:`StreamedSource`),
+        only elementwise layers follow its site, no tangent precedes it in the block and one pass carries every
+        direction."""
         last = max((i for i, (_, layer) in enumerate(layers) if layer.has_parameters), default=None)
-        if last is None:
-            return None
-        cut = last + 1 + self.source.activity_site(layers[last][0])
-        if cut > len(layers) or not all(layer.elementwise for _, layer in layers[cut:]):
-            return None
-        self.stream_layer = layers[last][0]
-        return cut
+        cut = len(layers)
+        if headed and isinstance(self.source, StreamedSource) and not self.start and last is not None:
+            cut = last + 1 + self.source.activity_site(layers[last][0])
+            if cut > len(layers) or not all(layer.elementwise for _, layer in layers[cut:]):
+                cut = len(layers)
+            else:
+                self.stream_layer = layers[last][0]
+        carry = self.through(layers[:cut], carry)
+        streamed, self.streamed, self.stream_layer = self.streamed, None, None
+        if streamed is None:
+            return self.through(layers[cut:], carry), None
+        carry[0], saved = self.network._primal(layers[cut:], carry[0])  # the layers after the undrawn tangent's site
+        return carry, (streamed, layers[cut:], saved)
 
     def add_activity(self, carry: list, name: str, layer: Layer, layer_input: Tensor | None,
                      layer_output: Tensor | None, ask: bool, site: Tensor | None = None, saved: Any = None) -> None:
@@ -691,10 +697,21 @@ class _ForwardPass:
         if activity is not None:
             carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
 
+class _ForwardPass:
+    """One :meth:`Network.jvp`: the objective asked (the network's loss or its local losses, each example's or the
+    batch's) of the tangents that flow through the layers (:class:`_TangentFlow`)."""
+
+    def __init__(self, network: Network, x: Tensor, labels: Tensor, source: TangentSource, local: bool,
+                 per_example: bool) -> None:
+        self.network, self.x, self.labels, self.source = network, x, labels, source
+        self.local, self.per_example = local, per_example  # the objective and the reduction asked of the pass
+        self.flow = _TangentFlow(network, x, source)
+
     def loss_jvp(self, logits: Tensor, d_logits: Tensor | None) -> tuple[Tensor, Tensor]:
         per_example = self.per_example
         if d_logits is None:  # this pass's directions: the last pass of several may have fewer than a chunk
-            dirs = self.chunk if self.num_dirs is None else min(self.chunk, self.num_dirs - self.start)
+            flow = self.flow
+            dirs = flow.chunk if flow.num_dirs is None else min(flow.chunk, flow.num_dirs - flow.start)
             shape = (dirs, *logits.shape[:1]) if per_example else (dirs,)
             return cross_entropy(logits, self.labels), logits.new_zeros(shape)
         return cross_entropy_jvp(logits, self.labels, d_logits, per_example=per_example)
@@ -719,11 +736,11 @@ class _ForwardPass:
         cells = module.cells(h.shape[1:]) if module.patches > 1 else [(part,) for part in groups]
         if len(cells) == 1 and streamed is None:  # one replica, the loss itself: one JVP through the head carries
             # d_h and its own tangents
-            derivs = self.loss_jvp(*self.through(layers, [h, d_h]))[1]
+            derivs = self.loss_jvp(*self.flow.through(layers, [h, d_h]))[1]
             return derivs, derivs[..., None], derivs[..., None, None]
         # a streamed tangent is drawn before the head's own tangents, as a tangent through the layers would be
         masked = None if streamed is None else self.streamed_cells(head, h, *streamed)
-        logits, d_own = self.through(layers, [h, None])  # the head's primal and its parameters' tangents
+        logits, d_own = self.flow.through(layers, [h, None])  # the head's primal and its parameters' tangents
         own = self.loss_jvp(logits, d_own)[1]
         del d_own
         if masked is None and d_h is None:
@@ -762,29 +779,22 @@ class _ForwardPass:
         blocks = network._blocks if self.local else [(network._layer_names, None)]
         carry: list = [self.x, None]  # (primal, tangent), held only here so a layer can release them early
         for index, (names, head) in enumerate(blocks):
-            layers = [(name, getattr(network, name)) for name in names]
-            cut = (None if head is None else self.stream_cut(layers)) or len(layers)
-            carry = self.through(layers[:cut], carry)
-            streamed, self.streamed, self.stream_layer = self.streamed, None, None
-            if streamed is None:
-                carry = self.through(layers[cut:], carry)
-            else:  # the site's tangent undrawn: the elementwise layers after it run their primal for the head
-                carry[0], rest_saved = network._primal(layers[cut:], carry[0])
-                streamed = (streamed, layers[cut:], rest_saved)
-                del rest_saved
+            carry, streamed = self.flow.block([(name, getattr(network, name)) for name in names], carry,
+                                              head is not None)
             if head is not None:  # the block's local loss; the tangent stops here
                 derivs, groups, cells = self.head_jvp(head, carry[0], carry.pop(1), streamed)
                 carry.append(None)
                 streamed = None
-                if self.chunk >= self.num_dirs:  # every direction in this pass: the block's derivatives are known
-                    # (the cells' only where the head has patches: a source written before them is called as before)
+                if self.flow.chunk >= self.flow.num_dirs:  # every direction in this pass: the block's derivatives
+                    # are known (the cells' only where the head has patches: a source written before them is called
+                    # as before)
                     self.source.block_done(index, derivs, groups, **({"patch_derivs": cells} if cells.shape[-1] > 1
                                                                      else {}))
                 block_derivs[index].append(derivs)
                 group_derivs[index].append(groups)
                 patch_derivs[index].append(cells)
                 del derivs, groups, cells
-        if self.num_dirs is None:
+        if self.flow.num_dirs is None:
             raise ValueError("the tangent source gave no tangent for any parameter: there is no direction to "
                              "differentiate along")
         logits, d_logits = carry
@@ -807,11 +817,12 @@ class _ForwardPass:
                 loss, logits = pass_loss, pass_logits
             del pass_logits
             dir_derivs.append(derivs)
-            self.start += self.chunk
-            if self.start >= self.num_dirs:
+            flow = self.flow
+            flow.start += flow.chunk
+            if flow.start >= flow.num_dirs:
                 break
         local = self.local
-        return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=self.tangents,
+        return JvpResult(loss=loss, logits=logits, dir_derivs=torch.cat(dir_derivs), tangents=flow.tangents,
                          block_derivs=[torch.cat(d) for d in block_derivs] if local else None,
                          group_derivs=[torch.cat(d) for d in group_derivs] if local else None,
                          patch_derivs=[torch.cat(d) for d in patch_derivs] if local else None)

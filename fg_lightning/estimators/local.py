@@ -136,9 +136,41 @@ class _Noise(StreamedTangent):
         self.source, self.call, self.generator, self.output = source, call, generator, output
         self.num_dirs = source.estimator.k
 
+    def draws(self, into: Tensor | None = None) -> Iterator[Iterator[tuple[slice, Tensor]]]:
+        """The call's ``k`` tangents ``(B, ...)`` from the generator, one direction at a time, each as ``(rows,
+        part)`` pairs: rows ``rows`` of this rank's batch take ``part``. The noise is per example and drawn for the
+        union batch (the same on every rank), in chunks of whole examples of about ``_ActivityTangents.DRAW_ELEMENTS`` elements, and
+        this rank's rows taken; so a pass adds its tangent to the layer's output tangent without a whole activation
+        of noise beside it. The pass draws them from the estimator's generator, the weight step again from a copy of
+        its state before that draw, in the same chunks: the same numbers. Each part is valid until the next is
+        drawn (one buffer, reused), or, where a chunk is this rank's rows only, drawn into ``into[j, rows]``.
+        Consume them in order, each direction's chunks before the next direction."""
+        call, generator, source = self.call, self.generator, self.source
+        rest, like, offset, total = call.shape[1:], call.like, source.offset, source.total
+        elements = source.DRAW_ELEMENTS.get(like.device.type, source.DRAW_ELEMENTS_ELSEWHERE)
+        step = max(1, elements // max(1, rest.numel()))
+        buffer: list[Tensor] = []
+
+        def chunks(j: int) -> Iterator[tuple[slice, Tensor]]:
+            for start in range(0, total, step):
+                size = min(step, total - start)
+                low, high = max(start, offset), min(start + size, offset + call.shape[0])
+                if into is not None and (low, high) == (start, start + size):
+                    target = into[j, low - offset:high - offset]
+                else:
+                    if not buffer:
+                        buffer.append(like.new_empty((min(step, total), *rest)))
+                    target = buffer[0][:size]
+                draw_(target, source.estimator.distribution, generator)
+                if low < high:
+                    yield slice(low - offset, high - offset), target[low - start:high - start]
+
+        for j in range(self.num_dirs):
+            yield chunks(j)
+
     def dense(self) -> Tensor:
         tangent = self.output.new_empty((self.num_dirs, *self.call.shape))
-        for direction, chunks in zip(tangent, self.source.draws(self.call, self.generator, into=tangent)):
+        for direction, chunks in zip(tangent, self.draws(into=tangent)):
             for rows, part in chunks:
                 if part.data_ptr() != direction[rows].data_ptr():
                     direction[rows].copy_(part)
@@ -146,7 +178,7 @@ class _Noise(StreamedTangent):
 
     def add_to(self, tangent: Tensor) -> Tensor:
         """``tangent`` (the output's, all directions) with the noise added, in place."""
-        for direction, chunks in zip(tangent, self.source.draws(self.call, self.generator)):
+        for direction, chunks in zip(tangent, self.draws()):
             for rows, part in chunks:
                 direction[rows].add_(part)
         return relu_grad_(tangent, self.output) if self.call.past else tangent
@@ -155,7 +187,7 @@ class _Noise(StreamedTangent):
         if self.call.past:
             relu_grad_(weights, self.output)
         dots = None
-        for j, chunks in enumerate(self.source.draws(self.call, self.generator)):
+        for j, chunks in enumerate(self.draws()):
             for rows, part in chunks:
                 sums = cell_sums(part.mul_(weights[rows])[None])[0]
                 if dots is None:
@@ -254,38 +286,6 @@ class _ActivityTangents(StreamedSource):
         calls.append(call)
         return _Noise(self, call, generator, output)
 
-    def draws(self, call: _Call, generator: torch.Generator,
-              into: Tensor | None = None) -> Iterator[Iterator[tuple[slice, Tensor]]]:
-        """``call``'s ``k`` tangents ``(B, ...)`` from ``generator``, one direction at a time, each as ``(rows,
-        part)`` pairs: rows ``rows`` of this rank's batch take ``part``. The noise is per example and drawn for the
-        union batch (the same on every rank), in chunks of whole examples of about ``DRAW_ELEMENTS`` elements, and
-        this rank's rows taken; so a pass adds its tangent to the layer's output tangent without a whole activation
-        of noise beside it. The pass draws them from the estimator's generator, the weight step again from a copy of
-        its state before that draw, in the same chunks: the same numbers. Each part is valid until the next is
-        drawn (one buffer, reused), or, where a chunk is this rank's rows only, drawn into ``into[j, rows]``.
-        Consume them in order, each direction's chunks before the next direction."""
-        rest, like = call.shape[1:], call.like
-        elements = self.DRAW_ELEMENTS.get(like.device.type, self.DRAW_ELEMENTS_ELSEWHERE)
-        step = max(1, elements // max(1, rest.numel()))
-        buffer: list[Tensor] = []
-
-        def chunks(j: int) -> Iterator[tuple[slice, Tensor]]:
-            for start in range(0, self.total, step):
-                size = min(step, self.total - start)
-                low, high = max(start, self.offset), min(start + size, self.offset + call.shape[0])
-                if into is not None and (low, high) == (start, start + size):
-                    target = into[j, low - self.offset:high - self.offset]
-                else:
-                    if not buffer:
-                        buffer.append(like.new_empty((min(step, self.total), *rest)))
-                    target = buffer[0][:size]
-                draw_(target, self.estimator.distribution, generator)
-                if low < high:
-                    yield slice(low - self.offset, high - self.offset), target[low - start:high - start]
-
-        for j in range(self.estimator.k):
-            yield chunks(j)
-
     def block_done(self, index: int, derivs: Tensor, group_derivs: Tensor | None,
                    patch_derivs: Tensor | None = None) -> None:
         """Block ``index``'s loss derivatives are known (``(K, B)``; ``(K, B, G)`` for its G group losses, ``(K, B, G,
@@ -364,7 +364,7 @@ class _ActivityTangents(StreamedSource):
         generator.set_state(call.state)
         g_z = call.like.new_zeros(call.shape)
         target = g_z if split is None else g_z.unflatten(1, split)
-        for d, chunks in zip(derivs, self.draws(call, generator)):
+        for d, chunks in zip(derivs, _Noise(self, call, generator, call.like).draws()):
             d = d.view(*d.shape, *[1] * (target.dim() - d.dim()))
             for rows, part in chunks:
                 target[rows].addcmul_(d[rows], part if split is None else part.unflatten(1, split))
