@@ -363,13 +363,20 @@ class TorchNetwork(nn.Module):
         result = self._jvp(x, labels, _ActivityDraws(weight_draws, activity_draws) if activity_draws
                            else GivenTangents(weight_draws))
         rewind()
-        expected = sum((g.double().unsqueeze(0) * d.double()).reshape(directions, -1).sum(1)
+        self._check_agreement(result.dir_derivs, grads, draws, [loss, *wrt], activities)
+        if activities:
+            self.check_examples_apart(x, labels)
+
+    def _check_agreement(self, derivs: Tensor, grads: list[Tensor], draws: list[Tensor], tensors: list[Tensor],
+                         activities: bool) -> None:
+        """Forward mode's ``derivs`` against autograd's ``Σ grad·draw`` per direction, to within the rounding of the
+        least precise floating dtype among ``tensors`` (the loss, the parameters, the outputs): a missed use errs by
+        that use's whole share of the gradient."""
+        expected = sum((g.double().unsqueeze(0) * d.double()).reshape(len(derivs), -1).sum(1)
                        for g, d in zip(grads, draws))
         scale = float(sum(g.double().square().sum() for g in grads).sqrt())
-        error = float((result.dir_derivs.double() - expected).abs().max())
-        # the least precise floating dtype among the parameters, the outputs and the loss sets the tolerance:
-        # rounding, not a missed use (which errs by that use's whole share of the gradient)
-        eps = max(torch.finfo(t.dtype).eps for t in [loss, *wrt] if t.dtype.is_floating_point)
+        error = float((derivs.double() - expected).abs().max())
+        eps = max(torch.finfo(t.dtype).eps for t in tensors if t.dtype.is_floating_point)
         tolerance = 1e-8 if eps <= torch.finfo(torch.float64).eps else max(1e-3, 4 * eps)
         if error > tolerance * scale:
             raise TorchBackendError(
@@ -380,8 +387,6 @@ class TorchNetwork(nn.Module):
                 "torch.no_grad block or a gradient hook inside the forward, a module's output reached other than "
                 "through its return value. Use each parameter inside the forward of the module that owns it, and "
                 "keep no_grad and hooks out of the forward")
-        if activities:
-            self.check_examples_apart(x, labels)
 
     def check_examples_apart(self, x: Inputs, labels: Tensor) -> None:
         """Raise :class:`TorchBackendError`, naming the module, unless every module keeps the examples of the batch

@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 
-from fg_lightning.engine import CNN, MLP
+from fg_lightning.engine import CNN, MLP, GroupNorm
 from fg_lightning.estimators import ActivityPerturbation, LocalActivityPerturbation
 from fg_lightning.estimators import local as local_module
 
@@ -232,3 +232,25 @@ def test_a_tangent_streamed_into_its_head_gives_what_the_drawn_tangent_gives(cas
         for ours, theirs in zip(getattr(streamed, field), getattr(drawn, field)):
             torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14, msg=field)
     torch.testing.assert_close(streamed_grads, drawn_grads, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("model", NETS)
+def test_the_weight_step_takes_the_normalisations_state_from_the_pass(model, monkeypatch):
+    """A layer perturbed past its GroupNorm takes its estimate back through the norm's VJP; the pass hands the norm's
+    primal state to the source (what backprop keeps: the layer's output, which the call keeps anyway, and two numbers
+    per example and group), so the norm runs once a step, not again in the weight step; the estimate is the one that
+    runs it again."""
+    make, shape = NETS[model]
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(*shape, generator=gen, dtype=torch.float64), torch.randint(0, 4, (shape[0],), generator=gen)
+    net = make(local_losses=True, block_size=1, groups=2, norm=True).double()
+    norms = sum(isinstance(layer, GroupNorm) for _, layer in net.named_layers())
+    net.widest_activation(shape[1:])  # once per network: a sample through its layers
+    runs, primal = [], GroupNorm.primal
+    monkeypatch.setattr(GroupNorm, "primal", lambda self, x: runs.append(1) or primal(self, x))
+    kept = LocalActivityPerturbation(k=3, seed=2).estimate(net, x, labels, 0).grads
+    assert norms and len(runs) == norms
+    monkeypatch.setattr(local_module._Call, "norm_states", property(lambda self: None, lambda self, value: None))
+    again = LocalActivityPerturbation(k=3, seed=2).estimate(net, x, labels, 0).grads
+    assert len(runs) == 3 * norms  # the pass, then the weight step again
+    torch.testing.assert_close(kept, again, rtol=0, atol=0)

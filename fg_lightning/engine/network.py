@@ -611,10 +611,14 @@ class _TangentFlow:
         pending = None  # (name, layer, its input, its output, whether to ask): its activity tangent is still to come
         left = norms = 0  # layers to its activity site, to its normalisations' output
         site = saved = None  # the normalisations' output, where the site is past it; the last layer's primal state
+        norm_states: list = []  # the normalisations' primal states, where no tangent went through them
         for name, layer in layers:
             if not layer.has_parameters:
                 if left == 1 and norms < 1 and carry[1] is None and pending is not None and pending[-1]:
                     carry[0], saved = layer.primal(carry[0])  # the site's layer past the norms: what its VJP needs
+                elif norms > 0 and carry[1] is None and pending is not None and pending[-1]:
+                    carry[0], state = layer.primal(carry[0])  # a normalisation: what its VJP needs, for the source
+                    norm_states.append(state)
                 else:
                     carry = list(layer.jvp(carry.pop(0), carry.pop(0), {}))
                 left, norms = left - 1, norms - 1
@@ -626,12 +630,13 @@ class _TangentFlow:
                 left = self.activity_source.activity_site(name) if self.activity_source is not None else 0
                 norms = len(self.network.activity_norms(name)) if left else 0
                 pending = (name, layer, layer_input, carry[0] if ask and norms else None, ask)
-                layer_input = None
+                layer_input, norm_states = None, []
             if pending is not None and norms == 0 and left > 0 and pending[-1]:
                 site = carry[0]
             if pending is not None and left <= 0:
-                self.add_activity(carry, *pending, site=site, saved=saved)
+                self.add_activity(carry, *pending, site=site, saved=saved, norm_states=norm_states)
                 pending = site = saved = None
+                norm_states = []
         if pending is not None:
             raise RuntimeError(f"the layers given end inside {pending[0]!r}'s normalisations")
         return carry
@@ -659,11 +664,13 @@ class _TangentFlow:
         return carry, (streamed, layers[cut:], saved)
 
     def add_activity(self, carry: list, name: str, layer: Layer, layer_input: Tensor | None,
-                     layer_output: Tensor | None, ask: bool, site: Tensor | None = None, saved: Any = None) -> None:
+                     layer_output: Tensor | None, ask: bool, site: Tensor | None = None, saved: Any = None,
+                     norm_states: list | None = None) -> None:
         """Adds layer ``name``'s activity tangent (asked of the source in the first pass, kept for later chunks) to
         ``carry``'s tangent; ``carry``'s primal is where it goes (the layer's output, or past its normalisations,
         whose input ``layer_output`` then is, or past the layers after them, the normalisations' output ``site``, the
-        last of those layers' primal state ``saved`` where no tangent went through it). Where it is all the tangent
+        last of those layers' primal state ``saved`` where no tangent went through it, and the normalisations' own,
+        ``norm_states``, where none went through those). Where it is all the tangent
         the block's head will see and one pass carries every direction, it is kept undrawn for the head
         (``self.streamed``)."""
         activity, source = None, self.activity_source
@@ -671,6 +678,8 @@ class _TangentFlow:
             extra = {} if layer_output is None else {"layer_output": layer_output}
             if site is not None:
                 extra.update(site=site, saved=saved)
+            if norm_states:
+                extra.update(norm_states=norm_states)
             if carry[1] is not None and self.chunk >= self.num_dirs:  # one pass carries every direction: the
                 # source adds its own into the output's tangent
                 carry[1] = source.add_activity(name, layer, layer_input, carry[0], carry[1], **extra)

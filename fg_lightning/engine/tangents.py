@@ -116,9 +116,10 @@ class ActivitySource(TangentSource):
       ``output`` may be changed in place by the next layer (an in-place ReLU).
     - The engine's pass asks it :meth:`activity_site` layers after the layer (the torch backend: at the layer's
       output): a layer followed by per-example normalisations (``network.activity_norms(name)``) is asked after them,
-      its own output then coming as ``layer_output``; asked past the layers after those (``network.activity_past``),
-      the normalisations' output comes as ``site``, the last of those layers' primal state as ``saved``. ``output``
-      is where the tangent is added.
+      its own output then coming as ``layer_output`` (and, where no tangent went through the normalisations, their
+      primal states as ``norm_states``, what their VJPs need); asked past the layers after those
+      (``network.activity_past``), the normalisations' output comes as ``site``, the last of those layers' primal
+      state as ``saved``. ``output`` is where the tangent is added.
     - :meth:`add_activity`: where the output already has a tangent and one engine pass carries every direction, the
       pass asks for that tangent with the source's own added, in place: a source that can draw into it (the activity
       noise) overrides it, so that no whole activity tangent lies beside the output's.

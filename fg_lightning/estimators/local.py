@@ -114,6 +114,7 @@ class _Call:
     site: Tensor | None = None
     past: int = 0  # drawn this many layers after the layer's output: at a tiling max-pool's output, whose ``picks``
     picks: tuple[torch.Size, Tensor] | None = None  # are (the site's shape, each window's pick there)
+    norm_states: list | None = None  # the normalisations' primal states from the pass (else computed again)
 
 
 def _through_norms(norms: list[Layer], output: Tensor) -> tuple[Tensor, list]:
@@ -251,7 +252,8 @@ class _ActivityTangents(StreamedSource):
 
     def stream_activity(self, name: str, layer: Layer, layer_input: Tensor, output: Tensor,
                         layer_output: Tensor | None = None, site: Tensor | None = None,
-                        saved: tuple[torch.Size, Tensor] | None = None) -> _Noise | None:
+                        saved: tuple[torch.Size, Tensor] | None = None, norm_states: list | None = None,
+                        ) -> _Noise | None:
         """The call's noise, recorded (:class:`_Call`) and not yet drawn; ``None`` for an output layer's call."""
         calls = self.pending.setdefault(self.block_of.get(name, 0), [])
         if self._outputs is None:  # asked as the pass starts: the torch backend's check has seen the model's calls
@@ -282,7 +284,7 @@ class _ActivityTangents(StreamedSource):
         mask = self.network.activity_mask(name, output) if kept and self.estimator.relu_mask and not in_site else None
         call = _Call(name, layer, layer_input if kept else None, layer_output if kept else None, mask,
                      generator.get_state(), output.shape, output.new_empty(0), output if in_site and kept else None,
-                     past, picks)
+                     past, picks, norm_states if kept else None)
         calls.append(call)
         return _Noise(self, call, generator, output)
 
@@ -380,7 +382,8 @@ class _ActivityTangents(StreamedSource):
             call.picks = None
         norms = self.network.activity_norms(call.name)
         if norms:  # back through the normalisations (their VJP at the layer's output) to the layer's output
-            _, saved = _through_norms(norms, call.output)
+            saved = call.norm_states or _through_norms(norms, call.output)[1]
+            call.norm_states = None
             for norm, state in zip(reversed(norms), reversed(saved)):
                 g_z = norm.vjp(state, g_z)[0]
         return g_z.div_(self.estimator.k)
