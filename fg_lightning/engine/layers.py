@@ -15,6 +15,7 @@ allocates its outputs. That keeps the forward-mode pass at one layer's primal an
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Mapping
 
@@ -94,6 +95,23 @@ class Layer(nn.Module):
         gradient ``d (B, ...)``, as ``(v_b applied to h_b, (B, *output)), |v_b|² (B,))``: what per-example local
         guesses (Fournier et al. 2023) carry. A layer that forms them overrides this."""
         raise TypeError(f"per-example gradients of a {type(self).__name__} are not formed")
+
+    def keeps_groups(self, groups: int) -> bool:
+        """Group-wise local losses (``Network.output_groups``): whether each output channel depends on the input
+        channels of its own group alone, the channels cut into ``groups`` contiguous groups (default: no one has said
+        so)."""
+        return False
+
+    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Patch-wise local losses (``Network.output_cells``): the per-example shape of this layer's output for an
+        input of ``shape`` when no output element mixes the elements of two cells of its input, else ``None`` (the
+        default: a layer that mixes them, or that no one has said does not)."""
+        return None
+
+    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        """``cell`` (each output element's replica, −1 for none; ``cells_after(shape)``'s shape) taken back to an input
+        of ``shape``: the replica each input element reaches alone, or ``None`` where one reaches two."""
+        return None
 
     @property
     def forms_example_grads(self) -> bool:
@@ -282,6 +300,15 @@ class ReLU(Layer):
 
     def stock(self) -> nn.Module:
         return nn.ReLU(inplace=self.inplace)
+
+    def keeps_groups(self, groups: int) -> bool:
+        return True
+
+    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        return shape
+
+    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        return cell
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         y = self.forward(x)
@@ -549,6 +576,15 @@ class AddSkip(Layer):
     def stock(self) -> nn.Module:
         return _StockAddSkip(self.link)
 
+    def keeps_groups(self, groups: int) -> bool:
+        return True
+
+    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        return shape
+
+    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        return cell
+
 
 class _StockSkip(nn.Module):
     """:class:`Skip`'s stock twin (autograd differentiates through the kept input). Its link is its own, handed to
@@ -607,6 +643,28 @@ class MaxPool2d(Layer):
 
     def _pool_with_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return F.max_pool2d(x, self.kernel_size, self.stride, return_indices=True)
+
+    def keeps_groups(self, groups: int) -> bool:
+        return True
+
+    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        if self.kernel_size > self.stride:
+            return None  # overlapping windows: a position may reach two cells
+        c, h, w = shape
+        return c, (h - self.kernel_size) // self.stride + 1, (w - self.kernel_size) // self.stride + 1
+
+    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        """An input position takes its window's output's cell; a row or column that no window covers, −1."""
+        _, h, w = shape
+        stride, kernel = self.stride, self.kernel_size
+        rows, cols = torch.arange(h), torch.arange(w)
+        row_ok = (rows // stride < cell.shape[1]) & (rows % stride < kernel)
+        col_ok = (cols // stride < cell.shape[2]) & (cols % stride < kernel)
+        cell = cell[:, (rows // stride).clamp(max=cell.shape[1] - 1)][:, :, (cols // stride).clamp(
+            max=cell.shape[2] - 1)]
+        cell[:, ~row_ok] = -1
+        cell[:, :, ~col_ok] = -1
+        return cell
 
     @property
     def tiles(self) -> bool:
@@ -771,6 +829,29 @@ class GroupNorm(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.primal(x)[0]
+
+    def keeps_groups(self, groups: int) -> bool:
+        return groups == self.groups  # normalised over the head's groups
+
+    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        return shape
+
+    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        """Every element of a group (within a cell of the bands' grid) the one cell its outputs reach: its
+        statistics join them; ``None`` where they reach two (a norm over a whole map mixes the patches)."""
+        starts = [0, *itertools.accumulate(self.bands)] if self.bands is not None else [0, None]
+        spans = [slice(start, stop) for start, stop in zip(starts, starts[1:])]
+        joined = cell.clone()
+        for group in torch.arange(shape[0]).chunk(self.groups):
+            for row in spans:
+                for col in spans:
+                    region = (slice(int(group[0]), int(group[-1]) + 1), row, col)
+                    reached = cell[region].unique()
+                    reached = reached[reached >= 0]
+                    if len(reached) > 1:
+                        return None
+                    joined[region] = reached[0] if len(reached) else -1
+        return joined
 
     def stock(self) -> nn.Module:
         if self.bands is None:

@@ -252,19 +252,18 @@ class Network(nn.Module):
         return {[name for name, layer in layers if layer.has_parameters][-1] for layers in bodies}
 
     def output_groups(self, name: str) -> list[slice] | None:
-        """For the last parameterised layer of a block whose head has groups, when only channel-wise layers (ReLU,
-        max-pool) lie between it and the head: the slices of its output channels (axis 1 of its output, axis 0 of its
-        weight and bias) that make each group of the head's input. Group ``g``'s slice reaches only group ``g``'s
-        replicated loss. ``None`` for any other layer."""
+        """For the last parameterised layer of a block whose head has groups, when only layers that keep the groups
+        apart (``Layer.keeps_groups``: ReLU, max-pool, a GroupNorm over those groups) lie between it and the head: the
+        slices of its output channels (axis 1 of its output, axis 0 of its weight and bias) that make each group of
+        the head's input. Group ``g``'s slice reaches only group ``g``'s replicated loss. ``None`` for any other
+        layer."""
         for names, head in self._blocks:
             head_groups = None if head is None else getattr(self, head).groups
             if head_groups in (None, 1) or name not in names:
                 continue
             layers = [getattr(self, n) for n in names[names.index(name):]]
-            channel_wise = all(isinstance(layer, (ReLU, MaxPool2d, AddSkip))
-                               or getattr(layer, "groups", 0) == head_groups  # a GroupNorm over the head's groups
-                               for layer in layers[1:])
-            if not isinstance(layers[0], (Linear, Conv2d)) or not channel_wise:
+            if not isinstance(layers[0], (Linear, Conv2d)) or not all(layer.keeps_groups(head_groups)
+                                                                      for layer in layers[1:]):
                 return None
             width = layers[0].out_features if isinstance(layers[0], Linear) else layers[0].out_channels
             return getattr(self, head).group_slices(width)
@@ -275,12 +274,13 @@ class Network(nn.Module):
         it and the head keeps the head's cells apart: the replica each element of its output (or of the output of the
         ``after``-th layer after it; of ``shape``, ``(B, C, H, W)``) reaches alone, a ``(C, H, W)`` int64 tensor (on
         the CPU) of indices into ``JvpResult.patch_derivs``' last two axes flattened (:meth:`Head.cells`), −1 for an
-        element that reaches no loss. Patch membership is taken back through each layer: a ReLU keeps it, a max-pool
-        whose windows do not overlap gives an input position its window's output's cell (an input row or column that
-        no window covers, −1), and a :class:`GroupNorm` gives every element of a group (within a cell of its
-        ``bands``) the one cell its outputs reach (its statistics join them). ``None`` when an element would reach two
-        replicas (say a GroupNorm over a whole map, whose mean mixes the patches: then the block's layers take the
-        group's or the block's derivative, :meth:`output_groups`), and for any other layer."""
+        element that reaches no loss. Each layer takes patch membership back through itself (``Layer.cells_after``,
+        ``Layer.cells_before``): a ReLU keeps it, a max-pool whose windows do not overlap gives an input position its
+        window's output's cell (an input row or column that no window covers, −1), and a :class:`GroupNorm` gives
+        every element of a group (within a cell of its ``bands``) the one cell its outputs reach (its statistics join
+        them). ``None`` when an element would reach two replicas (say a GroupNorm over a whole map, whose mean mixes
+        the patches: then the block's layers take the group's or the block's derivative, :meth:`output_groups`), and
+        for any other layer."""
         for names, head in self._blocks:
             if head is None or name not in names:
                 continue
@@ -290,42 +290,16 @@ class Network(nn.Module):
             layers = [getattr(self, n) for n in names[names.index(name) + after:]]
             shapes = [tuple(shape[1:])]  # each layer's output, per example
             for layer in layers[1:]:
-                if isinstance(layer, MaxPool2d):
-                    if layer.kernel_size > layer.stride:
-                        return None  # overlapping windows: a position may reach two cells
-                    c, h, w = shapes[-1]
-                    shapes.append((c, (h - layer.kernel_size) // layer.stride + 1,
-                                   (w - layer.kernel_size) // layer.stride + 1))
-                elif isinstance(layer, (ReLU, GroupNorm, AddSkip)):
-                    shapes.append(shapes[-1])
-                else:
+                shapes.append(layer.cells_after(shapes[-1]))
+                if shapes[-1] is None:
                     return None
             cell = torch.full(shapes[-1], -1, dtype=torch.long)
             for index, part in enumerate(module.cells(shapes[-1])):
                 cell[part] = index
-            for layer, (c, h, w) in zip(reversed(layers[1:]), reversed(shapes[:-1])):
-                if isinstance(layer, MaxPool2d):
-                    stride, kernel = layer.stride, layer.kernel_size
-                    rows, cols = torch.arange(h), torch.arange(w)
-                    row_ok = (rows // stride < cell.shape[1]) & (rows % stride < kernel)
-                    col_ok = (cols // stride < cell.shape[2]) & (cols % stride < kernel)
-                    cell = cell[:, (rows // stride).clamp(max=cell.shape[1] - 1)][:, :, (cols // stride).clamp(
-                        max=cell.shape[2] - 1)]
-                    cell[:, ~row_ok] = -1
-                    cell[:, :, ~col_ok] = -1
-                elif isinstance(layer, GroupNorm):
-                    spans = Head._slices(layer.bands) if layer.bands is not None else [slice(None)]
-                    joined = cell.clone()
-                    for group in torch.arange(c).chunk(layer.groups):
-                        for row in spans:
-                            for col in spans:
-                                region = (slice(int(group[0]), int(group[-1]) + 1), row, col)
-                                reached = cell[region].unique()
-                                reached = reached[reached >= 0]
-                                if len(reached) > 1:
-                                    return None
-                                joined[region] = reached[0] if len(reached) else -1
-                    cell = joined
+            for layer, layer_shape in zip(reversed(layers[1:]), reversed(shapes[:-1])):
+                cell = layer.cells_before(cell, layer_shape)
+                if cell is None:
+                    return None
             return cell
         return None
 
@@ -975,19 +949,8 @@ class CNN(Network):
                     f"image_size={image_size} is too small for {len(channels)} conv+pool stages "
                     f"with kernel_size={kernel_size}, padding={padding}"
                 )
-        for switch, value, what in (("patches", patches, "replicates the local losses of the conv blocks' heads"),
-                                    ("head_pool", head_pool, "pools the input of the local-loss heads")):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= size:
-                raise ValueError(f"{switch} must be an int from 1 to the smallest pooled map's size {size}, "
-                                 f"got {switch}={value!r}")
-            if value > 1 and not local_losses:
-                raise ValueError(f"{switch}={value} {what}: it needs local_losses=True")
-        if head_pool > 1 and patches > 1:
-            raise ValueError(f"patches={patches} replicates a head's loss over the patches of its global average; "
-                             f"head_pool={head_pool} pools each map to a grid instead: choose one")
-        if patches > 1 and not any(end <= len(channels) for end in ends):
-            raise ValueError(f"patches={patches} cuts a conv block's head input: no block ends at a conv stage "
-                             f"(block_size={block_size!r})")
+        _check_conv_heads(patches, head_pool, size, local_losses, block_size,
+                          conv_blocks=any(end <= len(channels) for end in ends))
 
         def cell_bands(conv: int) -> list[int] | None:  # a conv output's bands: its pooled map's, doubled
             if patches == 1:
@@ -1010,15 +973,41 @@ class CNN(Network):
                 (f"relu{len(channels) + 1}", ReLU(inplace=True)),
                 ("fc2", Linear(hidden, num_classes)),
             ]
-            heads = {i: (f"pool{i}", [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))] if head_pool == 1
-                         else [("pool", AdaptiveAvgPool2d(head_pool)), ("flatten", Flatten()),
-                               ("fc", Linear(c * head_pool ** 2, num_classes))])
-                     for i, c in enumerate(channels, start=1)}
-            last = len(channels) + 1
-            if last in ends:  # drawn after the others, so that they are initialised as without it
-                heads[last] = (f"relu{last}", [("fc", Linear(hidden, num_classes))])
+            heads = _conv_heads(channels, hidden, num_classes, head_pool, fc_head=len(channels) + 1 in ends)
         super().__init__(layers, input_shape=(in_channels, image_size, image_size), tangent_memory_mb=tangent_memory_mb,
                          heads=dict(heads[i] for i in ends), groups=groups, patches=patches)
+
+
+def _check_conv_heads(patches: int, head_pool: int, size: int, local_losses: bool, block_size: int | None,
+                      conv_blocks: bool) -> None:
+    """The CNN's switches on its conv blocks' heads (``size``: the smallest pooled map's), refused in one line."""
+    for switch, value, what in (("patches", patches, "replicates the local losses of the conv blocks' heads"),
+                                ("head_pool", head_pool, "pools the input of the local-loss heads")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= size:
+            raise ValueError(f"{switch} must be an int from 1 to the smallest pooled map's size {size}, "
+                             f"got {switch}={value!r}")
+        if value > 1 and not local_losses:
+            raise ValueError(f"{switch}={value} {what}: it needs local_losses=True")
+    if head_pool > 1 and patches > 1:
+        raise ValueError(f"patches={patches} replicates a head's loss over the patches of its global average; "
+                         f"head_pool={head_pool} pools each map to a grid instead: choose one")
+    if patches > 1 and not conv_blocks:
+        raise ValueError(f"patches={patches} cuts a conv block's head input: no block ends at a conv stage "
+                         f"(block_size={block_size!r})")
+
+
+def _conv_heads(channels: Sequence[int], hidden: int, num_classes: int, head_pool: int,
+                fc_head: bool) -> dict[int, tuple[str, list[tuple[str, Layer]]]]:
+    """The CNN's candidate heads by block end (1, 2, … for the conv stages, ``len(channels) + 1`` for fc1 where
+    ``fc_head``): ``(the layer they follow, their layers)``, drawn in that order."""
+    heads = {i: (f"pool{i}", [("pool", GlobalAvgPool()), ("fc", Linear(c, num_classes))] if head_pool == 1
+                 else [("pool", AdaptiveAvgPool2d(head_pool)), ("flatten", Flatten()),
+                       ("fc", Linear(c * head_pool ** 2, num_classes))])
+             for i, c in enumerate(channels, start=1)}
+    last = len(channels) + 1
+    if fc_head:  # drawn after the others, so that they are initialised as without it
+        heads[last] = (f"relu{last}", [("fc", Linear(hidden, num_classes))])
+    return heads
 
 
 class Mixer(Network):

@@ -140,12 +140,12 @@ class _Noise(StreamedTangent):
     def draws(self, into: Tensor | None = None) -> Iterator[Iterator[tuple[slice, Tensor]]]:
         """The call's ``k`` tangents ``(B, ...)`` from the generator, one direction at a time, each as ``(rows,
         part)`` pairs: rows ``rows`` of this rank's batch take ``part``. The noise is per example and drawn for the
-        union batch (the same on every rank), in chunks of whole examples of about ``_ActivityTangents.DRAW_ELEMENTS`` elements, and
-        this rank's rows taken; so a pass adds its tangent to the layer's output tangent without a whole activation
-        of noise beside it. The pass draws them from the estimator's generator, the weight step again from a copy of
-        its state before that draw, in the same chunks: the same numbers. Each part is valid until the next is
-        drawn (one buffer, reused), or, where a chunk is this rank's rows only, drawn into ``into[j, rows]``.
-        Consume them in order, each direction's chunks before the next direction."""
+        union batch (the same on every rank), in chunks of whole examples of about
+        ``_ActivityTangents.DRAW_ELEMENTS`` elements, and this rank's rows taken; so a pass uses its tangent without a
+        whole activation of noise beside it. The pass draws them from the estimator's generator, the weight step
+        again from a copy of its state before that draw, in the same chunks: the same numbers. Each part is valid
+        until the next is drawn (one buffer, reused), or, where a chunk is this rank's rows only, drawn into
+        ``into[j, rows]``. Consume them in order, each direction's chunks before the next direction."""
         call, generator, source = self.call, self.generator, self.source
         rest, like, offset, total = call.shape[1:], call.like, source.offset, source.total
         elements = source.DRAW_ELEMENTS.get(like.device.type, source.DRAW_ELEMENTS_ELSEWHERE)
