@@ -283,7 +283,21 @@ class Conv2d(Layer):
         return tangent, sq_norms
 
 
-class ReLU(Layer):
+class _SamePositions:
+    """A layer whose every output element comes from the input element at its own channel and position: group-wise
+    and patch-wise replicas reach through it unchanged (ReLU, AddSkip)."""
+
+    def keeps_groups(self, groups: int) -> bool:
+        return True
+
+    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        return shape
+
+    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+        return cell
+
+
+class ReLU(_SamePositions, Layer):
     """``y = max(x, 0)``. With ``inplace=True`` it overwrites its input, as ``torch.nn.ReLU(inplace=True)``.
 
     The factories use ``inplace=True``: every ReLU there follows a layer whose output nobody else holds.
@@ -300,15 +314,6 @@ class ReLU(Layer):
 
     def stock(self) -> nn.Module:
         return nn.ReLU(inplace=self.inplace)
-
-    def keeps_groups(self, groups: int) -> bool:
-        return True
-
-    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        return shape
-
-    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
-        return cell
 
     def primal(self, x: Tensor) -> tuple[Tensor, Any]:
         y = self.forward(x)
@@ -549,7 +554,7 @@ class Skip(Layer):
         return _StockSkip(self.link)
 
 
-class AddSkip(Layer):
+class AddSkip(_SamePositions, Layer):
     """The end of a residual connection: its input plus what its :class:`Skip` kept, ``y = x + skip``."""
 
     def __init__(self, skip: Skip) -> None:
@@ -575,15 +580,6 @@ class AddSkip(Layer):
 
     def stock(self) -> nn.Module:
         return _StockAddSkip(self.link)
-
-    def keeps_groups(self, groups: int) -> bool:
-        return True
-
-    def cells_after(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        return shape
-
-    def cells_before(self, cell: Tensor, shape: tuple[int, ...]) -> Tensor | None:
-        return cell
 
 
 class _StockSkip(nn.Module):
