@@ -644,9 +644,8 @@ class _TangentFlow:
         ``carry``'s tangent; ``carry``'s primal is where it goes (the layer's output, or past its normalisations,
         whose input ``layer_output`` then is, or past the layers after them, the normalisations' output ``site``, the
         last of those layers' primal state ``saved`` where no tangent went through it, and the normalisations' own,
-        ``norm_states``, where none went through those). Where it is all the tangent
-        the block's head will see and one pass carries every direction, it is kept undrawn for the head
-        (``self.streamed``)."""
+        ``norm_states``, where none went through those). Where it is all the tangent the block's head will see and
+        one pass carries every direction, it is kept undrawn for the head (``self.streamed``)."""
         activity, source = None, self.activity_source
         if ask:
             extra = {} if layer_output is None else {"layer_output": layer_output}
@@ -679,6 +678,7 @@ class _TangentFlow:
         activity = self.part(self.activities[name]) if name in self.activities else activity
         if activity is not None:
             carry[1] = activity.clone() if carry[1] is None else carry[1].add_(activity)
+
 
 class _ForwardPass:
     """One :meth:`Network.jvp`: the objective asked (the network's loss or its local losses, each example's or the

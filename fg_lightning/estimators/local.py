@@ -205,16 +205,16 @@ class _ActivityTangents(StreamedSource):
     where they follow, ``network.activity_past``); and the one-layer weight steps that turn them into the estimate
     (:meth:`block_done`).
 
-    No tangent is kept: the pass adds it to the layer's output tangent a chunk of examples at a time (``draws``)
-    and drops it, and :meth:`block_done` draws it again, one direction at a time, from the generator state recorded
-    before the draw (seed replay). What a call keeps until its block's derivatives are known is what backprop keeps:
-    the layer's input, its mask (one byte an element; nothing more where an in-place ReLU leaves the mask in the
-    site, the next layer's input, ``network.activity_mask_in_site``) and, where normalisations follow, its output;
-    or, given the batch as ``inputs``, nothing: a second
-    primal pass (``network.primal_calls``) computes them again when the weight steps run. With local losses the
-    engine calls :meth:`block_done` as it evaluates each block's head, so that one block's inputs are alive at a
-    time. Given ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied
-    and dropped as soon as it is whole."""
+    No tangent is kept: each call's noise (:class:`_Noise`) is drawn a chunk of examples at a time where the pass
+    uses it (added to the layer's output tangent, or, where it is all its block's head sees, streamed into the head's
+    cell sums and never whole) and dropped, and :meth:`block_done` draws it again, one direction at a time, from the
+    generator state recorded before the draw (seed replay). What a call keeps until its block's derivatives are known
+    is what backprop keeps: the layer's input, its mask (one byte an element; nothing more where an in-place ReLU
+    leaves the mask in the site, the next layer's input, ``network.activity_mask_in_site``) and, where normalisations
+    follow, its output (and their statistics); or, given the batch as ``inputs``, nothing: a second primal pass
+    (``network.primal_calls``) computes them again when the weight steps run. With local losses the engine calls
+    :meth:`block_done` as it evaluates each block's head, so that one block's inputs are alive at a time. Given
+    ``update`` (:class:`UpdateAsFormed`), each layer's estimate is applied and dropped as soon as it is whole."""
 
     # elements of noise drawn at a time: 1 MiB of float32 on the CPU, 16 MiB elsewhere (a GPU, where each chunk
     # costs two kernel launches)
