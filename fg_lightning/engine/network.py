@@ -90,9 +90,7 @@ class Head(nn.Module):
 
     def group_slices(self, width: int) -> list[slice]:
         """The channels of each group, for a head input of ``width`` channels."""
-        bounds = [len(part) for part in torch.arange(width).tensor_split(self.groups)]
-        starts = [sum(bounds[:i]) for i in range(len(bounds))]
-        return [slice(start, start + size) for start, size in zip(starts, bounds)]
+        return self._slices(bands(width, self.groups))
 
     def cells(self, shape: Sequence[int]) -> list[tuple[slice, slice, slice]]:
         """``(channels, rows, columns)`` of each replica of a head input of ``shape`` ``(C, H, W)``, the G·P² cells in
